@@ -1,0 +1,126 @@
+"""Core commands: targets, keygen, inspect, run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edgeml.cli import emit, handle_errors, json_option
+
+
+@click.command("targets")
+@click.option("--host", "host_only", is_flag=True, help="Only the targets this machine can execute.")
+@json_option
+@handle_errors
+def targets_cmd(host_only: bool, as_json: bool) -> None:
+    """List the shipped targets (and which ones this host executes)."""
+    from edgeml.targets import all_targets, best_host_target, host_arch
+
+    rows = []
+    for t in all_targets().values():
+        missing = t.missing_features()
+        if host_only and missing:
+            continue
+        rows.append({**t.to_dict(), "runs_on_host": not missing, "missing_on_host": missing})
+    if as_json:
+        emit({"host_arch": host_arch(), "targets": rows}, True)
+        return
+    best = best_host_target().name
+    for r in rows:
+        mark = "*" if r["name"] == best else ("+" if r["runs_on_host"] else " ")
+        why = "" if r["runs_on_host"] else f"  (host lacks: {', '.join(r['missing_on_host'])})"
+        click.echo(f"{mark} {r['name']:<20} {r['description']}  [{', '.join(r['backends'])}]{why}")
+    click.echo("\n* best target for this host, + runs on this host")
+
+
+@click.command("keygen")
+@click.argument("key", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Overwrite an existing key.")
+@json_option
+@handle_errors
+def keygen_cmd(key: Path, force: bool, as_json: bool) -> None:
+    """Create an Ed25519 signing key KEY and its public half KEY.pub."""
+    from edgeml.runtime.signing import generate_keypair, key_id_of, load_public_key
+
+    private, public = generate_keypair(key, overwrite=force)
+    kid = key_id_of(load_public_key(public))
+    emit({"private_key": str(private), "public_key": str(public), "key_id": kid}, as_json,
+         lambda r: f"wrote {r['private_key']} (keep secret) and {r['public_key']} (key id {r['key_id']})")
+
+
+@click.command("inspect")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--verify/--no-verify", default=True, help="Check every file hash (default) or only read the manifest.")
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path), help="Check the signature against this public key.")
+@json_option
+@handle_errors
+def inspect_cmd(artifact: Path, verify: bool, trusted_keys: tuple[Path, ...], as_json: bool) -> None:
+    """Show an artifact's manifest (--json prints it whole)."""
+    from edgeml.runtime.artifact import read_manifest, verify_zip
+
+    if verify:
+        manifest, _, signer, _ = verify_zip(artifact, trusted_keys=list(trusted_keys))
+    else:
+        manifest, signer = read_manifest(artifact), None
+    if as_json:
+        emit(manifest, True)
+        return
+    click.echo(_describe(manifest, signer))
+
+
+def _describe(m: dict, signer: str | None) -> str:
+    lines = [
+        f"{m['name']} {m['version']}  target={m['target']}  backend={m['backend']['name']} {m['backend'].get('version', '')}  precision={m['precision']}",
+        "inputs:  " + ", ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in m["inputs"]),
+        "outputs: " + ", ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in m["outputs"]),
+    ]
+    acc = m.get("accuracy") or {}
+    if acc:
+        lines.append(f"accuracy ({acc.get('metric')}): fp32={acc.get('fp32')} compiled={acc.get('compiled')}")
+    if m.get("quantization"):
+        lines.append(f"quantization: {m['quantization']}")
+    for c in m.get("candidates", []):
+        lat = c.get("latency_ms") or {}
+        lines.append(
+            f"  {'>' if c.get('selected') else ' '} {c.get('backend')}/{c.get('precision')}  "
+            f"p50={lat.get('p50', '-')} ms  acc={c.get('accuracy', '-')}  {c.get('status', '')} {c.get('reason') or ''}"
+        )
+    lines.append(f"signed by: {signer}" if signer else "signature: " + ("present (not checked: no trusted key given)" if m.get("signed") else "none"))
+    return "\n".join(lines)
+
+
+@click.command("run")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--input", "input_path", required=True, type=click.Path(path_type=Path), help=".npz keyed by input name.")
+@click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path), help="Write outputs to this .npz.")
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path))
+@json_option
+@handle_errors
+def run_cmd(artifact: Path, input_path: Path, output_path: Path | None, trusted_keys: tuple[Path, ...], as_json: bool) -> None:
+    """Run ARTIFACT on the arrays in --input."""
+    import numpy as np
+
+    import edgeml
+    from edgeml.compiler_data import load_npz_inputs
+    from edgeml.runtime.fsutil import atomic_path
+
+    model = edgeml.load(artifact, trusted_keys=list(trusted_keys))
+    feeds = load_npz_inputs(input_path, [s.name for s in model.inputs])
+    feeds = {k: v.astype(model._input_by_name[k].dtype, copy=False) for k, v in feeds.items()}
+    outputs = model.predict(feeds)
+    if output_path:
+        with atomic_path(output_path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **outputs)
+    summary = {name: {"shape": list(v.shape), "dtype": str(v.dtype)} for name, v in outputs.items()}
+    if as_json:
+        emit({"outputs": summary, "output_file": str(output_path) if output_path else None,
+              "values": None if output_path else {k: v.tolist() for k, v in outputs.items()}}, True)
+    else:
+        for name, v in outputs.items():
+            click.echo(f"{name}: shape={list(v.shape)} dtype={v.dtype}")
+            if not output_path:
+                click.echo(np.array2string(v, threshold=50))
+        if output_path:
+            click.echo(f"wrote {output_path}")

@@ -1,0 +1,74 @@
+"""ONNX Runtime runtime backend (the base install's backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeml.errors import BackendError, MissingDependency
+from edgeml.runtime.backends import RuntimeBackend
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as exc:  # pragma: no cover
+        raise MissingDependency("onnxruntime is not installed", hint="pip install edgeml") from exc
+    return onnxruntime
+
+
+def session_options(threads: int | None, options: dict[str, Any] | None = None):
+    ort = _ort()
+    so = ort.SessionOptions()
+    # The graph was optimized offline by the compiler; do not redo it at load.
+    level = (options or {}).get("graph_optimization_level", "disable")
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return so
+
+
+class OnnxRuntimeBackend(RuntimeBackend):
+    name = "onnxruntime"
+
+    def __init__(self, files: Path, manifest: dict[str, Any], *, threads: int | None = None):
+        super().__init__(files, manifest, threads=threads)
+        ort = _ort()
+        backend = manifest["backend"]
+        options = backend.get("options", {})
+        providers = options.get("providers") or ["CPUExecutionProvider"]
+        available = ort.get_available_providers()
+        usable = [p for p in providers if p in available]
+        if not usable:
+            raise BackendError(
+                f"artifact needs ONNX Runtime providers {providers}; this onnxruntime has {available}",
+                hint="install the matching onnxruntime build (e.g. onnxruntime-gpu for CUDA)",
+            )
+        model_path = self.files / backend["entrypoint"]
+        try:
+            self.session = ort.InferenceSession(
+                str(model_path), sess_options=session_options(threads, options), providers=usable
+            )
+        except Exception as exc:  # onnxruntime raises its own unexported types
+            raise BackendError(f"ONNX Runtime could not load {model_path.name}: {exc}") from exc
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @staticmethod
+    def version() -> str:
+        return _ort().__version__
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            results = self.session.run(self.output_names, feeds)
+        except Exception as exc:
+            raise BackendError(f"ONNX Runtime failed to run the model: {exc}") from exc
+        return dict(zip(self.output_names, results))

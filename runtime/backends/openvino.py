@@ -1,0 +1,56 @@
+"""OpenVINO runtime backend (IR: model.xml + model.bin)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeml.errors import BackendError, MissingDependency
+from edgeml.runtime.backends import RuntimeBackend
+
+
+def _ov():
+    try:
+        import openvino
+    except ImportError as exc:
+        raise MissingDependency(
+            "this artifact runs on OpenVINO, which is not installed", hint="pip install openvino"
+        ) from exc
+    return openvino
+
+
+class OpenVinoBackend(RuntimeBackend):
+    name = "openvino"
+
+    def __init__(self, files: Path, manifest: dict[str, Any], *, threads: int | None = None):
+        super().__init__(files, manifest, threads=threads)
+        ov = _ov()
+        backend = manifest["backend"]
+        options = backend.get("options", {})
+        device = options.get("device", "CPU")
+        config: dict[str, Any] = {"PERFORMANCE_HINT": options.get("performance_hint", "LATENCY")}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        if "inference_precision" in options:
+            config["INFERENCE_PRECISION_HINT"] = options["inference_precision"]
+        try:
+            core = ov.Core()
+            model = core.read_model(str(self.files / backend["entrypoint"]))
+            self.compiled = core.compile_model(model, device, config)
+        except Exception as exc:
+            raise BackendError(f"OpenVINO could not load the model on {device}: {exc}") from exc
+        self.request = self.compiled.create_infer_request()
+        self.output_names = [o.get_any_name() for o in self.compiled.outputs]
+
+    @staticmethod
+    def version() -> str:
+        return _ov().get_version()
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            result = self.request.infer(feeds, share_inputs=True)
+        except Exception as exc:
+            raise BackendError(f"OpenVINO failed to run the model: {exc}") from exc
+        return {name: np.array(result[i], copy=True) for i, name in enumerate(self.output_names)}

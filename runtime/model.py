@@ -1,0 +1,178 @@
+"""``edgeml.load``: verify an artifact, open its backend, validate inputs, run."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from edgeml.errors import DataError, EdgemlError
+from edgeml.runtime.artifact import VerifiedArtifact, open_artifact, read_golden
+from edgeml.runtime.backends import RuntimeBackend, open_backend
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str                       # numpy dtype name, e.g. "float32"
+    shape: tuple[int | None, ...]    # None = dynamic axis
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TensorSpec":
+        return cls(d["name"], d["dtype"], tuple(None if (s is None or isinstance(s, str) or s < 0) else int(s) for s in d["shape"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    def check(self, array: np.ndarray) -> None:
+        if array.dtype != np.dtype(self.dtype):
+            raise DataError(f"input '{self.name}' has dtype {array.dtype}; the model expects {self.dtype}")
+        if len(array.shape) != len(self.shape) or any(
+            want is not None and got != want for got, want in zip(array.shape, self.shape)
+        ):
+            want = "[" + ", ".join("?" if s is None else str(s) for s in self.shape) + "]"
+            raise DataError(f"input '{self.name}' has shape {list(array.shape)}; the model expects {want}")
+
+
+@dataclass
+class SelfTestResult:
+    passed: bool
+    max_abs_error: float
+    latency_ms: float
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "max_abs_error": self.max_abs_error, "latency_ms": self.latency_ms, "reason": self.reason}
+
+
+class Model:
+    """A verified artifact with its backend session."""
+
+    def __init__(self, artifact: VerifiedArtifact, backend: RuntimeBackend, load_seconds: float):
+        self.artifact = artifact
+        self.manifest = artifact.manifest
+        self.backend = backend
+        self.inputs = [TensorSpec.from_dict(d) for d in self.manifest["inputs"]]
+        self.outputs = [TensorSpec.from_dict(d) for d in self.manifest["outputs"]]
+        self._input_by_name = {s.name: s for s in self.inputs}
+        self.load_seconds = load_seconds
+        self.cold_start_ms: float | None = None
+        self._started = time.perf_counter() - load_seconds
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    @property
+    def backend_name(self) -> str:
+        return self.manifest["backend"]["name"]
+
+    @property
+    def precision(self) -> str:
+        return self.manifest["precision"]
+
+    def validate(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        unknown = [k for k in feeds if k not in self._input_by_name]
+        if unknown:
+            raise DataError(f"unknown input {unknown[0]!r}; the model's inputs are {list(self._input_by_name)}")
+        missing = [k for k in self._input_by_name if k not in feeds]
+        if missing:
+            raise DataError(f"missing input {missing[0]!r}; the model's inputs are {list(self._input_by_name)}")
+        checked = {}
+        for name, value in feeds.items():
+            array = value if isinstance(value, np.ndarray) else np.asarray(value)
+            self._input_by_name[name].check(array)
+            checked[name] = array
+        return checked
+
+    def predict(self, feeds: Mapping[str, Any], *, validate: bool = True) -> dict[str, np.ndarray]:
+        if validate:
+            feeds = self.validate(feeds)
+        result = self.backend.run(dict(feeds))
+        if self.cold_start_ms is None:
+            self.cold_start_ms = (time.perf_counter() - self._started) * 1000.0
+        return result
+
+    __call__ = predict
+
+    def selftest(self, latency_budget_ms: float | None = None) -> SelfTestResult:
+        """Run the golden inputs stored in the artifact and compare outputs."""
+        spec = self.manifest.get("selftest")
+        if not spec:
+            return SelfTestResult(True, 0.0, 0.0, "artifact has no golden data; load-only check")
+        inputs, expected = read_golden(self.artifact.member(spec["file"]))
+        start = time.perf_counter()
+        try:
+            got = self.predict(inputs)
+        except EdgemlError as exc:
+            return SelfTestResult(False, float("inf"), 0.0, f"golden inputs failed to run: {exc}")
+        latency = (time.perf_counter() - start) * 1000.0 / max(1, _batch_of(inputs))
+        worst = 0.0
+        for name, want in expected.items():
+            have = np.asarray(got[name])
+            if have.shape != want.shape:
+                return SelfTestResult(False, float("inf"), latency, f"output '{name}' has shape {have.shape}, golden {want.shape}")
+            err = float(np.max(np.abs(have.astype(np.float64) - want.astype(np.float64)))) if want.size else 0.0
+            worst = max(worst, err)
+            if not np.allclose(have, want, rtol=spec.get("rtol", 1e-3), atol=spec.get("atol", 1e-4)):
+                return SelfTestResult(False, worst, latency, f"output '{name}' differs from the golden output (max abs error {err:.3g})")
+        budget = latency_budget_ms if latency_budget_ms is not None else spec.get("latency_budget_ms")
+        if budget is not None and latency > budget:
+            return SelfTestResult(False, worst, latency, f"latency {latency:.2f} ms per sample is over the budget {budget} ms")
+        return SelfTestResult(True, worst, latency)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def _batch_of(inputs: Mapping[str, np.ndarray]) -> int:
+    first = next(iter(inputs.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim else 1
+
+
+def resident_memory_mb() -> float:
+    """Current resident set size of this process (Linux), in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def load(
+    path: str | Path,
+    *,
+    trusted_keys: list[str | Path] | None = None,
+    require_signature: bool | None = None,
+    threads: int | None = None,
+    check_host: bool = True,
+    cache_dir: str | Path | None = None,
+) -> Model:
+    """Load and verify an ``.edgepkg``: hashes, signature (when keys given), CPU features."""
+    from edgeml.targets import check_host_supports
+
+    start = time.perf_counter()
+    artifact = open_artifact(
+        Path(path),
+        trusted_keys=[Path(k) for k in trusted_keys or []],
+        require_signature=require_signature,
+        cache_dir=Path(cache_dir) if cache_dir else None,
+    )
+    manifest = artifact.manifest
+    if check_host:
+        check_host_supports(manifest["target"], manifest["required_features"], manifest["arch"])
+    runtime = manifest.get("runtime", {})
+    backend = open_backend(manifest["backend"]["name"], artifact.directory, manifest,
+                           threads=threads if threads is not None else runtime.get("threads") or None)
+    return Model(artifact, backend, time.perf_counter() - start)

@@ -30,6 +30,8 @@ class OpenVinoBackend(RuntimeBackend):
         backend = manifest["backend"]
         options = backend.get("options", {})
         device = options.get("device", "CPU")
+        # The compiler pins inference_precision (f32 unless the artifact is fp16 on GPU):
+        # the CPU plugin would otherwise pick bf16 on CPUs that have it.
         config: dict[str, Any] = {"PERFORMANCE_HINT": options.get("performance_hint", "LATENCY")}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
@@ -42,7 +44,9 @@ class OpenVinoBackend(RuntimeBackend):
         except Exception as exc:
             raise BackendError(f"OpenVINO could not load the model on {device}: {exc}") from exc
         self.request = self.compiled.create_infer_request()
-        self.output_names = [o.get_any_name() for o in self.compiled.outputs]
+        declared = [o.get("name") for o in manifest.get("outputs", [])]
+        self.output_names = [_output_name(o, declared[i] if i < len(declared) else f"output_{i}")
+                             for i, o in enumerate(self.compiled.outputs)]
 
     @staticmethod
     def version() -> str:
@@ -50,7 +54,16 @@ class OpenVinoBackend(RuntimeBackend):
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
+            # share_inputs: no copy of the caller's arrays; outputs come back as fresh
+            # numpy copies (share_outputs=False), safe to keep after the next run.
             result = self.request.infer(feeds, share_inputs=True)
         except Exception as exc:
             raise BackendError(f"OpenVINO failed to run the model: {exc}") from exc
-        return {name: np.array(result[i], copy=True) for i, name in enumerate(self.output_names)}
+        return dict(zip(self.output_names, result.to_tuple()))
+
+
+def _output_name(output, fallback: str) -> str:
+    try:
+        return output.get_any_name()
+    except RuntimeError:  # an output without a tensor name
+        return fallback

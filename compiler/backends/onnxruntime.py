@@ -1,0 +1,288 @@
+"""ONNX Runtime compiler backend.
+
+Candidates:
+
+* ``fp32``: the graph optimized offline (``SessionOptions.optimized_model_filepath``)
+  at ``ORT_ENABLE_EXTENDED`` for CPU targets (fusions into ops every CPU build of
+  ONNX Runtime has; no hardware-specific layout) and ``ORT_ENABLE_BASIC`` for GPU
+  targets (provider-independent). The runtime loads it at level ``all`` so the
+  device adds its own layout optimizations (NCHWc blocking depends on its ISA).
+* ``int8``: static QDQ via ``onnxruntime.quantization.quantize_static`` with a
+  calibration reader over ``--calib``. Recipes (``INT8_RECIPES``) cover the
+  x86 saturation hazard: without VNNI, u8s8 kernels (``vpmaddubsw``) can saturate
+  16-bit sums, so such targets default to 7-bit weights (``reduce_range``) and
+  also try u8u8 and excluding the sensitive first conv / last MatMul-Gemm. The
+  pipeline measures each recipe's accuracy; nothing is assumed.
+* ``fp16`` (GPU targets): ``onnxruntime.transformers.float16`` with FP32 I/O.
+
+Options (``edgeml.compile(..., ort_int8_recipes=[...], ort_calibration="minmax")``).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeml.compiler.backends import BuildContext, BuiltCandidate, CandidateSpec, CompilerBackend
+from edgeml.errors import BackendError, CompileError, UnsupportedOp
+
+ENTRY = "model/model.onnx"
+
+# name -> quantize_static arguments (types as strings, resolved at build time)
+INT8_RECIPES: dict[str, dict[str, Any]] = {
+    "s8s8-per-channel": {"activation_type": "QInt8", "weight_type": "QInt8", "per_channel": True, "reduce_range": False},
+    "u8s8-per-channel": {"activation_type": "QUInt8", "weight_type": "QInt8", "per_channel": True, "reduce_range": False},
+    "u8s8-per-channel-reduce-range": {"activation_type": "QUInt8", "weight_type": "QInt8", "per_channel": True, "reduce_range": True},
+    "u8u8": {"activation_type": "QUInt8", "weight_type": "QUInt8", "per_channel": False, "reduce_range": False},
+}
+EXCLUDE_SUFFIX = "-exclude-ends"
+
+
+def int8_saturation_hazard(target) -> bool:
+    """x86 targets that do not require VNNI may run the u8s8 kernels that saturate."""
+    if getattr(target, "int8_saturation_hazard", False):
+        return True
+    feats = set(getattr(target, "required_features", ()))
+    return target.arch == "x86_64" and target.device == "cpu" and not ({"avx512_vnni", "avx_vnni", "amx_int8"} & feats)
+
+
+def default_int8_recipes(target) -> list[str]:
+    if int8_saturation_hazard(target):
+        return ["u8s8-per-channel-reduce-range", "u8u8", "u8s8-per-channel-reduce-range" + EXCLUDE_SUFFIX]
+    return ["s8s8-per-channel", "u8s8-per-channel", "s8s8-per-channel" + EXCLUDE_SUFFIX]
+
+
+def _ort():
+    import onnxruntime
+
+    return onnxruntime
+
+
+def ort_error(exc: Exception, what: str) -> Exception:
+    """Turn an ONNX Runtime exception into UnsupportedOp (naming the op) or BackendError."""
+    text = str(exc)
+    m = re.search(r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'", text)
+    if m:
+        return UnsupportedOp(
+            f"ONNX Runtime {_ort().__version__} has no kernel for operator {m.group(1)} (opset {m.group(2)}, "
+            f"node '{m.group(3)}'); backend onnxruntime cannot {what}",
+            hint="replace the op in the source model, choose another --backend, or export with another opset")
+    m = re.search(r"(?:([\w.]+):)?(\w+)\((-?\d+)\) is not a registered function/op", text)
+    if m:
+        domain = m.group(1) or "ai.onnx"
+        return UnsupportedOp(
+            f"operator {m.group(2)} of domain {domain} is unknown to ONNX Runtime {_ort().__version__}; "
+            f"backend onnxruntime cannot {what}",
+            hint="replace the custom op in the source model, or register its implementation")
+    m = re.search(r"(?:Unrecognized|unknown|No Op registered for) (?:attribute: \w+ for )?(?:operator )?'?(\w+)'? "
+                  r"(?:with domain_version|in domain)", text)
+    if m or "NOT_IMPLEMENTED" in text:
+        op = m.group(1) if m else "(see message)"
+        return UnsupportedOp(f"backend onnxruntime cannot {what}: unsupported operator {op}: {text.strip()[:300]}",
+                             hint="replace the op in the source model or choose another --backend")
+    return BackendError(f"ONNX Runtime cannot {what}: {text.strip()[:500]}")
+
+
+def _providers(target) -> list[str]:
+    if target.device == "cuda":
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxRuntimeCompiler(CompilerBackend):
+    name = "onnxruntime"
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:
+            return f"not installed ({exc})"
+        return None
+
+    def version(self) -> str:
+        return _ort().__version__
+
+    def candidates(self, ctx: BuildContext, precisions: list[str]) -> list[CandidateSpec]:
+        target = ctx.target
+        specs: list[CandidateSpec] = []
+        if "fp32" in precisions:
+            level = "basic" if target.device != "cpu" else "extended"
+            specs.append(CandidateSpec(self.name, "fp32", {"offline_optimization": level}, "onnxruntime/fp32"))
+        if "fp16" in precisions and target.device in ("cuda", "gpu"):
+            specs.append(CandidateSpec(self.name, "fp16", {"conversion": "float16", "keep_io_types": True},
+                                       "onnxruntime/fp16"))
+        if "int8" in precisions and target.device == "cpu":
+            names = ctx.options.get("ort_int8_recipes") or default_int8_recipes(target)
+            if isinstance(names, str):
+                names = [n.strip() for n in names.split(",") if n.strip()]
+            for name in names:
+                base = name[: -len(EXCLUDE_SUFFIX)] if name.endswith(EXCLUDE_SUFFIX) else name
+                if base not in INT8_RECIPES:
+                    raise CompileError(f"unknown ONNX Runtime int8 recipe {name!r}",
+                                       hint=f"choose among {sorted(INT8_RECIPES)} (optionally with '{EXCLUDE_SUFFIX}')")
+                recipe = {"method": "static-qdq", "name": name, **INT8_RECIPES[base],
+                          "exclude_sensitive": name.endswith(EXCLUDE_SUFFIX),
+                          "calibration": ctx.options.get("ort_calibration", "minmax"),
+                          "saturation_hazard": int8_saturation_hazard(target)}
+                specs.append(CandidateSpec(self.name, "int8", recipe, f"onnxruntime/int8/{name}"))
+        return specs
+
+    def build(self, spec: CandidateSpec, ctx: BuildContext) -> BuiltCandidate:
+        start = time.perf_counter()
+        out_dir = ctx.workdir / re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.label or f"{spec.backend}-{spec.precision}")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        (out_dir / "model").mkdir(parents=True)
+        out = out_dir / ENTRY
+        notes: list[str] = []
+        recipe = dict(spec.recipe)
+        if spec.precision == "fp32":
+            self._optimize(ctx.onnx_path, out, spec.recipe.get("offline_optimization", "extended"))
+        elif spec.precision == "fp16":
+            self._fp16(ctx.onnx_path, out)
+        elif spec.precision == "int8":
+            recipe = self._int8(spec, ctx, out, notes)
+        else:
+            raise CompileError(f"onnxruntime cannot build precision {spec.precision!r}")
+        return BuiltCandidate(
+            spec=spec,
+            files={ENTRY: out},
+            entrypoint=ENTRY,
+            backend_options={"graph_optimization_level": "all", "providers": _providers(ctx.target)},
+            recipe=recipe,
+            notes=notes,
+            build_seconds=time.perf_counter() - start,
+        )
+
+    # ------------------------------------------------------------ builders
+
+    def _optimize(self, src: Path, out: Path, level: str) -> None:
+        ort = _ort()
+        so = ort.SessionOptions()
+        so.graph_optimization_level = {
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        }[level]
+        so.optimized_model_filepath = str(out)
+        so.log_severity_level = 3
+        try:
+            ort.InferenceSession(str(src), sess_options=so, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ort_error(exc, "optimize the FP32 model") from exc
+
+    def _fp16(self, src: Path, out: Path) -> None:
+        import onnx
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        model = onnx.load(str(src))
+        try:
+            half = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
+        except Exception as exc:
+            raise CompileError(f"FP16 conversion failed: {exc}") from exc
+        out.write_bytes(half.SerializeToString(deterministic=True))
+
+    def _int8(self, spec: CandidateSpec, ctx: BuildContext, out: Path, notes: list[str]) -> dict[str, Any]:
+        import onnx
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        if not ctx.calib:
+            raise CompileError("int8 needs calibration data", hint="pass --calib CALIB.npz")
+        recipe = dict(spec.recipe)
+        pre = ctx.workdir / "ort-int8-preprocessed.onnx"
+        if not pre.exists():
+            try:
+                quant_pre_process(str(ctx.onnx_path), str(pre), skip_symbolic_shape=True)
+            except Exception as exc:  # pre-processing is an optimization; quantize the raw model instead
+                notes.append(f"quant_pre_process skipped: {str(exc)[:200]}")
+                shutil.copyfile(ctx.onnx_path, pre)
+        model = onnx.load(str(pre))
+        exclude: list[str] = []
+        if recipe.get("exclude_sensitive"):
+            exclude = sensitive_nodes(model)
+            recipe["excluded_nodes"] = exclude
+        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                  "percentile": CalibrationMethod.Percentile}[recipe.get("calibration", "minmax")]
+        batch = _fixed_batch(ctx.inputs)
+        reader = _Reader(ctx.calib, batch, int(ctx.options.get("ort_calibration_samples", 256)))
+        recipe["calibration_samples"] = reader.samples
+        cache = ctx.workdir / f"ort-calibration-{recipe.get('calibration', 'minmax')}.json"
+        try:
+            quantize_static(
+                str(pre), str(out), reader,
+                quant_format=QuantFormat.QDQ,
+                activation_type=getattr(QuantType, recipe["activation_type"]),
+                weight_type=getattr(QuantType, recipe["weight_type"]),
+                per_channel=recipe["per_channel"],
+                reduce_range=recipe["reduce_range"],
+                nodes_to_exclude=exclude or None,
+                calibrate_method=method,
+                calibration_cache_path=str(cache),
+                extra_options={"CalibMaxIntermediateOutputs": 64},
+            )
+        except Exception as exc:
+            raise ort_error(exc, f"quantize the model to int8 ({recipe['name']})") from exc
+        if recipe["saturation_hazard"]:
+            from edgeml.targets import host_features
+
+            if {"avx512_vnni", "avx_vnni"} & host_features():
+                notes.append("accuracy measured with this host's VNNI int8 kernels, which cannot saturate; the "
+                             "target may lack VNNI, hence this recipe avoids u8s8 saturation by construction "
+                             f"({'7-bit weights' if recipe['reduce_range'] else 'u8 weights' if recipe['weight_type'] == 'QUInt8' else 'no mitigation'})")
+        # Re-save deterministically so the same inputs give the same bytes.
+        q = onnx.load(str(out))
+        out.write_bytes(q.SerializeToString(deterministic=True))
+        return recipe
+
+
+def sensitive_nodes(model) -> list[str]:
+    """The first Conv (fed by the input) and the last MatMul/Gemm: the usual accuracy hot spots."""
+    nodes = list(model.graph.node)
+    first = next((n for n in nodes if n.op_type in ("Conv", "ConvTranspose")), None)
+    last = next((n for n in reversed(nodes) if n.op_type in ("MatMul", "Gemm", "FusedMatMul")), None)
+    names = []
+    for n in (first, last):
+        if n is not None:
+            if not n.name:
+                raise CompileError("cannot exclude unnamed nodes from quantization")
+            names.append(n.name)
+    return names
+
+
+def _fixed_batch(inputs) -> int:
+    for spec in inputs:
+        if spec.shape and spec.shape[0] is not None:
+            return int(spec.shape[0])
+    return 1
+
+
+def _Reader(arrays: dict[str, np.ndarray], batch: int, limit: int):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(_ReaderBase, CalibrationDataReader):
+        pass
+
+    return Reader(arrays, batch, limit)
+
+
+class _ReaderBase:
+    """CalibrationDataReader over arrays (first axis = samples), batch by batch."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], batch: int, limit: int):
+        n = min(len(next(iter(arrays.values()))), limit)
+        n -= n % batch
+        self.samples = n
+        self._feeds = [{k: np.ascontiguousarray(v[i:i + batch]) for k, v in arrays.items()} for i in range(0, n, batch)]
+        self._it = iter(self._feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):
+        self._it = iter(self._feeds)

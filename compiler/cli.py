@@ -1,0 +1,113 @@
+"""``edgeml compile``: a thin layer over edgeml.compiler.compile_with_report."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from edgeml.cli import emit, handle_errors, json_option
+
+
+class _Progress:
+    """Progress lines on stderr with elapsed time (stdout stays clean for --json)."""
+
+    def __init__(self, quiet: bool = False):
+        self.start = time.perf_counter()
+        self.quiet = quiet
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            click.echo(f"[{time.perf_counter() - self.start:6.1f}s] {message}", err=True)
+
+
+def _parse_backend_option(values: tuple[str, ...]) -> dict:
+    import json
+
+    out = {}
+    for text in values:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            from edgeml.errors import UsageError
+
+            raise UsageError(f"--option {text!r} is not KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+@click.command("compile")
+@click.argument("model")
+@click.option("-t", "--target", required=True, help="Target name (edgeml targets).")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact to write (.edgepkg).")
+@click.option("--precision", default="auto", type=click.Choice(["auto", "fp32", "fp16", "int8"]), show_default=True)
+@click.option("--backend", default="auto", type=click.Choice(["auto", "onnxruntime", "openvino", "tvm"]), show_default=True)
+@click.option("--calib", type=click.Path(path_type=Path), help="Calibration .npz keyed by input name.")
+@click.option("--eval", "eval_path", type=click.Path(path_type=Path), help="Eval .npz (+ labels or reference_<output>).")
+@click.option("--max-accuracy-drop", default=1.0, type=float, show_default=True, help="Allowed drop in points.")
+@click.option("--input-shape", "input_shape", multiple=True, help="NAME=1,3,224,224 (repeatable).")
+@click.option("--name", help="Artifact name (default: the model's file name).")
+@click.option("--version", "version", default="0.1.0", show_default=True, help="Artifact version (SemVer).")
+@click.option("--sign-key", type=click.Path(path_type=Path), help="Ed25519 private key (edgeml keygen).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="Compile cache folder (default ~/.cache/edgeml/compile).")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the compile cache.")
+@click.option("--no-benchmark", is_flag=True, help="Do not time candidates (select by the static order).")
+@click.option("--tune-budget", help="TVM tuning budget, e.g. 10m (TVM backend only).")
+@click.option("--option", "backend_option", multiple=True, help="Backend option KEY=VALUE (JSON values allowed).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
+@json_option
+@handle_errors
+def compile_cmd(model: str, target: str, output: Path, precision: str, backend: str, calib: Path | None,
+                eval_path: Path | None, max_accuracy_drop: float, input_shape: tuple[str, ...], name: str | None,
+                version: str, sign_key: Path | None, cache_dir: Path | None, no_cache: bool, no_benchmark: bool,
+                tune_budget: str | None, backend_option: tuple[str, ...], quiet: bool, as_json: bool) -> None:
+    """Compile MODEL (.onnx, .pt2, or pkg.module:factory) into a verified artifact for TARGET."""
+    from edgeml.compiler import compile_with_report
+
+    extra = _parse_backend_option(backend_option)
+    if tune_budget:
+        extra["tune_budget"] = tune_budget
+    result = compile_with_report(
+        model, target=target, output=output, precision=precision, backend=backend, calib=calib, eval=eval_path,
+        max_accuracy_drop=max_accuracy_drop, input_shape=list(input_shape) or None, name=name, version=version,
+        sign_key=sign_key, cache_dir=cache_dir, use_cache=not no_cache, benchmark=not no_benchmark,
+        progress=_Progress(quiet or as_json), **extra)
+    emit(result.to_dict(), as_json, render)
+
+
+def render(report: dict) -> str:
+    """The human summary: one table row per candidate, then the choice."""
+    rows = [("", "candidate", "status", "accuracy", "drop", "p50 ms", "p90 ms", "reason")]
+    for c in report["candidates"]:
+        lat = c.get("latency_ms") or {}
+        rows.append((
+            ">" if c.get("selected") else "",
+            str(c.get("label")),
+            str(c.get("status")),
+            "-" if c.get("accuracy") is None else f"{c['accuracy']:.2f}",
+            "-" if c.get("accuracy_drop") is None else f"{c['accuracy_drop']:+.2f}",
+            f"{lat['p50']:.3f}" if lat.get("p50") is not None else "-",
+            f"{lat['p90']:.3f}" if lat.get("p90") is not None else "-",
+            (c.get("reason") or "")[:70],
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
+    acc = report.get("accuracy") or {}
+    sel = report.get("selection") or {}
+    lines += [
+        "",
+        f"selected: {report['backend']['name']}/{report['precision']} ({sel.get('method')}: {sel.get('reason')})",
+        f"accuracy ({acc.get('metric')} on {acc.get('samples')} {acc.get('data')} samples): "
+        f"fp32 {acc.get('fp32')}  compiled {acc.get('compiled')}  (max drop {acc.get('max_drop')})",
+        f"cache: {report['cache']}   time: {report['seconds']:.1f} s",
+        f"wrote {report['output']}  ({report['name']} {report['version']}, target {report['target']})",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    compile_cmd(sys.argv[1:])

@@ -1,0 +1,122 @@
+"""Compile options: one dataclass, validated before any work starts."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from edgeml.errors import UsageError
+
+PRECISIONS = ("fp32", "fp16", "int8")
+BACKENDS = ("onnxruntime", "openvino", "tvm")
+# Semantic Versioning 2.0.0 (https://semver.org), the official regular expression.
+_SEMVER = re.compile(
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def parse_input_shapes(value: Any) -> dict[str, tuple[int, ...]]:
+    """``{"input": [1, 3, 224, 224]}`` or ``["input=1,3,224,224", ...]`` or one such string."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    else:
+        items = []
+        for text in value:
+            name, sep, dims = str(text).partition("=")
+            if not sep or not name.strip():
+                raise UsageError(f"--input-shape {text!r} is not NAME=D0,D1,...", hint="e.g. --input-shape input=1,3,224,224")
+            items.append((name.strip(), dims.replace("x", ",").split(",")))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, dims in items:
+        try:
+            shape = tuple(int(str(d).strip()) for d in dims)
+        except ValueError:
+            raise UsageError(f"input shape for {name!r} has a non-integer dimension: {dims!r}",
+                             hint="e.g. --input-shape input=1,3,224,224") from None
+        if not shape or any(d <= 0 for d in shape):
+            raise UsageError(f"input shape for {name!r} must be positive integers, got {list(shape)}")
+        if name in shapes:
+            raise UsageError(f"input shape for {name!r} given twice")
+        shapes[name] = shape
+    return shapes
+
+
+@dataclass
+class CompileOptions:
+    model: str                                  # path to .onnx / .pt2, or "pkg.module:factory"
+    target: str
+    output: Path
+    precision: str = "auto"
+    backend: str = "auto"
+    calib: Path | None = None
+    eval: Path | None = None
+    max_accuracy_drop: float = 1.0              # points (percentage points of the metric)
+    input_shape: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    name: str | None = None
+    version: str = "0.1.0"
+    sign_key: Path | None = None
+    cache_dir: Path | None = None
+    use_cache: bool = True
+    benchmark: bool = True
+    benchmark_seconds: float = 3.0
+    progress: Callable[[str], None] | None = None
+    backend_options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> "CompileOptions":
+        if self.precision not in ("auto", *PRECISIONS):
+            raise UsageError(f"unknown precision {self.precision!r}", hint="choose auto, fp32, fp16 or int8")
+        if self.backend not in ("auto", *BACKENDS):
+            raise UsageError(f"unknown backend {self.backend!r}", hint="choose auto, onnxruntime, openvino or tvm")
+        if not _SEMVER.match(str(self.version)):
+            raise UsageError(f"version {self.version!r} is not a semantic version", hint="use MAJOR.MINOR.PATCH, e.g. 1.0.0")
+        if self.name is not None and not _NAME.match(self.name):
+            raise UsageError(f"name {self.name!r} must be 1-128 letters, digits, '.', '_' or '-'")
+        try:
+            self.max_accuracy_drop = float(self.max_accuracy_drop)
+        except (TypeError, ValueError):
+            raise UsageError(f"max_accuracy_drop {self.max_accuracy_drop!r} is not a number") from None
+        if not (0.0 <= self.max_accuracy_drop <= 100.0):
+            raise UsageError(f"max_accuracy_drop must be between 0 and 100 points, got {self.max_accuracy_drop}")
+        self.output = Path(self.output)
+        if self.output.exists() and self.output.is_dir():
+            raise UsageError(f"output {self.output} is a folder", hint="give a file name, e.g. model.edgepkg")
+        parent = self.output.parent
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"output folder {parent} is not a folder")
+        if not isinstance(self.input_shape, dict) or any(not isinstance(v, tuple) for v in self.input_shape.values()):
+            self.input_shape = parse_input_shapes(self.input_shape)
+        for attr in ("calib", "eval", "sign_key", "cache_dir"):
+            value = getattr(self, attr)
+            if value is not None:
+                setattr(self, attr, Path(value))
+        if self.sign_key is not None and not self.sign_key.is_file():
+            raise UsageError(f"signing key {self.sign_key} does not exist", hint="create one with: edgeml keygen KEY")
+        return self
+
+    def key_dict(self) -> dict[str, Any]:
+        """The options that affect the artifact's bytes (for the cache key and provenance)."""
+        d = asdict(self)
+        for k in ("model", "output", "calib", "eval", "sign_key", "cache_dir", "use_cache", "progress", "target"):
+            d.pop(k, None)
+        d["input_shape"] = {k: list(v) for k, v in sorted(self.input_shape.items())}
+        d["backend_options"] = {k: _jsonable(v) for k, v in sorted(self.backend_options.items())}
+        return d
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return str(value)

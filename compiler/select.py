@@ -1,0 +1,82 @@
+"""Benchmark candidates fairly and pick one.
+
+Benchmark: batch 1 (or the model's fixed batch), a warm-up per candidate, then
+interleaved rounds (each round runs every candidate a few times, in a rotated
+order) until the time budget is spent, so machine noise hits all candidates
+alike. Reports p50/p90/mean in ms over all timed runs.
+
+Selection: where this host executes the target, the fastest passing candidate
+by p50. Otherwise (cross targets) the documented static order ``STATIC_ORDER``:
+precision int8 > fp16 > fp32, then the order of backends in the target file,
+and an untuned TVM build (recipe ``tuned`` false) after every other backend.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+PRECISION_RANK = {"int8": 0, "fp16": 1, "fp32": 2}
+STATIC_ORDER = ("precision: int8 > fp16 > fp32; then the target file's backend order; "
+                "untuned TVM builds last")
+
+
+def benchmark(runners: dict[str, Callable[[], Any]], seconds: float = 3.0, warmup: int = 3,
+              min_rounds: int = 5, max_runs: int = 2000, clock: Callable[[], float] = time.perf_counter
+              ) -> dict[str, dict[str, float]]:
+    """``runners`` maps label -> zero-argument callable running one inference."""
+    if not runners:
+        return {}
+    per_run: dict[str, float] = {}
+    for label, fn in runners.items():
+        t0 = clock()
+        for _ in range(warmup):
+            fn()
+        per_run[label] = max((clock() - t0) / warmup, 1e-6)
+    # Aim for rounds of ~50 ms per candidate, at least one run each.
+    reps = {label: max(1, min(50, int(0.05 / t))) for label, t in per_run.items()}
+    samples: dict[str, list[float]] = {label: [] for label in runners}
+    labels = list(runners)
+    start = clock()
+    rounds = 0
+    while True:
+        order = labels[rounds % len(labels):] + labels[: rounds % len(labels)]
+        for label in order:
+            fn = runners[label]
+            for _ in range(reps[label]):
+                t0 = clock()
+                fn()
+                samples[label].append(clock() - t0)
+        rounds += 1
+        elapsed = clock() - start
+        if rounds >= min_rounds and (elapsed >= seconds or all(len(s) >= max_runs for s in samples.values())):
+            break
+        if elapsed >= 10 * seconds:  # very slow candidates: stop anyway
+            break
+    result = {}
+    for label, times in samples.items():
+        ms = np.asarray(times) * 1000.0
+        result[label] = {"p50": round(float(np.percentile(ms, 50)), 4), "p90": round(float(np.percentile(ms, 90)), 4),
+                         "mean": round(float(ms.mean()), 4), "runs": int(ms.size), "rounds": rounds}
+    return result
+
+
+def static_rank(candidate: Any, backend_order: list[str]) -> tuple:
+    spec = candidate.spec
+    untuned_tvm = spec.backend == "tvm" and not bool((candidate.recipe or {}).get("tuned", False))
+    backend_pos = backend_order.index(spec.backend) if spec.backend in backend_order else len(backend_order)
+    return (1 if untuned_tvm else 0, PRECISION_RANK.get(spec.precision, 9), backend_pos, candidate.index)
+
+
+def select(passing: list[Any], *, measured: bool, backend_order: list[str]) -> tuple[Any, dict[str, Any]]:
+    """Return (chosen candidate, selection record for the manifest)."""
+    if measured and all(c.latency for c in passing):
+        best = min(passing, key=lambda c: (c.latency["p50"], c.index))
+        return best, {"method": "fastest-measured",
+                      "reason": f"lowest p50 latency among {len(passing)} candidates within the accuracy tolerance"}
+    best = min(passing, key=lambda c: static_rank(c, backend_order))
+    return best, {"method": "static-order", "order": STATIC_ORDER,
+                  "reason": "this host cannot execute the target, so candidates were not timed"
+                  if not measured else "benchmarking disabled"}

@@ -1,0 +1,360 @@
+"""``edgeml agent`` and ``edgeml fleet ...``: thin click layer over edgeml.fleet.
+
+The CLI talks to a running manager through the ``commands`` table of the
+manager's SQLite file (see edgeml.fleet.service.CommandClient); reads go to
+the database directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import click
+
+from edgeml.cli import emit, handle_errors, json_option
+
+DB_HELP = "The manager's SQLite file (default $EDGEML_FLEET_DB or fleet.db)."
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def broker_options(func):
+    opts = [
+        click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, help="mqtt://host:port or mqtts://host:port"),
+        click.option("--username", help="MQTT username."),
+        click.option("--password-file", type=click.Path(dir_okay=False, path_type=Path), help="File holding the MQTT password."),
+        click.option("--tls-ca", type=click.Path(dir_okay=False, path_type=Path), help="CA certificate (enables TLS)."),
+        click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), help="Client certificate."),
+        click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), help="Client key."),
+        click.option("--mqtt-protocol", type=click.Choice(["auto", "5", "3.1.1"]), default="auto", show_default=True,
+                     help="auto = MQTT 5, falling back to 3.1.1."),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+def _broker(kw) -> "BrokerConfig":
+    from edgeml.fleet.transport import BrokerConfig, read_password_file
+
+    return BrokerConfig(url=kw.pop("broker"), username=kw.pop("username"),
+                        password=read_password_file(kw.pop("password_file")), tls_ca=kw.pop("tls_ca"),
+                        tls_cert=kw.pop("tls_cert"), tls_key=kw.pop("tls_key"), protocol=kw.pop("mqtt_protocol"))
+
+
+def _db_path(db: Path | None) -> Path:
+    return Path(db or os.environ.get("EDGEML_FLEET_DB") or "fleet.db")
+
+
+def _wait_for_signal() -> None:
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    while not done.is_set():
+        done.wait(1.0)
+
+
+# ====================================================================== agent
+@click.command("agent")
+@broker_options
+@click.option("--device-id", required=True, help="This device's id (letters, digits, _ . -).")
+@click.option("--labels", default="", help="k=v,k2=v2 labels the manager selects on.")
+@click.option("--state-dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Journal + slots.")
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Public key artifacts (and manager messages) must be signed with; repeatable.")
+@click.option("--allow-unsigned", is_flag=True, help="Accept unsigned artifacts and messages (development only).")
+@click.option("--http-host", default="127.0.0.1", show_default=True, help="Where the embedded model server listens.")
+@click.option("--http-port", type=int, default=8000, show_default=True, help="Model server port (-1: no HTTP server).")
+@click.option("--heartbeat", default="10s", show_default=True, help="Heartbeat interval.")
+@click.option("--telemetry", "telemetry_every", default="10s", show_default=True, help="Telemetry interval.")
+@click.option("--health-window", default="10s", show_default=True, help="Default health window after a swap.")
+@click.option("--log-level", default="info", show_default=True)
+@json_option
+@handle_errors
+def agent_cmd(device_id, labels, state_dir, trusted_keys, allow_unsigned, http_host, http_port, heartbeat,
+              telemetry_every, health_window, log_level, as_json, **kw):
+    """Run the device agent: reconcile the desired model, serve it, report."""
+    from edgeml.errors import UsageError
+    from edgeml.fleet.agent import Agent, AgentConfig
+    from edgeml.fleet.manager import parse_duration
+    from edgeml.fleet.protocol import check_device_id, parse_labels
+    from edgeml.fleet.serving import LocalServing
+
+    _setup_logging(log_level)
+    broker = _broker(kw)
+    check_device_id(device_id)
+    if not trusted_keys and not allow_unsigned:
+        raise UsageError("the agent needs --trusted-key PUB (or --allow-unsigned for development)",
+                         hint="create a key pair with: edgeml keygen KEY; pass KEY.pub here and sign with KEY")
+    config = AgentConfig(device_id=device_id, state_dir=state_dir, labels=parse_labels(labels),
+                         trusted_keys=list(trusted_keys), allow_unsigned=allow_unsigned,
+                         heartbeat_s=parse_duration(heartbeat), telemetry_s=parse_duration(telemetry_every),
+                         health_window_s=parse_duration(health_window))
+    serving = LocalServing(Path(state_dir) / "cache", http_host=http_host, http_port=None if http_port < 0 else http_port)
+    agent = Agent(config, broker, serving).start()
+    info = {"device_id": device_id, "broker": broker.url, "state_dir": str(state_dir), "labels": config.labels,
+            "http": f"http://{serving.address[0]}:{serving.address[1]}" if serving.address else None,
+            "active": agent.core.active(), "pid": os.getpid()}
+    emit(info, as_json, lambda i: f"agent {i['device_id']} (pid {i['pid']}) -> {i['broker']}; serving {i['active']}"
+                                  f" {('at ' + i['http']) if i['http'] else '(no HTTP)'}")
+    try:
+        _wait_for_signal()
+    finally:
+        agent.stop()
+
+
+# ====================================================================== fleet
+@click.group("fleet")
+def fleet_group() -> None:
+    """Operate a fleet: manager, artifacts, devices, rollouts, telemetry, demo."""
+
+
+@fleet_group.command("manager")
+@broker_options
+@click.option("--db", type=click.Path(dir_okay=False, path_type=Path), help=DB_HELP)
+@click.option("--store", "store_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Artifact store folder (default: beside the db).")
+@click.option("--http-host", default="127.0.0.1", show_default=True, help="Artifact HTTP server address.")
+@click.option("--http-port", type=int, default=8765, show_default=True)
+@click.option("--public-url", help="URL devices use for the artifact server (default http://HOST:PORT).")
+@click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path), help="Sign desired-state messages.")
+@click.option("--heartbeat-timeout", default="30s", show_default=True)
+@click.option("--offline-timeout", default="5m", show_default=True, help="Offline devices in a wave: pending this long.")
+@click.option("--health-window", default="10s", show_default=True, help="Health window agents run after a swap.")
+@click.option("--log-level", default="info", show_default=True)
+@json_option
+@handle_errors
+def manager_cmd(db, store_dir, http_host, http_port, public_url, sign_key, heartbeat_timeout, offline_timeout,
+                health_window, log_level, as_json, **kw):
+    """Run the fleet manager (long-running)."""
+    from edgeml.fleet.manager import ManagerConfig, parse_duration
+    from edgeml.fleet.service import ManagerService
+
+    _setup_logging(log_level)
+    config = ManagerConfig(db=_db_path(db), store_dir=store_dir, http_host=http_host, http_port=http_port,
+                           public_url=public_url, sign_key=sign_key,
+                           heartbeat_timeout_s=parse_duration(heartbeat_timeout),
+                           offline_timeout_s=parse_duration(offline_timeout),
+                           health_window_s=parse_duration(health_window))
+    svc = ManagerService(config, _broker(kw)).start()
+    emit({"db": str(config.db), "artifacts": svc.server.base_url, "broker": svc.broker.url, "pid": os.getpid()}, as_json,
+         lambda i: f"manager (pid {i['pid']}): db {i['db']}, artifacts at {i['artifacts']}, broker {i['broker']}")
+    try:
+        _wait_for_signal()
+    finally:
+        svc.stop()
+
+
+@fleet_group.command("publish")
+@click.argument("artifact", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--db", type=click.Path(dir_okay=False, path_type=Path), help=DB_HELP)
+@click.option("--store", "store_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Refuse the artifact unless signed by one of these keys.")
+@json_option
+@handle_errors
+def publish_cmd(artifact, db, store_dir, trusted_keys, as_json):
+    """Verify ARTIFACT and add it to the content-addressed store."""
+    from edgeml.fleet.db import FleetDB
+    from edgeml.fleet.manager import ManagerConfig, register_artifact
+    from edgeml.fleet.service import default_actor
+    from edgeml.fleet.store import ArtifactStore
+
+    config = ManagerConfig(db=_db_path(db), store_dir=store_dir)
+    rec = ArtifactStore(config.store_path()).publish(artifact, trusted_keys=list(trusted_keys))
+    fdb = FleetDB(config.db)
+    register_artifact(fdb, rec, default_actor(), time.time())
+    emit(rec, as_json, lambda r: f"published {r['name']}@{r['version']} sha256 {r['sha256'][:16]}... ({r['size']} bytes,"
+                                 f" {'signed' if r['signed'] else 'UNSIGNED'})")
+
+
+@fleet_group.command("devices")
+@click.option("--db", type=click.Path(dir_okay=False, path_type=Path), help=DB_HELP)
+@click.option("--selector", default="", help="k=v,... labels to match.")
+@json_option
+@handle_errors
+def devices_cmd(db, selector, as_json):
+    """List registered devices."""
+    from edgeml.fleet.db import FleetDB
+    from edgeml.fleet.protocol import parse_labels, selector_matches
+
+    sel = parse_labels(selector)
+    rows = []
+    for r in FleetDB(_db_path(db), readonly=True).q("SELECT * FROM devices ORDER BY device_id"):
+        labels = json.loads(r["labels"])
+        if not selector_matches(sel, labels):
+            continue
+        active = json.loads(r["active"]) if r["active"] else None
+        rows.append({"device_id": r["device_id"], "online": bool(r["online"]), "labels": labels,
+                     "active": f"{active['name']}@{active['version']}" if active and active.get("name") else None,
+                     "committed_seq": r["committed_seq"], "state": r["state"], "last_seen": r["last_seen"],
+                     "refused_messages": r["refused"],
+                     "last_failed": json.loads(r["last_failed"]) if r["last_failed"] else None})
+
+    def human(rows):
+        lines = [f"{'DEVICE':<20} {'ONLINE':<7} {'ACTIVE':<24} {'STATE':<12} LABELS"]
+        for d in rows:
+            lines.append(f"{d['device_id']:<20} {'yes' if d['online'] else 'no':<7} {d['active'] or '-':<24} "
+                         f"{d['state'] or '-':<12} {','.join(f'{k}={v}' for k, v in d['labels'].items())}")
+        return "\n".join(lines + [f"{len(rows)} device(s)"])
+
+    emit(rows, as_json, human)
+
+
+@fleet_group.group("rollout")
+def rollout_group() -> None:
+    """Start and steer rollouts."""
+
+
+def _status_text(s: dict) -> str:
+    lines = [f"rollout {s['id']}: {s['target']}  state={s['state']}  wave {s['wave']}/{len(s['waves'])}"
+             f" ({','.join(s['waves'])})  by {s['created_by']}"]
+    if s["reason"]:
+        lines.append(f"  reason: {s['reason']}")
+    for i, w in enumerate(s["per_wave"]):
+        lines.append(f"  wave {i + 1}: " + (", ".join(f"{k}={v}" for k, v in sorted(w.items())) or "-"))
+    if s["rollback"]:
+        lines.append("  rollback: " + ", ".join(f"{k}={v}" for k, v in sorted(s["rollback"].items())))
+    for g in s["gates"]:
+        lines.append(f"  gate {g['gate']}: {'ok' if g['ok'] else 'BREACH'} value={g['value']} limit={g['threshold']} ({g['detail']})")
+    for f in s["failures"][:5]:
+        lines.append(f"  failed {f['device_id']}: {f['reason']}")
+    return "\n".join(lines)
+
+
+@rollout_group.command("start")
+@click.argument("target")
+@click.option("--db", type=click.Path(dir_okay=False, path_type=Path), help=DB_HELP)
+@click.option("--selector", default="", help="k=v,... labels of the devices to update (default all).")
+@click.option("--waves", default="5%,25%,100%", show_default=True)
+@click.option("--max-failure-rate", default="10%", show_default=True)
+@click.option("--bake", default="60s", show_default=True, help="Wait after a wave commits, gates green, before the next.")
+@click.option("--gate", "gates", multiple=True, help="Extra gate, e.g. p95_latency_ms<50, error_rate<0.01, p95_ratio<1.2.")
+@click.option("--health-window", default=None, help="Override the agents' health window for this rollout.")
+@json_option
+@handle_errors
+def rollout_start_cmd(target, db, selector, waves, max_failure_rate, bake, gates, health_window, as_json):
+    """Roll NAME@VERSION out in waves (the running manager executes it)."""
+    from edgeml.fleet.gates import parse_gate
+    from edgeml.fleet.manager import parse_duration, parse_rate, parse_waves
+    from edgeml.fleet.protocol import parse_labels
+    from edgeml.fleet.service import CommandClient
+
+    args = {"target": target, "selector": parse_labels(selector), "waves": parse_waves(waves),
+            "max_failure_rate": parse_rate(max_failure_rate), "bake_s": parse_duration(bake), "gates": list(gates)}
+    for g in gates:
+        parse_gate(g)   # refuse a bad gate here, before queuing
+    if health_window is not None:
+        args["health_window_s"] = parse_duration(health_window)
+    emit(CommandClient(_db_path(db)).submit("rollout.start", args), as_json, _status_text)
+
+
+@rollout_group.command("status")
+@click.argument("rollout_id", required=False)
+@click.option("--db", type=click.Path(dir_okay=False, path_type=Path), help=DB_HELP)
+@json_option
+@handle_errors
+def rollout_status_cmd(rollout_id, db, as_json):
+    """Show one rollout (or list all)."""
+    from edgeml.fleet.db import FleetDB
+    from edgeml.fleet.manager import rollout_status
+
+    fdb = FleetDB(_db_path(db), readonly=True)
+    if rollout_id:
+        emit(rollout_status(fdb, rollout_id), as_json, _status_text)
+        return
+    rows = [rollout_status(fdb, r["id"]) for r in fdb.q("SELECT id FROM rollouts ORDER BY CAST(id AS INTEGER)")]
+    emit(rows, as_json, lambda rs: "\n".join(f"{s['id']:>4} {s['target']:<24} {s['state']:<13} wave {s['wave']}/{len(s['waves'])}"
+                                             f"{'  ' + s['reason'] if s['reason'] else ''}" for s in rs) or "no rollouts")
+
+
+def _op(name: str, doc: str):
+    @rollout_group.command(name, help=doc)
+    @click.argument("rollout_id")
+    @click.option("--db", type=click.Path(dir_okay=False, path_type=Path), help=DB_HELP)
+    @json_option
+    @handle_errors
+    def cmd(rollout_id, db, as_json):
+        from edgeml.fleet.service import CommandClient
+
+        emit(CommandClient(_db_path(db)).submit(f"rollout.{name}", {"id": rollout_id}), as_json, _status_text)
+
+    return cmd
+
+
+_op("pause", "Stop advancing waves (in-flight installs finish).")
+_op("resume", "Continue a paused rollout.")
+_op("abort", "Stop the rollout; devices stay where they are.")
+_op("rollback", "Return every device this rollout updated to its previous version.")
+
+
+@fleet_group.command("telemetry")
+@click.option("--db", type=click.Path(dir_okay=False, path_type=Path), help=DB_HELP)
+@click.option("--device", help="Only this device.")
+@json_option
+@handle_errors
+def telemetry_cmd(db, device, as_json):
+    """Latest telemetry per device and per model version (merged histograms)."""
+    from edgeml.fleet.db import FleetDB
+    from edgeml.fleet.metrics import merge, quantile
+
+    fdb = FleetDB(_db_path(db), readonly=True)
+    where, args = ("WHERE device_id = ?", (device,)) if device else ("", ())
+    devices = [dict(r) for r in fdb.q(f"SELECT * FROM device_telemetry {where} ORDER BY device_id", args)]
+    models = [dict(r) for r in fdb.q(f"SELECT * FROM telemetry {where} ORDER BY name, version, device_id", args)]
+    by_version: dict[str, dict] = {}
+    for m in models:
+        m["buckets"] = json.loads(m["buckets"])
+        v = by_version.setdefault(f"{m['name']}@{m['version']}", {"requests": 0, "failures": 0, "devices": 0, "h": []})
+        v["requests"] += m["requests"]
+        v["failures"] += m["failures"]
+        v["devices"] += 1
+        v["h"].append(m["buckets"])
+    versions = {}
+    for k, v in by_version.items():
+        h = merge(v.pop("h"))
+        versions[k] = {**v, "p50_ms_le": quantile(h, 0.5), "p95_ms_le": quantile(h, 0.95), "buckets": h}
+    for d in devices:
+        d["active"] = json.loads(d["active"]) if d["active"] else None
+    out = {"devices": devices, "versions": versions}
+
+    def human(o):
+        lines = [f"{'DEVICE':<20} {'ACTIVE':<20} {'CPU%':>6} {'MEM MB':>8} {'REQ/S':>7}"]
+        for d in o["devices"]:
+            a = d["active"]
+            lines.append(f"{d['device_id']:<20} {(a['name'] + '@' + a['version']) if a else '-':<20} "
+                         f"{d['cpu_percent'] or 0:>6.1f} {d['memory_mb'] or 0:>8.1f} {d['throughput_rps'] or 0:>7.1f}"
+                         f"{'  (stubbed model)' if d['stubbed'] else ''}")
+        lines.append("")
+        for k, v in o["versions"].items():
+            lines.append(f"{k:<24} devices={v['devices']} requests={v['requests']} failures={v['failures']} "
+                         f"p50<={v['p50_ms_le']} ms p95<={v['p95_ms_le']} ms")
+        return "\n".join(lines)
+
+    emit(out, as_json, human)
+
+
+@fleet_group.command("demo")
+@click.option("--broker-kind", type=click.Choice(["auto", "mosquitto", "amqtt"]), default="auto", show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), help="Keep files here (default: temp).")
+@click.option("--bake", default="3s", show_default=True)
+@json_option
+@handle_errors
+def demo_cmd(broker_kind, workdir, bake, as_json):
+    """Broker + manager + 3 agents on this machine: v1, canary v2, telemetry, broken v3 rolled back."""
+    from edgeml.fleet.demo import run_demo
+    from edgeml.fleet.manager import parse_duration
+
+    summary = run_demo(broker_kind=broker_kind, workdir=workdir, bake_s=parse_duration(bake),
+                       echo=(lambda s: None) if as_json else click.echo)
+    emit(summary, as_json, lambda s: f"demo finished in {s['seconds']:.1f}s: " + "; ".join(
+        f"{r['target']} {r['state']}" for r in s["rollouts"]))

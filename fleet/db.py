@@ -1,0 +1,163 @@
+"""The manager's SQLite database: schema (versioned), and small helpers.
+
+WAL mode so the CLI can read while the manager writes; ``PRAGMA user_version``
+holds the schema version and ``MIGRATIONS[i]`` upgrades i -> i+1, each in one
+transaction. Every row the manager needs after a restart is here: devices,
+artifacts, rollouts with their per-device state, deployments (deployment id ->
+device / rollout / kind), idempotent events, latest telemetry, the last desired
+message per device, audit log, and the commands queue the CLI writes into.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any, Iterable
+
+from edgeml.errors import FleetError
+
+SCHEMA = [
+    # v1
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE devices (
+        device_id TEXT PRIMARY KEY, labels TEXT NOT NULL DEFAULT '{}', online INTEGER NOT NULL DEFAULT 0,
+        first_seen REAL, last_seen REAL, active TEXT, committed_seq INTEGER NOT NULL DEFAULT -1,
+        state TEXT, agent_version TEXT, last_failed TEXT, refused INTEGER NOT NULL DEFAULT 0);
+    CREATE TABLE artifacts (
+        sha256 TEXT PRIMARY KEY, name TEXT NOT NULL, version TEXT NOT NULL, size INTEGER NOT NULL,
+        signed INTEGER NOT NULL, target TEXT, published_at REAL, published_by TEXT, UNIQUE(name, version));
+    CREATE TABLE rollouts (
+        id TEXT PRIMARY KEY, name TEXT NOT NULL, version TEXT NOT NULL, sha256 TEXT NOT NULL,
+        selector TEXT NOT NULL, waves TEXT NOT NULL, max_failure_rate REAL NOT NULL, bake_s REAL NOT NULL,
+        gates TEXT NOT NULL, state TEXT NOT NULL, wave INTEGER NOT NULL DEFAULT 0, wave_started_at REAL,
+        bake_started_at REAL, created_at REAL NOT NULL, created_by TEXT NOT NULL, updated_at REAL NOT NULL,
+        reason TEXT, gate_results TEXT, health_window_s REAL);
+    CREATE TABLE rollout_devices (
+        rollout_id TEXT NOT NULL, device_id TEXT NOT NULL, wave INTEGER NOT NULL, status TEXT NOT NULL,
+        deployment_id TEXT, seq INTEGER, sent_at REAL, updated_at REAL, reason TEXT,
+        prev_sha TEXT, prev_name TEXT, prev_version TEXT,
+        rollback_deployment_id TEXT, rollback_status TEXT, rollback_sent_at REAL,
+        PRIMARY KEY (rollout_id, device_id));
+    CREATE TABLE deployments (
+        deployment_id TEXT PRIMARY KEY, device_id TEXT NOT NULL, seq INTEGER NOT NULL, rollout_id TEXT,
+        kind TEXT NOT NULL, sha256 TEXT, status TEXT NOT NULL, reason TEXT, last_event_seq INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL, updated_at REAL NOT NULL);
+    CREATE TABLE events (
+        device_id TEXT NOT NULL, event_seq INTEGER NOT NULL, deployment_id TEXT, deploy_seq INTEGER, attempt INTEGER,
+        state TEXT, reason TEXT, ts REAL, received_at REAL, PRIMARY KEY (device_id, event_seq));
+    CREATE TABLE telemetry (
+        device_id TEXT NOT NULL, name TEXT NOT NULL, version TEXT NOT NULL, ts REAL NOT NULL,
+        requests INTEGER NOT NULL, failures INTEGER NOT NULL, buckets TEXT NOT NULL, sum_ms REAL NOT NULL,
+        PRIMARY KEY (device_id, name, version));
+    CREATE TABLE device_telemetry (
+        device_id TEXT PRIMARY KEY, ts REAL NOT NULL, cpu_percent REAL, memory_mb REAL, throughput_rps REAL,
+        active TEXT, stubbed INTEGER NOT NULL DEFAULT 0);
+    CREATE TABLE desired (device_id TEXT PRIMARY KEY, deployment_id TEXT NOT NULL, seq INTEGER NOT NULL,
+        payload BLOB NOT NULL);
+    CREATE TABLE audit (id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, actor TEXT NOT NULL,
+        action TEXT NOT NULL, target TEXT, detail TEXT);
+    CREATE TABLE commands (id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, actor TEXT NOT NULL,
+        command TEXT NOT NULL, args TEXT NOT NULL, status TEXT NOT NULL DEFAULT 'pending', result TEXT,
+        error TEXT, done_at REAL);
+    CREATE INDEX rollout_devices_by_device ON rollout_devices(device_id);
+    CREATE INDEX deployments_by_device ON deployments(device_id);
+    INSERT INTO meta VALUES ('seq', '0');
+    """,
+]
+SCHEMA_VERSION = len(SCHEMA)
+
+
+class FleetDB:
+    def __init__(self, path: Path, *, readonly: bool = False):
+        self.path = Path(path)
+        if readonly and not self.path.exists():
+            raise FleetError(f"fleet database {self.path} does not exist",
+                             hint="start the manager first: edgeml fleet manager --db FILE")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(str(self.path), timeout=30, check_same_thread=False, isolation_level=None)
+        self.conn.row_factory = sqlite3.Row
+        self.lock = threading.RLock()
+        self.conn.execute("PRAGMA busy_timeout = 30000")
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute("PRAGMA synchronous = NORMAL")
+        self.conn.execute("PRAGMA foreign_keys = ON")
+        self.migrate()
+
+    def migrate(self) -> None:
+        with self.lock:
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise FleetError(f"{self.path} has schema version {version}; this edgeml knows up to {SCHEMA_VERSION}",
+                                 hint="upgrade edgeml on the manager host")
+            for v in range(version, SCHEMA_VERSION):
+                self.conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for stmt in [s for s in SCHEMA[v].split(";") if s.strip()]:
+                        self.conn.execute(stmt)
+                    self.conn.execute(f"PRAGMA user_version = {v + 1}")
+                    self.conn.execute("COMMIT")
+                except BaseException:
+                    self.conn.execute("ROLLBACK")
+                    raise
+
+    def schema_version(self) -> int:
+        return self.conn.execute("PRAGMA user_version").fetchone()[0]
+
+    # ---------------------------------------------------------------- helpers
+    def tx(self):
+        return _Tx(self)
+
+    def q(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        with self.lock:
+            return self.conn.execute(sql, tuple(args)).fetchall()
+
+    def one(self, sql: str, args: Iterable[Any] = ()) -> sqlite3.Row | None:
+        with self.lock:
+            return self.conn.execute(sql, tuple(args)).fetchone()
+
+    def x(self, sql: str, args: Iterable[Any] = ()) -> sqlite3.Cursor:
+        with self.lock:
+            return self.conn.execute(sql, tuple(args))
+
+    def next_seq(self) -> int:
+        with self.lock:
+            row = self.conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'seq' RETURNING value").fetchone()
+            return int(row[0])
+
+    def audit(self, ts: float, actor: str, action: str, target: str | None, detail: Any = None) -> None:
+        self.x("INSERT INTO audit (ts, actor, action, target, detail) VALUES (?,?,?,?,?)",
+               (ts, actor, action, target, json.dumps(detail, sort_keys=True, default=str) if detail is not None else None))
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+
+
+class _Tx:
+    def __init__(self, db: FleetDB):
+        self.db = db
+
+    def __enter__(self):
+        self.db.lock.acquire()
+        self.db.conn.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            self.db.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self.db.lock.release()
+        return False
+
+
+def row_dict(row: sqlite3.Row | None, json_fields: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    d = dict(row)
+    for f in json_fields:
+        if d.get(f) is not None:
+            d[f] = json.loads(d[f])
+    return d

@@ -1,0 +1,541 @@
+"""The fleet manager: device registry, rollouts in waves, gates, rollback, audit.
+
+All state lives in SQLite (fleet/db.py), so a restarted manager continues a
+rollout where it was. ``Manager`` takes a ``link`` (anything with
+``publish``) and a ``clock``; ``tick()`` does one round of work (commands from
+the CLI, device expiry, every active rollout), so tests drive waves and bake
+times with a fake clock and no sleeps.
+
+Rollout states: running -> (paused <-> running) -> completed
+                running/paused -> aborted            (by hand: stop, leave devices where they are)
+                any -> rolling_back -> rolled_back   (gate breach or by hand: every updated device
+                                                      gets its previous artifact back)
+Per-device status in a rollout: pending -> sent -> installing -> committed | failed | timeout
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from edgeml.errors import EdgemlError, FleetError, MessageRejected, UsageError
+from edgeml.fleet import protocol as P
+from edgeml.fleet.db import FleetDB, row_dict
+from edgeml.fleet.gates import GateContext, VersionStats, build_gates, evaluate_all, gate_from_dict, gate_to_dict
+from edgeml.fleet.metrics import merge
+from edgeml.fleet.store import ArtifactStore
+
+log = logging.getLogger("edgeml.fleet.manager")
+ACTIVE_STATES = ("running", "paused", "rolling_back")
+INFLIGHT = ("sent", "installing")
+FAILED = ("failed", "timeout")
+
+
+@dataclass
+class ManagerConfig:
+    db: Path
+    store_dir: Path | None = None
+    http_host: str = "127.0.0.1"
+    http_port: int = 8765
+    public_url: str | None = None
+    heartbeat_timeout_s: float = 30.0
+    offline_timeout_s: float = 300.0     # an offline device in a wave is pending until this, then "timeout"
+    install_timeout_s: float = 900.0     # an online device that never finishes installing
+    health_window_s: float = 10.0        # sent to agents in each desired message
+    sign_key: Path | None = None
+    tick_s: float = 0.5
+
+    def store_path(self) -> Path:
+        return Path(self.store_dir) if self.store_dir else Path(self.db).with_name(Path(self.db).stem + "-store")
+
+
+def parse_waves(text: str) -> list[float]:
+    try:
+        waves = [float(p.strip().rstrip("%")) / 100.0 for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise UsageError(f"--waves {text!r} must be percentages like 5%,25%,100%") from None
+    if not waves or any(not 0 < w <= 1 for w in waves) or waves != sorted(waves) or waves[-1] != 1.0:
+        raise UsageError(f"--waves {text!r} must be increasing percentages in (0, 100] ending at 100%",
+                         hint="e.g. --waves 5%,25%,100%")
+    return waves
+
+
+def parse_rate(text: str | float) -> float:
+    if isinstance(text, (int, float)):
+        return float(text)
+    s = text.strip()
+    try:
+        return float(s[:-1]) / 100.0 if s.endswith("%") else float(s)
+    except ValueError:
+        raise UsageError(f"{text!r} is not a rate like 10% or 0.1") from None
+
+
+def parse_duration(text: str | float) -> float:
+    if isinstance(text, (int, float)):
+        return float(text)
+    s = text.strip().lower()
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    for unit in ("ms", "s", "m", "h"):
+        if s.endswith(unit):
+            try:
+                return float(s[: -len(unit)]) * units[unit]
+            except ValueError:
+                break
+    try:
+        return float(s)
+    except ValueError:
+        raise UsageError(f"duration {text!r} must look like 60s, 5m or 1h") from None
+
+
+def assign_waves(rollout_id: str, device_ids: list[str], waves: list[float]) -> list[list[str]]:
+    """Stable pseudo-random order (hash of rollout id + device id), cut at the cumulative percentages."""
+    order = sorted(device_ids, key=lambda d: hashlib.sha256(f"{rollout_id}:{d}".encode()).hexdigest())
+    n, out, start = len(order), [], 0
+    for i, frac in enumerate(waves):
+        end = n if i == len(waves) - 1 else max(start + (1 if start < n else 0), math.ceil(frac * n))
+        out.append(order[start:end])
+        start = end
+    return out
+
+
+class Manager:
+    def __init__(self, config: ManagerConfig, link=None, *, clock: Callable[[], float] = time.time,
+                 artifact_base_url: str | None = None):
+        self.config = config
+        self.db = FleetDB(config.db)
+        self.store = ArtifactStore(config.store_path())
+        self.link = link
+        self.clock = clock
+        self.base_url = (artifact_base_url or config.public_url or
+                         f"http://{config.http_host}:{config.http_port}").rstrip("/")
+        self.rejected: list[str] = []
+
+    # ================================================================ messages in
+    def on_connect(self) -> None:
+        """(Re)publish every device's last desired state: harmless if the broker kept it (agents ignore seen seqs)."""
+        for row in self.db.q("SELECT device_id, payload FROM desired"):
+            self._publish(P.topic(row["device_id"], "desired"), bytes(row["payload"]))
+
+    def on_message(self, topic: str, payload: bytes, retained: bool = False) -> None:
+        try:
+            device_id, kind, msg = P.validate(topic, payload)
+            if kind == "desired":
+                return   # our own retained messages
+            handler = {"presence": self._on_presence, "heartbeat": self._on_heartbeat, "events": self._on_event,
+                       "telemetry": self._on_telemetry}[kind]
+            handler(msg)
+        except MessageRejected as exc:
+            self.rejected = (self.rejected + [f"{topic}: {exc.message}"])[-50:]
+            log.warning("refused message on %s: %s", topic, exc.message)
+
+    def _touch_device(self, msg: dict[str, Any], *, online: bool | None = None, **fields: Any) -> None:
+        now = self.clock()
+        sets = {"last_seen": now}
+        if "labels" in msg:
+            sets["labels"] = json.dumps(msg["labels"], sort_keys=True)
+        if online is not None:
+            sets["online"] = int(online)
+        sets.update(fields)
+        cols = ", ".join(f"{k} = ?" for k in sets)
+        with self.db.tx() as db:
+            db.conn.execute("INSERT OR IGNORE INTO devices (device_id, first_seen) VALUES (?, ?)", (msg["device_id"], now))
+            db.conn.execute(f"UPDATE devices SET {cols} WHERE device_id = ?", (*sets.values(), msg["device_id"]))
+
+    def _on_presence(self, msg: dict[str, Any]) -> None:
+        extra = {}
+        if msg["online"] and "active" in msg:
+            extra["active"] = json.dumps(msg["active"]) if msg["active"] else None
+        if "agent_version" in msg:
+            extra["agent_version"] = msg["agent_version"]
+        self._touch_device(msg, online=msg["online"], **extra)
+        if not msg["online"]:
+            log.info("device %s offline (%s)", msg["device_id"], msg.get("reason"))
+
+    def _on_heartbeat(self, msg: dict[str, Any]) -> None:
+        self._touch_device(msg, online=True, state=msg["state"], committed_seq=msg["committed_seq"],
+                           active=json.dumps(msg["active"]) if msg["active"] else None,
+                           refused=msg.get("refused", 0),
+                           last_failed=json.dumps(msg["last_failed"]) if msg.get("last_failed") else None)
+        # reconcile from the heartbeat too: events can be lost while the manager or broker is away
+        active = msg["active"]
+        if active and active.get("deployment_id"):
+            self._apply_status(active["deployment_id"], "committed", None)
+        lf = msg.get("last_failed")
+        if lf and lf.get("deployment_id"):
+            self._apply_status(lf["deployment_id"], "failed", lf.get("reason"))
+
+    def _on_event(self, msg: dict[str, Any]) -> None:
+        cur = self.db.x("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?,?,?)",
+                        (msg["device_id"], msg["event_seq"], msg["deployment_id"], msg["deploy_seq"], msg["attempt"],
+                         msg["state"], msg.get("reason"), msg["ts"], self.clock()))
+        if cur.rowcount == 0:
+            return   # redelivered QoS 1 duplicate: already applied
+        state = msg["state"]
+        status = "committed" if state == "committed" else "failed" if state in ("failed", "rolled_back", "refused") else "installing"
+        self._apply_status(msg["deployment_id"], status, msg.get("reason"), event_seq=msg["event_seq"])
+        fields = {"state": state if status == "installing" else "idle"}
+        if msg.get("active") is not None or status == "committed":
+            fields["active"] = json.dumps(msg.get("active")) if msg.get("active") else None
+        self._touch_device(msg, online=True, **fields)
+
+    def _apply_status(self, deployment_id: str, status: str, reason: str | None, event_seq: int | None = None) -> None:
+        now = self.clock()
+        with self.db.tx() as db:
+            dep = db.conn.execute("SELECT * FROM deployments WHERE deployment_id = ?", (deployment_id,)).fetchone()
+            if dep is None:
+                return
+            if event_seq is not None and event_seq <= dep["last_event_seq"]:
+                return   # older than what we applied
+            if dep["status"] in ("committed", "failed") and status == "installing":
+                return   # a late "installing" never undoes a final state
+            if dep["status"] == status:
+                return
+            db.conn.execute("UPDATE deployments SET status = ?, reason = COALESCE(?, reason), updated_at = ?,"
+                            " last_event_seq = MAX(last_event_seq, ?) WHERE deployment_id = ?",
+                            (status, reason, now, event_seq or 0, deployment_id))
+            if dep["kind"] == "install" and dep["rollout_id"]:
+                db.conn.execute("UPDATE rollout_devices SET status = ?, reason = COALESCE(?, reason), updated_at = ?"
+                                " WHERE rollout_id = ? AND deployment_id = ?",
+                                (status, reason, now, dep["rollout_id"], deployment_id))
+            elif dep["kind"] == "rollback" and dep["rollout_id"] and status != "installing":
+                db.conn.execute("UPDATE rollout_devices SET rollback_status = ?, updated_at = ?"
+                                " WHERE rollout_id = ? AND rollback_deployment_id = ?",
+                                ("done" if status == "committed" else "failed", now, dep["rollout_id"], deployment_id))
+        if status in ("committed", "failed"):
+            log.info("device %s: deployment %s %s%s", dep["device_id"], deployment_id, status, f" ({reason})" if reason else "")
+
+    def _on_telemetry(self, msg: dict[str, Any]) -> None:
+        with self.db.tx() as db:
+            for m in msg["models"]:
+                db.conn.execute("INSERT OR REPLACE INTO telemetry VALUES (?,?,?,?,?,?,?,?)",
+                                (msg["device_id"], m["name"], m["version"], msg["ts"], m["requests"], m["failures"],
+                                 json.dumps(m["latency_buckets_ms"]), m["latency_sum_ms"]))
+            db.conn.execute("INSERT OR REPLACE INTO device_telemetry VALUES (?,?,?,?,?,?,?)",
+                            (msg["device_id"], msg["ts"], msg.get("cpu_percent"), msg.get("memory_mb"),
+                             msg.get("throughput_rps"), json.dumps(msg["active"]) if msg["active"] else None,
+                             int(bool(msg.get("stubbed")))))
+        self._touch_device(msg, online=True)
+
+    # ================================================================ desired out
+    def _publish(self, topic: str, payload: bytes) -> None:
+        if self.link is not None:
+            self.link.publish(topic, payload, 1, True)
+
+    def _artifact_msg(self, sha256: str | None) -> dict[str, Any] | None:
+        if sha256 is None:
+            return None
+        row = self.db.one("SELECT * FROM artifacts WHERE sha256 = ?", (sha256,))
+        if row is None:
+            raise FleetError(f"artifact {sha256[:16]} is not in the store")
+        return {"name": row["name"], "version": row["version"], "url": f"{self.base_url}/artifacts/{sha256}",
+                "sha256": sha256, "size": row["size"]}
+
+    def send_desired(self, device_id: str, *, rollout_id: str | None, kind: str, sha256: str | None,
+                     health_window_s: float | None = None) -> tuple[str, int]:
+        seq = self.db.next_seq()
+        dep = uuid.uuid4().hex[:16]
+        msg = P.desired(device_id, deployment_id=dep, seq=seq, artifact=self._artifact_msg(sha256),
+                        rollback=(kind == "rollback"), rollout_id=rollout_id, issued_at=self.clock(),
+                        health_window_s=health_window_s if health_window_s is not None else self.config.health_window_s)
+        if self.config.sign_key:
+            P.sign(msg, self.config.sign_key)
+        payload = P.encode(msg)
+        now = self.clock()
+        with self.db.tx() as db:
+            db.conn.execute("INSERT INTO deployments VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                            (dep, device_id, seq, rollout_id, kind, sha256, "sent", None, 0, now, now))
+            db.conn.execute("INSERT OR REPLACE INTO desired VALUES (?,?,?,?)", (device_id, dep, seq, payload))
+        self._publish(P.topic(device_id, "desired"), payload)
+        return dep, seq
+
+    # ================================================================ API (audited)
+    def publish_artifact(self, path: Path, actor: str, trusted_keys: list[Path] | None = None) -> dict[str, Any]:
+        rec = self.store.publish(path, trusted_keys=trusted_keys)
+        return register_artifact(self.db, rec, actor, self.clock())
+
+    def start_rollout(self, spec: str, *, selector: dict[str, str], waves: list[float], max_failure_rate: float,
+                      bake_s: float, gates: list[str], actor: str, health_window_s: float | None = None) -> dict:
+        name, at, version = spec.partition("@")
+        if not at or not name or not version:
+            raise UsageError(f"rollout target {spec!r} must be NAME@VERSION")
+        art = self.db.one("SELECT * FROM artifacts WHERE name = ? AND version = ?", (name, version))
+        if art is None:
+            raise FleetError(f"{spec} is not published", hint="edgeml fleet publish ARTIFACT first")
+        gate_objs = build_gates(gates, max_failure_rate)
+        devices = [r["device_id"] for r in self.db.q("SELECT device_id, labels FROM devices ORDER BY device_id")
+                   if P.selector_matches(selector, json.loads(r["labels"]))]
+        if not devices:
+            raise FleetError(f"no known device matches the selector {selector or '(all)'}",
+                             hint="check edgeml fleet devices; agents register when they first connect")
+        busy = self.db.q(f"SELECT DISTINCT rd.device_id, r.id FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id"
+                         f" WHERE r.state IN ({','.join('?' * len(ACTIVE_STATES))})", ACTIVE_STATES)
+        clash = sorted({r["id"] for r in busy if r["device_id"] in set(devices)})
+        if clash:
+            raise FleetError(f"devices of this selector are in active rollout(s) {clash}",
+                             hint="wait for them, or pause/abort them first")
+        now = self.clock()
+        with self.db.tx() as db:
+            rid = str(db.conn.execute("SELECT COUNT(*) FROM rollouts").fetchone()[0] + 1)
+            db.conn.execute(
+                "INSERT INTO rollouts (id, name, version, sha256, selector, waves, max_failure_rate, bake_s, gates, state,"
+                " wave, created_at, created_by, updated_at, health_window_s) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (rid, name, version, art["sha256"], json.dumps(selector), json.dumps(waves), max_failure_rate, bake_s,
+                 json.dumps([gate_to_dict(g) for g in gate_objs]), "running", 0, now, actor, now, health_window_s))
+            for w, ids in enumerate(assign_waves(rid, devices, waves)):
+                for d in ids:
+                    db.conn.execute("INSERT INTO rollout_devices (rollout_id, device_id, wave, status, updated_at)"
+                                    " VALUES (?,?,?,?,?)", (rid, d, w, "pending", now))
+        self.db.audit(now, actor, "rollout.start", rid, {"target": spec, "selector": selector, "waves": waves,
+                                                          "devices": len(devices), "max_failure_rate": max_failure_rate,
+                                                          "bake_s": bake_s, "gates": [g.expression() for g in gate_objs]})
+        log.info("rollout %s: %s to %d devices in %d waves (by %s)", rid, spec, len(devices), len(waves), actor)
+        return self.rollout_status(rid)
+
+    def _rollout(self, rid: str) -> dict[str, Any]:
+        r = row_dict(self.db.one("SELECT * FROM rollouts WHERE id = ?", (str(rid),)),
+                     ("selector", "waves", "gates", "gate_results"))
+        if r is None:
+            raise FleetError(f"no rollout {rid!r}", hint="list them with: edgeml fleet rollout status")
+        return r
+
+    def _set_state(self, rid: str, state: str, actor: str, action: str, reason: str | None = None, **detail) -> None:
+        now = self.clock()
+        self.db.x("UPDATE rollouts SET state = ?, reason = COALESCE(?, reason), updated_at = ? WHERE id = ?",
+                  (state, reason, now, rid))
+        self.db.audit(now, actor, action, rid, {"state": state, "reason": reason, **detail})
+        log.info("rollout %s: %s -> %s%s", rid, action, state, f" ({reason})" if reason else "")
+
+    def pause(self, rid: str, actor: str) -> dict:
+        r = self._rollout(rid)
+        if r["state"] != "running":
+            raise FleetError(f"rollout {rid} is {r['state']}; only a running rollout can be paused")
+        self._set_state(rid, "paused", actor, "rollout.pause")
+        return self.rollout_status(rid)
+
+    def resume(self, rid: str, actor: str) -> dict:
+        r = self._rollout(rid)
+        if r["state"] != "paused":
+            raise FleetError(f"rollout {rid} is {r['state']}; only a paused rollout can be resumed")
+        self._set_state(rid, "running", actor, "rollout.resume")
+        return self.rollout_status(rid)
+
+    def abort(self, rid: str, actor: str, reason: str = "aborted by hand") -> dict:
+        r = self._rollout(rid)
+        if r["state"] not in ("running", "paused"):
+            raise FleetError(f"rollout {rid} is {r['state']}; only a running or paused rollout can be aborted")
+        self._set_state(rid, "aborted", actor, "rollout.abort", reason)
+        return self.rollout_status(rid)
+
+    def rollback(self, rid: str, actor: str, reason: str = "rolled back by hand") -> dict:
+        r = self._rollout(rid)
+        if r["state"] in ("rolling_back", "rolled_back"):
+            raise FleetError(f"rollout {rid} is already {r['state']}")
+        self._set_state(rid, "rolling_back", actor, "rollout.rollback", reason)
+        return self.rollout_status(rid)
+
+    # ================================================================ the loop
+    def tick(self) -> None:
+        self.process_commands()
+        now = self.clock()
+        expired = self.db.x("UPDATE devices SET online = 0 WHERE online = 1 AND last_seen < ?",
+                            (now - self.config.heartbeat_timeout_s,)).rowcount
+        if expired:
+            log.info("%d device(s) missed heartbeats for %.0fs: marked offline", expired, self.config.heartbeat_timeout_s)
+        for row in self.db.q("SELECT id, state FROM rollouts WHERE state IN ('running', 'rolling_back') ORDER BY id"):
+            try:
+                if row["state"] == "running":
+                    self._advance(self._rollout(row["id"]), now)
+                else:
+                    self._advance_rollback(self._rollout(row["id"]), now)
+            except EdgemlError as exc:
+                log.error("rollout %s: %s", row["id"], exc)
+
+    def _wave_devices(self, rid: str, wave: int) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.db.q(
+            "SELECT rd.*, d.online, d.active FROM rollout_devices rd LEFT JOIN devices d USING (device_id)"
+            " WHERE rd.rollout_id = ? AND rd.wave = ? ORDER BY rd.device_id", (rid, wave))]
+
+    def _advance(self, r: dict[str, Any], now: float) -> None:
+        rid, wave, waves = r["id"], r["wave"], r["waves"]
+        devs = self._wave_devices(rid, wave)
+        if r["wave_started_at"] is None:
+            for d in devs:
+                if d["status"] != "pending":
+                    continue
+                active = json.loads(d["active"]) if d["active"] else None
+                prev_sha = active.get("sha256") if active else None
+                dep, seq = self.send_desired(d["device_id"], rollout_id=rid, kind="install", sha256=r["sha256"],
+                                             health_window_s=r["health_window_s"])
+                self.db.x("UPDATE rollout_devices SET status = 'sent', deployment_id = ?, seq = ?, sent_at = ?,"
+                          " updated_at = ?, prev_sha = ?, prev_name = ?, prev_version = ? WHERE rollout_id = ? AND device_id = ?",
+                          (dep, seq, now, now, prev_sha, active and active.get("name"), active and active.get("version"),
+                           rid, d["device_id"]))
+            self.db.x("UPDATE rollouts SET wave_started_at = ?, bake_started_at = NULL, updated_at = ? WHERE id = ?",
+                      (now, now, rid))
+            self.db.audit(now, "manager", "rollout.wave_start", rid, {"wave": wave + 1, "of": len(waves), "devices": len(devs)})
+            log.info("rollout %s: wave %d/%d started on %d device(s)", rid, wave + 1, len(waves), len(devs))
+            return
+        for d in devs:   # offline devices are pending until offline_timeout_s, then count as failed
+            if d["status"] not in INFLIGHT:
+                continue
+            age = now - (d["sent_at"] or now)
+            if (not d["online"] and age > self.config.offline_timeout_s) or age > self.config.install_timeout_s:
+                why = (f"offline for more than {self.config.offline_timeout_s:.0f}s" if not d["online"]
+                       else f"no result within {self.config.install_timeout_s:.0f}s")
+                self.db.x("UPDATE rollout_devices SET status = 'timeout', reason = ?, updated_at = ?"
+                          " WHERE rollout_id = ? AND device_id = ?", (why, now, rid, d["device_id"]))
+                d["status"] = "timeout"
+        inflight = sum(d["status"] in INFLIGHT for d in devs)
+        ctx = self._gate_context(r, devs)
+        results = evaluate_all([gate_from_dict(g) for g in r["gates"]], ctx)
+        self.db.x("UPDATE rollouts SET gate_results = ? WHERE id = ?", (json.dumps([g.to_dict() for g in results]), rid))
+        failure = next(g for g in results if g.name == "failure_rate")
+        if not failure.ok:
+            return self._breach(r, failure, now)
+        if inflight:
+            return
+        if r["bake_started_at"] is None:
+            self.db.x("UPDATE rollouts SET bake_started_at = ? WHERE id = ?", (now, rid))
+            log.info("rollout %s: wave %d/%d done (%d committed, %d failed); baking %.0fs", rid, wave + 1,
+                     len(waves), ctx.committed, ctx.failed, r["bake_s"])
+            return
+        breach = next((g for g in results if not g.ok), None)
+        if breach is not None:
+            return self._breach(r, breach, now)
+        if now - r["bake_started_at"] < r["bake_s"]:
+            return
+        if wave + 1 < len(waves):
+            self.db.x("UPDATE rollouts SET wave = ?, wave_started_at = NULL, bake_started_at = NULL, updated_at = ?"
+                      " WHERE id = ?", (wave + 1, now, rid))
+            self.db.audit(now, "manager", "rollout.wave_passed", rid,
+                          {"wave": wave + 1, "gates": [g.to_dict() for g in results]})
+            log.info("rollout %s: wave %d/%d passed its gates", rid, wave + 1, len(waves))
+            self._advance(self._rollout(rid), now)
+        else:
+            self._set_state(rid, "completed", "manager", "rollout.complete", None,
+                            gates=[g.to_dict() for g in results])
+
+    def _breach(self, r: dict[str, Any], gate, now: float) -> None:
+        reason = f"gate {gate.name} breached in wave {r['wave'] + 1}: {gate.detail} (value {gate.value}, limit {gate.threshold})"
+        self._set_state(r["id"], "rolling_back", "manager", "rollout.breach", reason, gate=gate.to_dict())
+        self._advance_rollback(self._rollout(r["id"]), now)
+
+    def _gate_context(self, r: dict[str, Any], devs: list[dict[str, Any]]) -> GateContext:
+        updated = [d["device_id"] for d in self.db.q(
+            "SELECT device_id FROM rollout_devices WHERE rollout_id = ? AND status = 'committed'", (r["id"],))]
+        olds = {(d["prev_name"], d["prev_version"]) for d in self.db.q(
+            "SELECT prev_name, prev_version FROM rollout_devices WHERE rollout_id = ? AND prev_version IS NOT NULL", (r["id"],))}
+        new = self._version_stats(r["name"], [r["version"]], updated)
+        old = VersionStats()
+        if olds:
+            old = self._version_stats(r["name"], sorted(v for n, v in olds if v != r["version"]), None)
+        return GateContext(wave=r["wave"], wave_devices=len(devs), failed=sum(d["status"] in FAILED for d in devs),
+                           committed=sum(d["status"] == "committed" for d in devs), new=new, old=old)
+
+    def _version_stats(self, name: str, versions: list[str], devices: list[str] | None) -> VersionStats:
+        if not versions:
+            return VersionStats()
+        rows = self.db.q(f"SELECT * FROM telemetry WHERE name = ? AND version IN ({','.join('?' * len(versions))})",
+                         (name, *versions))
+        if devices is not None:
+            keep = set(devices)
+            rows = [r for r in rows if r["device_id"] in keep]
+        return VersionStats(requests=sum(r["requests"] for r in rows), failures=sum(r["failures"] for r in rows),
+                            buckets=merge(json.loads(r["buckets"]) for r in rows),
+                            devices=len({r["device_id"] for r in rows}))
+
+    def _advance_rollback(self, r: dict[str, Any], now: float) -> None:
+        rid = r["id"]
+        todo = self.db.q("SELECT * FROM rollout_devices WHERE rollout_id = ? AND status IN"
+                         " ('sent', 'installing', 'committed', 'failed', 'timeout') AND rollback_status IS NULL", (rid,))
+        for d in todo:
+            prev = d["prev_sha"]
+            if prev is not None and self.db.one("SELECT 1 FROM artifacts WHERE sha256 = ?", (prev,)) is None:
+                self.db.x("UPDATE rollout_devices SET rollback_status = 'failed', reason = ? WHERE rollout_id = ? AND device_id = ?",
+                          (f"previous artifact {prev[:12]} is not in the store", rid, d["device_id"]))
+                continue
+            dep, _ = self.send_desired(d["device_id"], rollout_id=rid, kind="rollback", sha256=prev,
+                                       health_window_s=r["health_window_s"])
+            self.db.x("UPDATE rollout_devices SET rollback_status = 'sent', rollback_deployment_id = ?,"
+                      " rollback_sent_at = ? WHERE rollout_id = ? AND device_id = ?", (dep, now, rid, d["device_id"]))
+        if todo:
+            log.info("rollout %s: rolling back %d device(s)", rid, len(todo))
+            self.db.x("UPDATE rollout_devices SET status = 'skipped' WHERE rollout_id = ? AND status = 'pending'", (rid,))
+        waiting = self.db.q("SELECT rd.device_id, rd.rollback_sent_at, d.online FROM rollout_devices rd LEFT JOIN devices d"
+                            " USING (device_id) WHERE rd.rollout_id = ? AND rd.rollback_status = 'sent'", (rid,))
+        for w in waiting:  # an offline device converges when it returns (its desired state is retained)
+            if now - (w["rollback_sent_at"] or now) > (self.config.offline_timeout_s if not w["online"]
+                                                       else self.config.install_timeout_s):
+                self.db.x("UPDATE rollout_devices SET rollback_status = 'timeout' WHERE rollout_id = ? AND device_id = ?",
+                          (rid, w["device_id"]))
+        left = self.db.one("SELECT COUNT(*) FROM rollout_devices WHERE rollout_id = ? AND rollback_status = 'sent'", (rid,))[0]
+        if not left:
+            self._set_state(rid, "rolled_back", "manager", "rollout.rolled_back")
+
+    # ================================================================ commands from the CLI
+    def process_commands(self) -> int:
+        rows = self.db.q("SELECT * FROM commands WHERE status = 'pending' ORDER BY id")
+        for c in rows:
+            args = json.loads(c["args"])
+            try:
+                result = self.execute(c["command"], args, c["actor"])
+                self.db.x("UPDATE commands SET status = 'done', result = ?, done_at = ? WHERE id = ?",
+                          (json.dumps(result, default=str), self.clock(), c["id"]))
+            except EdgemlError as exc:
+                self.db.x("UPDATE commands SET status = 'error', error = ?, done_at = ? WHERE id = ?",
+                          (json.dumps(exc.to_dict()), self.clock(), c["id"]))
+                self.db.audit(self.clock(), c["actor"], f"command.{c['command']}.refused", args.get("id"), exc.message)
+        return len(rows)
+
+    def execute(self, command: str, args: dict[str, Any], actor: str) -> dict[str, Any]:
+        if command == "rollout.start":
+            return self.start_rollout(args["target"], selector=args.get("selector", {}), waves=args["waves"],
+                                      max_failure_rate=args["max_failure_rate"], bake_s=args["bake_s"],
+                                      gates=args.get("gates", []), actor=actor, health_window_s=args.get("health_window_s"))
+        ops = {"rollout.pause": self.pause, "rollout.resume": self.resume, "rollout.abort": self.abort,
+               "rollout.rollback": self.rollback}
+        if command not in ops:
+            raise UsageError(f"unknown manager command {command!r}")
+        return ops[command](args["id"], actor)
+
+    # ================================================================ reads
+    def rollout_status(self, rid: str) -> dict[str, Any]:
+        return rollout_status(self.db, rid)
+
+
+def register_artifact(db: FleetDB, rec: dict[str, Any], actor: str, now: float) -> dict[str, Any]:
+    existing = db.one("SELECT sha256 FROM artifacts WHERE name = ? AND version = ?", (rec["name"], rec["version"]))
+    if existing is not None and existing["sha256"] != rec["sha256"]:
+        raise FleetError(f"{rec['name']}@{rec['version']} is already published with different content",
+                         hint="bump the version: a version names one exact artifact")
+    db.x("INSERT OR IGNORE INTO artifacts VALUES (?,?,?,?,?,?,?,?)",
+         (rec["sha256"], rec["name"], rec["version"], rec["size"], int(rec["signed"]), rec.get("target"), now, actor))
+    db.audit(now, actor, "artifact.publish", f"{rec['name']}@{rec['version']}", rec)
+    return rec
+
+
+def rollout_status(db: FleetDB, rid: str) -> dict[str, Any]:
+    r = row_dict(db.one("SELECT * FROM rollouts WHERE id = ?", (str(rid),)), ("selector", "waves", "gates", "gate_results"))
+    if r is None:
+        raise FleetError(f"no rollout {rid!r}", hint="list them with: edgeml fleet rollout status")
+    per_wave: list[dict[str, int]] = [dict() for _ in r["waves"]]
+    rollback: dict[str, int] = {}
+    for row in db.q("SELECT wave, status, rollback_status, COUNT(*) n FROM rollout_devices WHERE rollout_id = ?"
+                    " GROUP BY wave, status, rollback_status", (str(rid),)):
+        per_wave[row["wave"]][row["status"]] = per_wave[row["wave"]].get(row["status"], 0) + row["n"]
+        if row["rollback_status"]:
+            rollback[row["rollback_status"]] = rollback.get(row["rollback_status"], 0) + row["n"]
+    failures = [dict(x) for x in db.q("SELECT device_id, wave, status, reason FROM rollout_devices WHERE rollout_id = ?"
+                                      " AND status IN ('failed', 'timeout') ORDER BY device_id LIMIT 20", (str(rid),))]
+    return {"id": r["id"], "target": f"{r['name']}@{r['version']}", "state": r["state"], "reason": r["reason"],
+            "wave": r["wave"] + 1, "waves": [f"{w * 100:g}%" for w in r["waves"]], "per_wave": per_wave,
+            "rollback": rollback, "gates": r["gate_results"] or [], "selector": r["selector"],
+            "max_failure_rate": r["max_failure_rate"], "bake_s": r["bake_s"], "created_by": r["created_by"],
+            "created_at": r["created_at"], "updated_at": r["updated_at"], "failures": failures}

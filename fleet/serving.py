@@ -1,0 +1,234 @@
+"""What the agent serves with, behind one small interface (``Serving``).
+
+* ``LocalServing``   edgeml.load + Model.selftest in process; hot swap under a
+                     lock; with ``http_port`` set and edgeml.runtime.server
+                     available it embeds the KServe v2 ModelServer instead.
+* ``StubServing``    the fleet simulator's stand-in: no model is run (it says
+                     so in every telemetry message: ``stubbed: true``).
+
+Every implementation counts requests, failures and a mergeable latency
+histogram per (name, version); ``probe()`` runs the artifact's golden inputs
+on the active model (used during the health window).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from edgeml.errors import EdgemlError, FleetError
+from edgeml.fleet.metrics import Histogram
+
+log = logging.getLogger("edgeml.fleet.serving")
+
+
+@dataclass
+class CheckResult:
+    passed: bool
+    reason: str | None = None
+    latency_ms: float = 0.0
+
+
+class Serving(Protocol):
+    stubbed: bool
+
+    def selftest(self, path: Path, *, trusted_keys: list[Path], require_signature: bool) -> CheckResult: ...
+    def activate(self, path: Path, name: str, version: str) -> None: ...
+    def deactivate(self) -> None: ...
+    def probe(self) -> float: ...
+    def stats(self) -> list[dict[str, Any]]: ...
+    def active(self) -> dict[str, str] | None: ...
+    def close(self) -> None: ...
+
+
+class _Counters:
+    def __init__(self, name: str, version: str):
+        self.name, self.version = name, version
+        self.requests = 0
+        self.failures = 0
+        self.hist = Histogram()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "requests": self.requests, "failures": self.failures,
+                "latency_buckets_ms": self.hist.cumulative(), "latency_sum_ms": round(self.hist.sum_ms, 3)}
+
+
+class LocalServing:
+    stubbed = False
+
+    def __init__(self, cache_dir: Path, *, http_host: str = "127.0.0.1", http_port: int | None = None,
+                 check_host: bool = True):
+        self.cache_dir = Path(cache_dir)
+        self.check_host = check_host
+        self._lock = threading.RLock()
+        self._model = None
+        self._golden: dict[str, Any] | None = None
+        self._active: dict[str, str] | None = None
+        self._counters: dict[tuple[str, str], _Counters] = {}
+        self.server = None
+        self.address: tuple[str, int] | None = None
+        if http_port is not None:
+            self._start_server(http_host, http_port)
+
+    def _start_server(self, host: str, port: int) -> None:
+        try:
+            from edgeml.runtime.server import ModelServer, ServerConfig  # written in parallel (serve issue)
+        except ImportError as exc:
+            log.warning("edgeml.runtime.server is not available (%s); serving in process only, no HTTP", exc)
+            return
+        self.server = ModelServer(ServerConfig(host=host, port=port))
+        self.address = self.server.start()
+        log.info("model server listening on %s:%s", *self.address)
+
+    # --------------------------------------------------------------- checks
+    def selftest(self, path: Path, *, trusted_keys: list[Path], require_signature: bool) -> CheckResult:
+        import edgeml
+
+        try:
+            model = edgeml.load(path, trusted_keys=trusted_keys, require_signature=require_signature,
+                                check_host=self.check_host, cache_dir=self.cache_dir)
+        except EdgemlError as exc:
+            return CheckResult(False, f"load failed: {exc.message}")
+        try:
+            result = model.selftest()
+        except Exception as exc:  # noqa: BLE001 - a backend crash is a failed self-test, not an agent crash
+            return CheckResult(False, f"self-test raised {type(exc).__name__}: {exc}")
+        finally:
+            model.close()
+        return CheckResult(result.passed, result.reason if not result.passed else None, result.latency_ms)
+
+    # --------------------------------------------------------------- serving
+    def activate(self, path: Path, name: str, version: str) -> None:
+        import edgeml
+        from edgeml.runtime.artifact import read_golden
+
+        model = edgeml.load(path, check_host=self.check_host, cache_dir=self.cache_dir)
+        golden = None
+        spec = model.manifest.get("selftest")
+        if spec:
+            golden, _ = read_golden(model.artifact.member(spec["file"]))
+        if self.server is not None:
+            self.server.load(path, name=name, version=version, warmup=True, make_default=True)
+        with self._lock:
+            old, old_active = self._model, self._active
+            self._model, self._golden, self._active = model, golden, {"name": name, "version": version}
+            self._counters.setdefault((name, version), _Counters(name, version))
+        if old is not None:
+            old.close()
+        if self.server is not None and old_active and old_active != self._active:
+            try:
+                self.server.unload(old_active["name"], old_active["version"])
+            except EdgemlError as exc:
+                log.warning("could not unload %s: %s", old_active, exc)
+
+    def deactivate(self) -> None:
+        with self._lock:
+            old, old_active = self._model, self._active
+            self._model, self._golden, self._active = None, None, None
+        if old is not None:
+            old.close()
+        if self.server is not None and old_active:
+            try:
+                self.server.unload(old_active["name"], old_active["version"])
+            except EdgemlError:
+                pass
+
+    def active(self) -> dict[str, str] | None:
+        return dict(self._active) if self._active else None
+
+    def predict(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            model, active = self._model, self._active
+        if model is None:
+            raise FleetError("no model is active on this device")
+        counters = self._counters[(active["name"], active["version"])]
+        start = time.perf_counter()
+        try:
+            out = model.predict(feeds)
+        except Exception:
+            counters.requests += 1
+            counters.failures += 1
+            raise
+        counters.requests += 1
+        counters.hist.observe((time.perf_counter() - start) * 1000.0)
+        return out
+
+    def probe(self) -> float:
+        """Run the golden inputs once on the active model; returns latency (ms) or raises."""
+        if self._golden is None:
+            if self._model is None:
+                raise FleetError("no model is active")
+            return 0.0
+        start = time.perf_counter()
+        self.predict(self._golden)
+        return (time.perf_counter() - start) * 1000.0
+
+    def stats(self) -> list[dict[str, Any]]:
+        rows = [c.to_dict() for c in self._counters.values()]
+        if self.server is not None:
+            for row in rows:
+                try:
+                    s = self.server.stats(row["name"], row["version"])
+                except Exception:  # noqa: BLE001 - the version may have been unloaded
+                    continue
+                row["requests"] += int(s.get("requests", 0))
+                row["failures"] += int(s.get("failures", 0))
+                # server buckets use their own edges; report them separately, never mix
+                row["server_latency_buckets_ms"] = {str(k): int(v) for k, v in s.get("latency_buckets_ms", {}).items()}
+        return rows
+
+    def close(self) -> None:
+        self.deactivate()
+        if self.server is not None:
+            self.server.stop(drain_timeout=2)
+
+
+class StubServing:
+    """Simulator stand-in: the model run is stubbed (``fail_selftest`` decides the self-test)."""
+
+    stubbed = True
+
+    def __init__(self, *, fail_selftest: bool = False, fail_versions: set[str] | None = None,
+                 fail_reason: str = "stubbed self-test failure (simulated)", latency_ms: float = 2.0):
+        self.fail_selftest = fail_selftest
+        self.fail_versions = fail_versions      # None: every version fails when fail_selftest
+        self.fail_reason = fail_reason
+        self.latency_ms = latency_ms
+        self._active: dict[str, str] | None = None
+        self._counters: dict[tuple[str, str], _Counters] = {}
+
+    def selftest(self, path: Path, *, trusted_keys: list[Path], require_signature: bool) -> CheckResult:
+        if self.fail_selftest:
+            from edgeml.runtime.artifact import read_manifest
+
+            if self.fail_versions is None or read_manifest(path)["version"] in self.fail_versions:
+                return CheckResult(False, self.fail_reason)
+        return CheckResult(True, None, self.latency_ms)
+
+    def activate(self, path: Path, name: str, version: str) -> None:
+        self._active = {"name": name, "version": version}
+        self._counters.setdefault((name, version), _Counters(name, version))
+
+    def deactivate(self) -> None:
+        self._active = None
+
+    def active(self) -> dict[str, str] | None:
+        return dict(self._active) if self._active else None
+
+    def probe(self) -> float:
+        if self._active is None:
+            raise FleetError("no model is active")
+        c = self._counters[(self._active["name"], self._active["version"])]
+        c.requests += 1
+        c.hist.observe(self.latency_ms)
+        return self.latency_ms
+
+    def stats(self) -> list[dict[str, Any]]:
+        return [c.to_dict() for c in self._counters.values()]
+
+    def close(self) -> None:
+        self._active = None

@@ -1,0 +1,162 @@
+"""Fleet simulator: many agents in one process, same protocol code, real broker.
+
+Each simulated device is a full ``AgentCore`` (journal, slots, replay
+protection, real HTTP download, sha256 + Ed25519 verification, target check,
+events, heartbeats, telemetry). What differs from a real agent:
+
+* the model run is STUBBED (``StubServing``): the self-test passes or fails by
+  the device's ``fail_selftest`` flag, and probes report a fixed latency;
+  telemetry messages carry ``stubbed: true``;
+* all devices share one MQTT connection (one subscription to
+  ``edgeml/v1/devices/+/desired``), so there is no per-device Last Will:
+  presence is a retained birth per device and liveness comes from heartbeats.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgeml.fleet import protocol as P
+from edgeml.fleet.agent import AgentConfig, AgentCore
+from edgeml.fleet.serving import StubServing
+from edgeml.fleet.transport import BrokerConfig, MqttTransport
+
+log = logging.getLogger("edgeml.fleet.simulator")
+
+
+@dataclass
+class SimConfig:
+    devices: int = 100
+    prefix: str = "sim"
+    labels: dict[str, str] = field(default_factory=lambda: {"fleet": "sim"})
+    failing: set[str] = field(default_factory=set)       # device ids whose self-test fails...
+    failing_versions: set[str] | None = None             # ...for these versions (None: all)
+    state_root: Path | None = None                       # default: a temp dir (in /dev/shm when there is one)
+    trusted_keys: list[Path] = field(default_factory=list)
+    allow_unsigned: bool = False
+    heartbeat_s: float = 2.0
+    telemetry_s: float = 5.0
+    health_window_s: float = 0.0
+    workers: int = 16
+
+    def device_ids(self) -> list[str]:
+        return [f"{self.prefix}-{i:04d}" for i in range(self.devices)]
+
+
+class FleetSimulator:
+    def __init__(self, config: SimConfig, broker: BrokerConfig):
+        self.config = config
+        root = config.state_root
+        if root is None:
+            base = "/dev/shm" if Path("/dev/shm").is_dir() else None
+            root = Path(tempfile.mkdtemp(prefix="edgeml-sim-", dir=base))
+        self.root = Path(root)
+        self.transport = MqttTransport(broker, f"edgeml-sim-{config.prefix}", on_message=self._on_message,
+                                       on_connect=self._on_connect)
+        self.cores: dict[str, AgentCore] = {}
+        for dev in config.device_ids():
+            ac = AgentConfig(dev, self.root / dev, labels=dict(config.labels), trusted_keys=config.trusted_keys,
+                             allow_unsigned=config.allow_unsigned, heartbeat_s=config.heartbeat_s,
+                             telemetry_s=config.telemetry_s, health_window_s=config.health_window_s,
+                             health_probe_s=0.05, check_host=True)
+            self.cores[dev] = AgentCore(ac, self.transport, StubServing(fail_selftest=dev in config.failing,
+                                                                      fail_versions=config.failing_versions))
+        self.pool = ThreadPoolExecutor(config.workers, thread_name_prefix="sim-install")
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+        self._busy: set[str] = set()
+        self._lock = threading.Lock()
+
+    def start(self, timeout: float = 10.0) -> "FleetSimulator":
+        for core in self.cores.values():
+            core.restore()
+        self.transport.subscribe(P.wildcard("desired"), 1)
+        self.transport.start()
+        if not self.transport.wait_connected(timeout):
+            raise RuntimeError(f"simulator could not connect: {self.transport.last_error}")
+        self._ticker = threading.Thread(target=self._tick_loop, name="sim-ticker", daemon=True)
+        self._ticker.start()
+        for dev in self.cores:
+            self._kick(dev)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for core in self.cores.values():
+            core._stop.set()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self._ticker:
+            self._ticker.join(5)
+        self.transport.stop()
+
+    # ------------------------------------------------------------ internals
+    def _on_connect(self) -> None:
+        for core in self.cores.values():
+            core.publish_presence(True)
+
+    def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        try:
+            device_id, _ = P.parse_topic(topic)
+        except Exception:  # noqa: BLE001 - the core logs refusals; here we only route
+            return
+        core = self.cores.get(device_id)
+        if core is None:
+            return
+        core.on_message(topic, payload, retained)
+        self._kick(device_id)
+
+    def _kick(self, device_id: str) -> None:
+        core = self.cores[device_id]
+        with self._lock:
+            if device_id in self._busy or core._wanted is None or self._stop.is_set():
+                return
+            self._busy.add(device_id)
+        self.pool.submit(self._run, device_id)
+
+    def _run(self, device_id: str) -> None:
+        core = self.cores[device_id]
+        try:
+            while core.step_pending():
+                pass
+        except Exception:  # noqa: BLE001
+            log.exception("simulated device %s crashed an install", device_id)
+        finally:
+            with self._lock:
+                self._busy.discard(device_id)
+            if core._wanted is not None:
+                self._kick(device_id)
+
+    def _tick_loop(self) -> None:
+        cores = list(self.cores.values())
+        n = max(1, len(cores))
+        next_tel = time.monotonic()
+        while not self._stop.is_set():
+            start = time.monotonic()
+            do_tel = start >= next_tel
+            if do_tel:
+                next_tel = start + self.config.telemetry_s
+            # spread one heartbeat per device over the heartbeat interval
+            for i, core in enumerate(cores):
+                if self._stop.is_set():
+                    return
+                core.publish_heartbeat()
+                if do_tel:
+                    core.publish_telemetry()
+                if i % 50 == 49:
+                    self._stop.wait(self.config.heartbeat_s * 50 / n * 0.8)
+            self._stop.wait(max(0.0, self.config.heartbeat_s - (time.monotonic() - start)))
+
+    # ------------------------------------------------------------ reading the fleet
+    def versions(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for core in self.cores.values():
+            a = core.active()
+            key = f"{a['name']}@{a['version']}" if a else "(none)"
+            out[key] = out.get(key, 0) + 1
+        return out

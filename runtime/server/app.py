@@ -1,0 +1,347 @@
+"""``ModelServer``: the Python API (used by ``edgeml serve`` and the fleet agent).
+
+The server runs one event loop (uvloop when installed) in a background thread.
+API calls from other threads (load, unload, models, stats) are marshalled onto
+that loop, so a hot swap is one assignment there: every request resolves either
+the old version or the new one, and requests already queued on the old version
+finish on it before it is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from edgeml.errors import EdgemlError, ServeError
+from edgeml.runtime.server.batching import Batcher
+from edgeml.runtime.server.http import HttpConnection
+from edgeml.runtime.server.logs import LOGGER, configure_logging
+from edgeml.runtime.server.repository import LoadedModel, Repository
+from edgeml.runtime.server.routes import Router
+
+log = logging.getLogger(LOGGER)
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000                      # 0 = pick a free port
+    max_batch: int = 32                   # rows per backend run
+    max_delay_ms: float = 2.0             # longest a request waits for its batch to fill
+    max_body_bytes: int = 64 << 20
+    trusted_keys: list[str | Path] = field(default_factory=list)
+    require_signature: bool | None = None
+    threads: int | None = None            # backend intra-op threads (None = artifact's choice)
+    log_json: bool = True
+    configure_logs: bool = True           # attach a handler to the edgeml.serve logger
+    access_log: bool = False              # log every request (errors are always logged)
+    batch_mode: str = "auto"              # inline | thread | auto (inline when batch-1 run <= inline_below_ms)
+    inline_below_ms: float = 1.0
+    max_versions: int = 2                 # versions kept per model; older non-default ones are drained
+    repository_dir: str | Path | None = None   # where HTTP repository loads may read artifacts from
+    check_host: bool = True
+    cache_dir: str | Path | None = None
+    event_loop: str = "auto"              # auto | uvloop | asyncio
+    server_name: str = "edgeml"
+
+
+class ModelServer:
+    def __init__(self, config: ServerConfig | None = None, clock: Callable[[], float] = time.monotonic):
+        self.config = config or ServerConfig()
+        self.clock = clock
+        self.repo = Repository()
+        self.max_body_bytes = int(self.config.max_body_bytes)
+        self.draining = False
+        self.inflight = 0
+        self.http_codes: dict[int, int] = {}
+        self.connections: set[HttpConnection] = set()
+        self.started_at = time.time()
+        self._loop = _new_loop(self.config.event_loop)
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._address: tuple[str, int] | None = None
+        self._ids = itertools.count(1)
+        self._id_prefix = f"{os.getpid():x}-{int(time.time()) & 0xFFFFFF:x}-"
+        self._api_lock = threading.RLock()
+        self._loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeml-load")
+        self.router = Router(self)
+        if self.config.configure_logs:
+            configure_logging(self.config.log_json)
+
+    # -- lifecycle ----------------------------------------------------------
+    def start(self) -> tuple[str, int]:
+        """Bind and serve in a background thread; return the bound (host, port)."""
+        if self._thread is not None:
+            return self._address  # type: ignore[return-value]
+        ready = concurrent.futures.Future()
+
+        def main() -> None:
+            asyncio.set_event_loop(self._loop)
+            try:
+                self._server = self._loop.run_until_complete(self._loop.create_server(
+                    lambda: HttpConnection(self), self.config.host, self.config.port,
+                    reuse_address=True, backlog=2048))
+            except BaseException as exc:  # noqa: BLE001 - reported to start()
+                ready.set_exception(exc)
+                return
+            sock = self._server.sockets[0].getsockname()
+            ready.set_result((sock[0], sock[1]))
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=main, name="edgeml-serve", daemon=True)
+        self._thread.start()
+        try:
+            self._address = ready.result(timeout=30)
+        except OSError as exc:
+            self._thread = None
+            raise ServeError(f"cannot listen on {self.config.host}:{self.config.port}: {exc}",
+                             hint="pick another --port (0 picks a free one)") from exc
+        log.info("server started", extra={"host": self._address[0], "port": self._address[1],
+                                          "models": [m["name"] + ":" + m["version"] for m in self.models()]})
+        return self._address
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return self._address
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._loop.is_running()
+
+    def stop(self, drain_timeout: float = 10.0) -> None:
+        """Stop accepting, finish in-flight requests (up to ``drain_timeout`` s), close."""
+        if self._thread is None:
+            self._close_models()
+            return
+        self._in_loop(self._begin_drain)
+        deadline = time.monotonic() + drain_timeout
+        while time.monotonic() < deadline and self._in_loop(lambda: self.inflight) > 0:
+            time.sleep(0.005)
+        left = self._in_loop(lambda: self.inflight)
+        self._in_loop(self._close_connections)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._thread = None
+        self._close_models()
+        self._loader.shutdown(wait=False)
+        log.info("server stopped", extra={"abandoned_requests": left})
+
+    def _begin_drain(self) -> None:
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.close_if_idle()
+
+    def _close_connections(self) -> None:
+        for conn in list(self.connections):
+            if not conn.closed and conn.transport is not None:
+                conn.transport.close()
+                conn.closed = True
+
+    def _close_models(self) -> None:
+        for lm, _ in self.repo.all():
+            _close(lm)
+
+    # -- connection bookkeeping (loop thread) ------------------------------
+    def connection_opened(self, conn: HttpConnection) -> None:
+        self.connections.add(conn)
+
+    def connection_closed(self, conn: HttpConnection) -> None:
+        self.connections.discard(conn)
+
+    def protocol_error(self, conn: HttpConnection, message: str) -> None:
+        self.http_codes[400] = self.http_codes.get(400, 0) + 1
+        log.warning("bad HTTP request", extra={"status": 400, "error": message})
+
+    def handle(self, conn, slot, method, url, headers, body, keep_alive) -> None:
+        self.inflight += 1
+        self.router.dispatch(conn, slot, method, url, headers, body, keep_alive)
+
+    def reject_too_big(self, conn, slot, method, url, headers) -> None:
+        self.inflight += 1
+        self.router.too_big(conn, slot, method, url, headers)
+
+    def next_request_id(self) -> str:
+        return self._id_prefix + format(next(self._ids), "x")
+
+    # -- model management -----------------------------------------------------
+    def load(self, artifact: str | Path, *, name: str | None = None, version: str | None = None,
+             warmup: bool = True, make_default: bool = True) -> LoadedModel:
+        """Verify, open and warm up an artifact, then switch to it atomically.
+
+        A version already loaded under the same name is replaced; in-flight
+        requests on the replaced copy finish before it is closed. Versions past
+        ``max_versions`` (oldest, non-default first) are drained and unloaded.
+        """
+        import edgeml
+
+        path = Path(artifact)
+        with self._api_lock:
+            t0 = time.perf_counter()
+            model = edgeml.load(
+                path, trusted_keys=[Path(k) for k in self.config.trusted_keys],
+                require_signature=self.config.require_signature, threads=self.config.threads,
+                check_host=self.config.check_host, cache_dir=self.config.cache_dir)
+            lm = LoadedModel(model, name or model.name, str(version or model.version), path)
+            try:
+                mode = self.config.batch_mode
+                if warmup or mode == "auto":
+                    ms = lm.warmup(self.config.max_batch)
+                    if mode == "auto":
+                        mode = "inline" if ms <= self.config.inline_below_ms else "thread"
+                lm.mode = mode
+                lm.batcher = Batcher(lm.run, self._loop, lm.stats, max_batch=self.config.max_batch,
+                                     max_delay_ms=self.config.max_delay_ms, batchable=lm.batchable,
+                                     mode=mode, clock=time.perf_counter, name=f"{lm.name}:{lm.version}")
+            except EdgemlError:
+                model.close()
+                raise
+            except Exception as exc:
+                model.close()
+                raise ServeError(f"{path}: warm-up run failed: {exc}",
+                                 hint="run `edgeml run` on the artifact to see the backend error") from exc
+            lm.ready = True
+            retired = self._in_loop(lambda: self._install(lm, make_default))
+            log.info("model loaded", extra={"model": lm.name, "version": lm.version, "default": make_default,
+                                            "batch_mode": lm.mode, "warmup_ms": lm.warmup_ms,
+                                            "load_ms": round((time.perf_counter() - t0) * 1000, 1),
+                                            "retired": [r.version for r in retired]})
+            return lm
+
+    def _install(self, lm: LoadedModel, make_default: bool) -> list[LoadedModel]:
+        retired = []
+        old = self.repo.add(lm, make_default)
+        if old is not None and old is not lm:
+            retired.append(old)
+        entry = self.repo.entries[lm.name]
+        keep = max(1, int(self.config.max_versions))
+        while len(entry.order) > keep:
+            victim = next((v for v in entry.order if v != entry.default and v != lm.version), None)
+            if victim is None:
+                break
+            retired.append(self.repo.remove(lm.name, victim))
+        for r in retired:
+            self._retire(r)
+        return retired
+
+    def _retire(self, lm: LoadedModel, done: Callable[[], None] | None = None) -> None:
+        """Loop thread: the version is no longer resolvable; close it once its queue is empty."""
+        lm.retired = True
+
+        def closed() -> None:
+            _close(lm)
+            if done is not None:
+                done()
+
+        if lm.batcher is None:
+            closed()
+        else:
+            lm.batcher.when_idle(closed)
+
+    def unload(self, name: str, version: str | None = None, *, wait: bool = True, timeout: float = 30.0) -> None:
+        """Remove a version (or every version of ``name``); its queued requests finish first."""
+        from edgeml.runtime.server.protocol import BadRequest
+
+        with self._api_lock:
+            drained = threading.Event()
+            counter = {"left": 0}
+
+            def one_done() -> None:
+                counter["left"] -= 1
+                if counter["left"] <= 0:
+                    drained.set()
+
+            def do() -> list[str]:
+                entry = self.repo.entries.get(name)
+                if entry is None or not entry.versions:
+                    raise BadRequest(f"unknown model {name!r}", 404)
+                if version is not None and version not in entry.versions:
+                    raise BadRequest(f"model {name!r} has no version {version!r}; it has {list(entry.versions)}", 404)
+                versions = [version] if version is not None else list(entry.versions)
+                counter["left"] = len(versions)
+                for v in versions:
+                    self._retire(self.repo.remove(name, v), one_done)
+                return versions
+
+            versions = self._in_loop(do)
+            if wait and self.running:
+                drained.wait(timeout)
+            log.info("model unloaded", extra={"model": name, "versions": versions})
+
+    def set_default(self, name: str, version: str) -> None:
+        """Make an already loaded version the one that unversioned requests reach (instant rollback)."""
+        def do() -> None:
+            lm = self.repo.resolve(name, version)
+            self.repo.entries[name].default = lm.version
+            self.repo._meta_cache.clear()
+
+        self._in_loop(do)
+        log.info("default version set", extra={"model": name, "version": version})
+
+    def models(self) -> list[dict[str, Any]]:
+        return self._in_loop(lambda: [lm.info(default) for lm, default in self.repo.all()])
+
+    def stats(self, name: str, version: str | None = None) -> dict[str, Any]:
+        def do() -> dict[str, Any]:
+            lm = self.repo.resolve(name, version)
+            return {"name": lm.name, "version": lm.version, **lm.stats.to_dict()}
+
+        return self._in_loop(do)
+
+    def load_async(self, fn: Callable[[], Any]) -> "asyncio.Future[Any]":
+        """Loop thread: run a blocking call (artifact load) off the loop."""
+        return self._loop.run_in_executor(self._loader, fn)
+
+    # -- helpers ------------------------------------------------------------
+    def _in_loop(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the loop thread and return its result (directly when not serving)."""
+        if not self.running or threading.current_thread() is self._thread:
+            return fn()
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def call() -> None:
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                fut.set_exception(exc)
+
+        self._loop.call_soon_threadsafe(call)
+        return fut.result(timeout=60)
+
+    def __enter__(self) -> "ModelServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def _close(lm: LoadedModel) -> None:
+    lm.ready = False
+    if lm.batcher is not None:
+        lm.batcher.close()
+    try:
+        lm.model.close()
+    except Exception:  # pragma: no cover - best effort
+        log.exception("closing model failed", extra={"model": lm.name, "version": lm.version})
+
+
+def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind in ("auto", "uvloop"):
+        try:
+            import uvloop
+
+            return uvloop.new_event_loop()
+        except ImportError:
+            if kind == "uvloop":
+                raise ServeError("event_loop='uvloop' but uvloop is not installed", hint="pip install uvloop")
+    return asyncio.new_event_loop()

@@ -1,0 +1,249 @@
+"""Dynamic batching for one model version.
+
+Requests are queued from the server's event-loop thread. A batch is cut when
+the model is free and one of these holds:
+
+* the queue holds ``max_batch`` rows;
+* the event loop has read all that was waiting on the sockets and no new
+  request for this model arrived in the last loop pass (waiting would gain
+  nothing: a lone request on an idle server is never held back);
+* the oldest queued request has waited ``max_delay_ms``.
+
+Requests that arrive while the model is busy simply queue, and go together in
+the next batch. Inputs are concatenated along axis 0 and results split back.
+Requests whose non-batch dimensions differ are not mixed in one run. When a
+batched run fails, each request is re-run alone so only the one at fault gets
+the error.
+
+Two ways to run a batch: ``inline`` on the event-loop thread (no thread
+hand-off: best for sub-millisecond models) and ``thread`` on a dedicated worker
+thread (the loop keeps parsing requests while the backend computes: best for
+larger models; ONNX Runtime and OpenVINO release the GIL while they run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from typing import Any, Callable
+
+import numpy as np
+
+from edgeml.runtime.server.metrics import ModelStats
+
+Result = "dict[str, np.ndarray] | BaseException"
+Callback = Callable[[Any, float], None]   # (outputs or exception, queue_ms)
+
+
+class _Item:
+    __slots__ = ("feeds", "rows", "sig", "callback", "t_enqueue")
+
+    def __init__(self, feeds, rows, sig, callback, t_enqueue):
+        self.feeds = feeds
+        self.rows = rows
+        self.sig = sig
+        self.callback = callback
+        self.t_enqueue = t_enqueue
+
+
+class Batcher:
+    def __init__(
+        self,
+        run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+        loop: asyncio.AbstractEventLoop,
+        stats: ModelStats,
+        *,
+        max_batch: int = 32,
+        max_delay_ms: float = 2.0,
+        batchable: bool = True,
+        mode: str = "inline",
+        clock: Callable[[], float] = time.perf_counter,
+        name: str = "model",
+    ):
+        if mode not in ("inline", "thread"):
+            raise ValueError(f"batch mode must be 'inline' or 'thread', not {mode!r}")
+        self._run = run
+        self._loop = loop
+        self._stats = stats
+        self.max_batch = max(1, int(max_batch)) if batchable else 1
+        self.max_delay_s = max(0.0, float(max_delay_ms)) / 1000.0
+        self.batchable = batchable
+        self.mode = mode
+        self._clock = clock
+        self._queue: deque[_Item] = deque()
+        self._queued_rows = 0
+        self._busy = False
+        self._scheduled = False
+        self._seen = 0
+        self._closed = False
+        self._idle_waiters: list[Callable[[], None]] = []
+        self._worker: threading.Thread | None = None
+        self._work: deque = deque()
+        self._work_ready = threading.Condition()
+        if mode == "thread":
+            self._worker = threading.Thread(target=self._worker_main, name=f"edgeml-batch-{name}", daemon=True)
+            self._worker.start()
+
+    # -- event-loop side -------------------------------------------------
+    def submit(self, feeds: dict[str, np.ndarray], rows: int, callback: Callback) -> None:
+        """Queue one request (loop thread only). ``callback(result, queue_ms)`` runs on the loop thread."""
+        sig = None
+        if len(feeds) == 1:
+            for a in feeds.values():
+                sig = a.shape[1:]
+        else:
+            sig = tuple(a.shape[1:] for a in feeds.values())
+        self._queue.append(_Item(feeds, rows, sig, callback, self._clock()))
+        self._queued_rows += rows
+        if not self._busy and not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._tick)
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue) + (1 if self._busy else 0)
+
+    def idle(self) -> bool:
+        return not self._queue and not self._busy
+
+    def when_idle(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` on the loop thread once nothing is queued or running."""
+        if self.idle():
+            fn()
+        else:
+            self._idle_waiters.append(fn)
+
+    def _tick(self) -> None:
+        self._scheduled = False
+        if self._busy or not self._queue:
+            return
+        n = len(self._queue)
+        if (
+            self.max_delay_s > 0.0
+            and self._queued_rows < self.max_batch
+            and n > self._seen
+            and self._clock() - self._queue[0].t_enqueue < self.max_delay_s
+        ):
+            # Requests are still arriving: give the loop one more pass to read them.
+            self._seen = n
+            self._scheduled = True
+            self._loop.call_soon(self._tick)
+            return
+        self._seen = 0
+        batch = self._take()
+        if self.mode == "inline":
+            t_start = self._clock()
+            results, compute_s = self._compute(batch)
+            self._finish(batch, results, t_start, compute_s)
+        else:
+            self._busy = True
+            with self._work_ready:
+                self._work.append(batch)
+                self._work_ready.notify()
+
+    def _take(self) -> list[_Item]:
+        q = self._queue
+        first = q.popleft()
+        batch = [first]
+        rows = first.rows
+        if self.batchable:
+            skipped = []
+            while q and rows < self.max_batch:
+                item = q[0]
+                if item.sig != first.sig:
+                    skipped.append(q.popleft())
+                    continue
+                if rows + item.rows > self.max_batch:
+                    break
+                q.popleft()
+                batch.append(item)
+                rows += item.rows
+            if skipped:
+                q.extendleft(reversed(skipped))
+        self._queued_rows -= rows
+        return batch
+
+    def _finish(self, batch: list[_Item], results: list[Any], t_start: float, compute_s: float) -> None:
+        st = self._stats
+        rows = 0
+        for item, result in zip(batch, results):
+            queue_ms = (t_start - item.t_enqueue) * 1000.0
+            st.queue_ms.observe(queue_ms)
+            rows += item.rows
+            try:
+                item.callback(result, queue_ms)
+            except Exception:  # a broken callback must not stall the batcher
+                import logging
+
+                logging.getLogger("edgeml.serve").exception("response callback failed")
+        st.rows += rows
+        st.batch_size.observe(rows)
+        st.compute_ms.observe(compute_s * 1000.0)
+        if self._queue:
+            if not self._scheduled:
+                self._scheduled = True
+                self._loop.call_soon(self._tick)
+        elif self._idle_waiters:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for fn in waiters:
+                fn()
+
+    # -- compute (loop thread in inline mode, worker thread otherwise) ----
+    def _compute(self, batch: list[_Item]) -> tuple[list[Any], float]:
+        t0 = time.perf_counter()
+        if len(batch) == 1:
+            try:
+                results: list[Any] = [self._run(batch[0].feeds)]
+            except Exception as exc:
+                results = [exc]
+            return results, time.perf_counter() - t0
+        names = list(batch[0].feeds)
+        feeds = {n: np.concatenate([it.feeds[n] for it in batch], axis=0) for n in names}
+        try:
+            out = self._run(feeds)
+        except Exception:
+            # Isolate the request at fault: run each alone.
+            results = []
+            for it in batch:
+                try:
+                    results.append(self._run(it.feeds))
+                except Exception as exc:
+                    results.append(exc)
+            return results, time.perf_counter() - t0
+        results = []
+        start = 0
+        for it in batch:
+            end = start + it.rows
+            results.append({k: v[start:end] for k, v in out.items()})
+            start = end
+        return results, time.perf_counter() - t0
+
+    def _worker_main(self) -> None:
+        while True:
+            with self._work_ready:
+                while not self._work:
+                    self._work_ready.wait()
+                batch = self._work.popleft()
+            if batch is None:
+                return
+            t_start = self._clock()
+            results, compute_s = self._compute(batch)
+            try:
+                self._loop.call_soon_threadsafe(self._done, batch, results, t_start, compute_s)
+            except RuntimeError:  # loop closed during shutdown
+                return
+
+    def _done(self, batch, results, t_start, compute_s) -> None:
+        self._busy = False
+        self._finish(batch, results, t_start, compute_s)
+
+    def close(self) -> None:
+        """Stop the worker thread (call once idle)."""
+        self._closed = True
+        if self._worker is not None:
+            with self._work_ready:
+                self._work.append(None)
+                self._work_ready.notify()
+            self._worker.join(timeout=5.0)

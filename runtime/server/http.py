@@ -1,0 +1,191 @@
+"""A small HTTP/1.1 server on an asyncio Protocol with httptools parsing.
+
+Chosen by measurement (see docs/serving.md): per request it does one parser
+feed, one dict of the few headers the v2 protocol needs, and one
+``transport.write`` of a pre-assembled response. Keep-alive and pipelining
+are supported; responses on a connection are written in request order even
+when a later request finishes first. Bodies over the limit are read and
+dropped (never buffered) and answered with 400 and ``Connection: close``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any, Protocol
+
+import httptools
+
+STATUS_TEXT = {
+    100: "Continue", 200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+    409: "Conflict", 413: "Payload Too Large", 500: "Internal Server Error", 503: "Service Unavailable",
+}
+_STATUS_LINE = {code: f"HTTP/1.1 {code} {text}\r\n".encode() for code, text in STATUS_TEXT.items()}
+WANTED_HEADERS = frozenset({
+    b"content-type", b"content-encoding", b"inference-header-content-length", b"x-request-id", b"expect",
+    b"content-length",
+})
+CT_JSON = b"application/json"
+CT_OCTET = b"application/octet-stream"
+CT_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
+
+
+def build_response(status: int, body: bytes, content_type: bytes = CT_JSON, extra: bytes = b"",
+                   keep_alive: bool = True) -> bytes:
+    line = _STATUS_LINE.get(status) or f"HTTP/1.1 {status} Status\r\n".encode()
+    return b"".join((
+        line, b"Content-Type: ", content_type, b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n",
+        extra, b"" if keep_alive else b"Connection: close\r\n", b"\r\n", body,
+    ))
+
+
+class Handler(Protocol):
+    max_body_bytes: int
+    draining: bool
+
+    def handle(self, conn: "HttpConnection", slot: list, method: bytes, url: bytes,
+               headers: dict[bytes, bytes], body: bytes, keep_alive: bool) -> None: ...
+
+    def connection_opened(self, conn: "HttpConnection") -> None: ...
+
+    def connection_closed(self, conn: "HttpConnection") -> None: ...
+
+    def protocol_error(self, conn: "HttpConnection", message: str) -> None: ...
+
+
+class HttpConnection(asyncio.Protocol):
+    """One client connection. ``slot`` = [response bytes or None, keep_alive]."""
+
+    MAX_PIPELINE = 128
+
+    __slots__ = ("app", "parser", "transport", "url", "headers", "body", "body_size", "too_big",
+                 "pending", "closed", "paused", "limit")
+
+    def __init__(self, app: Any):
+        self.app = app
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.url = b""
+        self.headers: dict[bytes, bytes] = {}
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.too_big = False
+        self.pending: deque[list] = deque()
+        self.closed = False
+        self.paused = False
+        self.limit = app.max_body_bytes
+
+    # -- asyncio.Protocol -------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.app.connection_opened(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pending.clear()
+        self.app.connection_closed(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(400, "protocol upgrade is not supported")
+        except httptools.HttpParserError as exc:
+            self._fail(400, f"malformed HTTP request: {exc}")
+
+    def pause_writing(self) -> None:
+        self._pause()
+
+    def resume_writing(self) -> None:
+        self._resume()
+
+    # -- httptools callbacks ---------------------------------------------
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = {}
+        self.body = []
+        self.body_size = 0
+        self.too_big = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name in WANTED_HEADERS:
+            self.headers[name] = value
+
+    def on_headers_complete(self) -> None:
+        cl = self.headers.get(b"content-length")
+        if cl is not None and cl.isdigit() and int(cl) > self.limit:
+            self.too_big = True
+        if self.headers.get(b"expect", b"").lower() == b"100-continue" and not self.too_big:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        if self.too_big:
+            return
+        self.body_size += len(body)
+        if self.body_size > self.limit:
+            self.too_big = True
+            self.body = []
+        else:
+            self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        keep_alive = self.parser.should_keep_alive() and not self.app.draining
+        slot = [None, keep_alive]
+        self.pending.append(slot)
+        if len(self.pending) > self.MAX_PIPELINE:
+            self._pause()
+        if self.too_big:
+            slot[1] = False
+            self.app.reject_too_big(self, slot, self.parser.get_method(), self.url, self.headers)
+            return
+        body = self.body
+        self.app.handle(self, slot, self.parser.get_method(), self.url, self.headers,
+                        body[0] if len(body) == 1 else b"".join(body), keep_alive)
+
+    # -- responses ----------------------------------------------------------
+    def respond(self, slot: list, data: bytes) -> None:
+        slot[0] = data
+        if self.closed:
+            return
+        pending = self.pending
+        write = self.transport.write
+        while pending and pending[0][0] is not None:
+            s = pending.popleft()
+            write(s[0])
+            if not s[1]:
+                pending.clear()
+                self.transport.close()
+                self.closed = True
+                return
+        if self.paused and len(pending) <= self.MAX_PIPELINE // 2:
+            self._resume()
+
+    def _fail(self, status: int, message: str) -> None:
+        self.app.protocol_error(self, message)
+        if not self.closed:
+            from edgeml.runtime.server.protocol import json_dumps
+
+            self.transport.write(build_response(status, json_dumps({"error": message}), keep_alive=False))
+            self.transport.close()
+            self.closed = True
+
+    def _pause(self) -> None:
+        if not self.paused and not self.closed:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        if self.paused and not self.closed:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def close_if_idle(self) -> bool:
+        if not self.pending and not self.closed:
+            self.transport.close()
+            self.closed = True
+            return True
+        return self.closed

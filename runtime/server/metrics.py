@@ -1,0 +1,134 @@
+"""Counters and histograms per model version, rendered as Prometheus text.
+
+Everything is a raw, mergeable counter (bucket counts, sums): the fleet agent
+adds them up across devices; percentiles are never averaged here.
+Updated from the server's event-loop thread only; reads from other threads see
+ints that are at worst one request stale.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import Iterable
+
+LATENCY_BUCKETS_MS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Histogram:
+    __slots__ = ("bounds", "counts", "sum", "count")
+
+    def __init__(self, bounds: Iterable[float]):
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)   # last = +Inf overflow
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        out, running = [], 0
+        for bound, c in zip(self.bounds, self.counts):
+            running += c
+            out.append((_fmt(bound), running))
+        out.append(("+Inf", running + self.counts[-1]))
+        return out
+
+
+def _fmt(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else repr(float(v))
+
+
+class ModelStats:
+    """Telemetry of one loaded model version."""
+
+    def __init__(self) -> None:
+        self.requests = 0            # answered inference requests (any status)
+        self.failures = 0            # backend / server failures (5xx)
+        self.rejected = 0            # bad input (4xx)
+        self.latency_ms = Histogram(LATENCY_BUCKETS_MS)
+        self.queue_ms = Histogram(LATENCY_BUCKETS_MS)
+        self.compute_ms = Histogram(LATENCY_BUCKETS_MS)   # per batch run
+        self.batch_size = Histogram(BATCH_BUCKETS)        # rows per batch run
+        self.rows = 0
+
+    def record(self, status: int, latency_ms: float) -> None:
+        self.requests += 1
+        if status >= 500:
+            self.failures += 1
+        elif status >= 400:
+            self.rejected += 1
+        self.latency_ms.observe(latency_ms)
+
+    def to_dict(self) -> dict:
+        return {
+            "requests": self.requests,
+            "failures": self.failures,
+            "rejected": self.rejected,
+            "latency_buckets_ms": dict(self.latency_ms.cumulative()),
+            "latency_sum_ms": self.latency_ms.sum,
+            "latency_count": self.latency_ms.count,
+            "batch_sizes": dict(self.batch_size.cumulative()),
+            "batches": self.batch_size.count,
+            "rows": self.rows,
+            "queue_ms_sum": self.queue_ms.sum,
+            "queue_ms_buckets": dict(self.queue_ms.cumulative()),
+            "compute_ms_sum": self.compute_ms.sum,
+            "compute_ms_buckets": dict(self.compute_ms.cumulative()),
+        }
+
+
+def _labels(**kw: str) -> str:
+    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in kw.items())
+    return "{" + inner + "}"
+
+
+def _escape(v: str) -> str:
+    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _hist_lines(name: str, h: Histogram, labels: dict[str, str], scale: float = 1.0) -> list[str]:
+    lines = []
+    for le, c in h.cumulative():
+        le_s = le if le == "+Inf" else _fmt(float(le) * scale)
+        lines.append(f"{name}_bucket{_labels(**labels, le=le_s)} {c}")
+    lines.append(f"{name}_sum{_labels(**labels)} {h.sum * scale!r}")
+    lines.append(f"{name}_count{_labels(**labels)} {h.count}")
+    return lines
+
+
+def render_prometheus(models: list[tuple[str, str, bool, ModelStats]], http_codes: dict[int, int], inflight: int) -> bytes:
+    """Prometheus text exposition format 0.0.4."""
+    out = [
+        "# HELP edgeml_http_responses_total HTTP responses by status code.",
+        "# TYPE edgeml_http_responses_total counter",
+    ]
+    out += [f'edgeml_http_responses_total{{code="{code}"}} {n}' for code, n in sorted(http_codes.items())]
+    out += ["# HELP edgeml_inflight_requests Requests received and not yet answered.",
+            "# TYPE edgeml_inflight_requests gauge", f"edgeml_inflight_requests {inflight}"]
+    sections = [
+        ("edgeml_model_ready", "gauge", "1 when the model version is loaded and warmed up."),
+        ("edgeml_inference_requests_total", "counter", "Inference requests answered, per model version."),
+        ("edgeml_inference_failures_total", "counter", "Inference requests that failed in the backend or server (5xx)."),
+        ("edgeml_inference_rejected_total", "counter", "Inference requests rejected as bad input (4xx)."),
+    ]
+    for metric, kind, help_ in sections:
+        out += [f"# HELP {metric} {help_}", f"# TYPE {metric} {kind}"]
+        for name, version, ready, st in models:
+            value = {"edgeml_model_ready": int(ready), "edgeml_inference_requests_total": st.requests,
+                     "edgeml_inference_failures_total": st.failures, "edgeml_inference_rejected_total": st.rejected}[metric]
+            out.append(f"{metric}{_labels(model=name, version=version)} {value}")
+    hists = [
+        ("edgeml_request_duration_seconds", "End-to-end request latency (parse, queue, compute, encode).", "latency_ms", 1e-3),
+        ("edgeml_queue_duration_seconds", "Time a request waited for its batch to start.", "queue_ms", 1e-3),
+        ("edgeml_compute_duration_seconds", "Backend run time per batch.", "compute_ms", 1e-3),
+        ("edgeml_batch_size", "Rows per backend run (dynamic batching).", "batch_size", 1.0),
+    ]
+    for metric, help_, attr, scale in hists:
+        out += [f"# HELP {metric} {help_}", f"# TYPE {metric} histogram"]
+        for name, version, _ready, st in models:
+            out += _hist_lines(metric, getattr(st, attr), {"model": name, "version": version}, scale)
+    return ("\n".join(out) + "\n").encode()

@@ -1,0 +1,59 @@
+"""The suite: benchmark_app log parsing, rendering REPORT.md from suite output, one tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from edgeml.benchmarks import suite
+
+BAPP_LOG = """[Step 11/11] Dumping statistics report
+[ INFO ] Count:            191689 iterations
+[ INFO ] Duration:         2000.01 ms
+[ INFO ] Latency:
+[ INFO ]    Median:        6.66 us
+[ INFO ]    Average:       7.23 us
+[ INFO ]    Min:           6.43 us
+[ INFO ]    Max:           4.86 ms
+[ INFO ] Throughput:   95844.06 FPS
+"""
+
+
+def test_parse_benchmark_app_log_converts_units():
+    got = suite.parse_benchmark_app(BAPP_LOG)
+    assert got["median_ms"] == pytest.approx(0.00666) and got["average_ms"] == pytest.approx(0.00723)
+    assert got["max_ms"] == pytest.approx(4.86) and got["throughput_fps"] == pytest.approx(95844.06)
+    assert got["iterations"] == 191689
+    with pytest.raises(RuntimeError, match="could not read"):
+        suite.parse_benchmark_app("[ ERROR ] nothing here")
+
+
+@pytest.mark.slow
+def test_tiny_suite_end_to_end_renders_report_from_its_own_output(tiny_onnx, tmp_path):
+    argv = ["--models", "", "--onnx", f"tiny={tiny_onnx}", "--backends", "", "--duration", "200ms", "--repeats", "2",
+            "--bapp-models", "tiny" if shutil.which("benchmark_app") or (suite.Path(suite.sys.executable).parent / "benchmark_app").exists() else "",
+            "--bapp-rounds", "1", "--bapp-seconds", "1", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
+    assert suite.main(argv) == 0
+    summary = json.loads((tmp_path / "out/results/suite.json").read_text())
+    assert summary["schema"] == "edgeml.bench.suite"
+    tiny = summary["models"][0]
+    assert tiny["name"] == "tiny" and tiny["variants"][0]["label"] == "onnx (ORT defaults)"
+    runs = tiny["variants"][0]["runs"]
+    assert set(runs) == {"single-stream", "offline"} and runs["offline"]["batch"] == 8
+    report = (tmp_path / "out/REPORT.md").read_text()
+    p50 = runs["single-stream"]["spread"]["p50_ms"]["median"]
+    from edgeml.benchmarks.report import _f
+
+    assert _f(p50) in report  # the number in the report is the one the suite measured
+    assert "report_assets/tiny_latency_cdf.png" in report and (tmp_path / "out/report_assets/tiny_latency_cdf.png").exists()
+    html = (tmp_path / "out/REPORT.html").read_text()
+    assert html.count("data:image/png;base64,") >= 2
+    if summary["side_by_side"]:
+        sbs = summary["side_by_side"][0]
+        assert sbs["metrics"]["median_ms"]["benchmark_app"] > 0 and "benchmark_app" in report
+    # re-rendering from suite.json alone gives the same Markdown
+    before = report
+    assert suite.main(["--render-only", "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out/REPORT.md").read_text() == before

@@ -1,0 +1,169 @@
+"""AgentCore logic with real artifacts, real ONNX Runtime and a real HTTP store; the MQTT link is a recorder."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from edgeml.fleet import protocol as P
+from edgeml.fleet.agent import AgentConfig, AgentCore
+from edgeml.fleet.serving import LocalServing
+from edgeml.fleet.store import ArtifactStore, StoreServer
+
+
+class Recorder:
+    def __init__(self):
+        self.sent = []
+        self.lock = threading.Lock()
+
+    def publish(self, topic, payload, qos=1, retain=False):
+        with self.lock:
+            self.sent.append((topic, json.loads(payload), qos, retain))
+        return True
+
+    def events(self):
+        return [(m["deployment_id"], m["state"], m["reason"]) for t, m, *_ in self.sent if m["type"] == "event"]
+
+
+@pytest.fixture
+def store(tmp_path, artifacts):
+    s = ArtifactStore(tmp_path / "store")
+    recs = {k: s.publish(p) for k, p in artifacts.items()}
+    srv = StoreServer(s).start()
+    yield srv, recs
+    srv.stop()
+
+
+def make_core(tmp_path, keys, **kw):
+    cfg = AgentConfig("dev-1", tmp_path / "state", labels={"hw": "x"}, trusted_keys=[keys["pub"]],
+                      health_window_s=0.1, health_probe_s=0.02, **kw)
+    link = Recorder()
+    return AgentCore(cfg, link, LocalServing(tmp_path / "state" / "cache")), link
+
+
+def desired(srv, rec, seq, dep, keys, key="key", **kw):
+    art = {"name": rec["name"], "version": rec["version"], "url": srv.url_for(rec["sha256"]),
+           "sha256": rec["sha256"], "size": rec["size"]}
+    msg = P.desired("dev-1", deployment_id=dep, seq=seq, artifact=art, **kw)
+    return P.encode(P.sign(msg, keys[key]) if key else msg)
+
+
+def deliver(core, payload):
+    core.on_message(P.topic("dev-1", "desired"), payload)
+    core.step_pending()
+
+
+def test_install_commit_then_failed_selftest_keeps_previous(tmp_path, keys, store):
+    srv, recs = store
+    core, link = make_core(tmp_path, keys)
+    core.start(threads=False)
+    deliver(core, desired(srv, recs["v1"], 1, "d1", keys))
+    assert link.events()[-1] == ("d1", "committed", None)
+    states = [s for d, s, _ in link.events() if d == "d1"]
+    assert states == ["received", "downloading", "verifying", "staged", "selftest", "swapped", "health", "committed"]
+    assert core.active()["version"] == "1.0.0"
+    out = core.serving.predict({"x": __import__("numpy").ones((1, 4), "float32")})
+    assert out["y"].shape == (1, 3)
+
+    deliver(core, desired(srv, recs["bad"], 2, "d2", keys))
+    dep, state, reason = link.events()[-1]
+    assert (dep, state) == ("d2", "failed") and "golden" in reason
+    assert core.active()["version"] == "1.0.0" and core.serving.active()["version"] == "1.0.0"
+
+    # rollback ordered to v1 (where it already is): committed without a download
+    deliver(core, desired(srv, recs["v1"], 3, "d3", keys, rollback=True))
+    assert link.events()[-1][:2] == ("d3", "committed")
+
+
+def test_unsigned_and_foreign_artifacts_refused(tmp_path, keys, store):
+    srv, recs = store
+    core, link = make_core(tmp_path, keys)
+    core.start(threads=False)
+    deliver(core, desired(srv, recs["unsigned"], 1, "d1", keys))
+    assert link.events()[-1][1] == "failed" and "unsigned" in link.events()[-1][2]
+    deliver(core, desired(srv, recs["other_signer"], 2, "d2", keys))
+    assert link.events()[-1][1] == "failed" and "not among the trusted keys" in link.events()[-1][2]
+    assert core.active() is None
+
+
+def test_allow_unsigned(tmp_path, keys, store):
+    srv, recs = store
+    core, link = make_core(tmp_path, keys, allow_unsigned=True)
+    core.start(threads=False)
+    deliver(core, desired(srv, recs["unsigned"], 1, "d1", keys, key=None))
+    assert link.events()[-1][:2] == ("d1", "committed")
+
+
+def test_bad_replayed_and_duplicate_messages_change_nothing(tmp_path, keys, store):
+    srv, recs = store
+    core, link = make_core(tmp_path, keys)
+    core.start(threads=False)
+    deliver(core, desired(srv, recs["v2"], 5, "d5", keys))
+    before = (tmp_path / "state" / "journal.json").read_bytes()
+    n_events = len(link.events())
+    bad = [
+        b"not json",
+        b"{" + b" " * P.MAX_MESSAGE_BYTES + b"}",                     # oversized
+        desired(srv, recs["v1"], 9, "d9", keys, key="other"),         # signed by an untrusted key
+        desired(srv, recs["v1"], 9, "d9", keys, key=None),            # unsigned
+        desired(srv, recs["v1"], 4, "d4", keys),                      # replay: older seq
+        json.dumps(dict(json.loads(desired(srv, recs["v1"], 9, "d9", keys)), seq=10)).encode(),  # tampered
+    ]
+    for payload in bad:
+        deliver(core, payload)
+    assert core.refused == len(bad)
+    assert any("replayed" in r for r in core.refusals) and any("bad signature" in r for r in core.refusals)
+    deliver(core, desired(srv, recs["v2"], 5, "d5", keys))   # redelivery of the committed desired: ignored
+    assert core.refused == len(bad)
+    assert (tmp_path / "state" / "journal.json").read_bytes() == before
+    assert len(link.events()) == n_events and core.active()["version"] == "2.0.0"
+
+
+def test_restart_resumes_interrupted_install(tmp_path, keys, store):
+    srv, recs = store
+    core, link = make_core(tmp_path, keys)
+    core.start(threads=False)
+    deliver(core, desired(srv, recs["v1"], 1, "d1", keys))
+    # a crash right after the journal said "selftest" for v2
+    j = core.journal.data
+    msg = json.loads(desired(srv, recs["v2"], 2, "d2", keys))
+    j["pending"] = {"desired": msg, "attempt": 1, "state": "selftest", "slot": None}
+    core.journal.save()
+    core.serving.close()
+
+    core2, link2 = make_core(tmp_path, keys)
+    core2.start(threads=False)
+    assert core2.serving.active()["version"] == "1.0.0"      # the committed model serves first
+    assert core2.step_pending()
+    assert link2.events()[-1][:2] == ("d2", "committed")
+    assert core2.active()["version"] == "2.0.0"
+    assert core2.journal.data["previous"]["version"] == "1.0.0"
+
+
+def test_gives_up_after_max_attempts(tmp_path, keys, store):
+    srv, recs = store
+    core, link = make_core(tmp_path, keys, max_attempts=2)
+    core.start(threads=False)
+    msg = json.loads(desired(srv, recs["v2"], 2, "d2", keys))
+    core.journal.data["pending"] = {"desired": msg, "attempt": 2, "state": "swapped", "slot": None}
+    core.journal.save()
+    core2, link2 = make_core(tmp_path, keys, max_attempts=2)
+    core2.start(threads=False)
+    assert link2.events()[-1][1] == "failed" and "gave up after 2 attempts" in link2.events()[-1][2]
+    assert core2.journal.data["pending"] is None
+
+
+def test_heartbeat_and_telemetry_messages_validate(tmp_path, keys, store):
+    srv, recs = store
+    core, link = make_core(tmp_path, keys)
+    core.start(threads=False)
+    deliver(core, desired(srv, recs["v1"], 1, "d1", keys))
+    core.on_connect()
+    core.publish_telemetry()
+    for topic, msg, *_ in link.sent:
+        P.validate(topic, P.encode(msg))
+    tel = [m for t, m, *_ in link.sent if m["type"] == "telemetry"][-1]
+    assert tel["models"][0]["requests"] >= 1 and tel["active"]["version"] == "1.0.0" and tel["memory_mb"] > 0
+    assert tel["models"][0]["latency_buckets_ms"]["+Inf"] == tel["models"][0]["requests"]

@@ -182,10 +182,11 @@ def mlp():
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-4)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
-    for _ in range(300):
-        opt.zero_grad()
-        loss_fn(model(xt), yt).backward()
-        opt.step()
+    with torch.enable_grad():  # callers may hold torch.no_grad()
+        for _ in range(300):
+            opt.zero_grad()
+            loss_fn(model(xt), yt).backward()
+            opt.step()
     return model.eval()
 
 
@@ -213,7 +214,10 @@ def _digits_torch():
     train.set_determinism()
     splits = train.load_splits()
     model = train.build_model()
-    train.train(model, *splits["train"])
+    import torch
+
+    with torch.enable_grad():
+        train.train(model, *splits["train"])
     return model
 
 

@@ -20,6 +20,10 @@ def compile_with_report(model: Any, *, target: Any, output: Any, **options: Any)
     """Compile and return the CompileResult (see edgeml.compiler.pipeline)."""
     from edgeml.compiler.pipeline import compile_with_report as _run
 
+    if options.get("progress") is True:
+        import sys
+
+        options["progress"] = lambda message: print(f"[edgeml] {message}", file=sys.stderr, flush=True)
     cache_dir = options.pop("cache_dir", None)
     use_cache = options.pop("use_cache", True)
     if cache_dir is False:

@@ -75,7 +75,7 @@ def compile_cmd(model: str, target: str, output: Path, precision: str, backend: 
         model, target=target, output=output, precision=precision, backend=backend, calib=calib, eval=eval_path,
         max_accuracy_drop=max_accuracy_drop, input_shape=list(input_shape) or None, name=name, version=version,
         sign_key=sign_key, cache_dir=cache_dir, use_cache=not no_cache, benchmark=not no_benchmark,
-        progress=_Progress(quiet or as_json), **extra)
+        progress=_Progress(quiet), **extra)
     emit(result.to_dict(), as_json, render)
 
 

@@ -21,6 +21,7 @@ samples are used and only agreement with FP32 is measured.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -143,18 +144,33 @@ def fixed_batch(inputs: list[TensorSpec]) -> int | None:
 
 
 def run_batched(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], inputs: dict[str, np.ndarray],
-                batch: int | None) -> dict[str, np.ndarray]:
-    """Run over all samples in chunks (the model's fixed batch, else up to MAX_CHUNK)."""
+                batch: int | None, budget_s: float | None = None,
+                clock: Callable[[], float] = time.perf_counter) -> dict[str, np.ndarray]:
+    """Run over the samples in chunks (the model's fixed batch, else up to MAX_CHUNK).
+
+    With ``budget_s``, stop after the chunk that crosses the budget (a very slow
+    candidate, e.g. an untuned TVM build, is then scored on the samples it ran);
+    the result's first axis says how many samples that was.
+    """
     n = next(iter(inputs.values())).shape[0]
-    step = batch or MAX_CHUNK
-    parts: dict[str, list[np.ndarray]] = {}
-    usable = n - (n % step) if batch else n
+    usable = n - (n % batch) if batch else n
     if usable == 0:
         raise DataError(f"the model has a fixed batch of {batch}; the data has only {n} samples")
-    for i in range(0, usable, step):
+    step = batch or (1 if budget_s is not None else MAX_CHUNK)
+    parts: dict[str, list[np.ndarray]] = {}
+    start = clock()
+    i = 0
+    while i < usable:
         out = run({k: v[i:i + step] for k, v in inputs.items()})
         for k, v in out.items():
             parts.setdefault(k, []).append(np.asarray(v))
+        i += step
+        if budget_s is not None:
+            elapsed = clock() - start
+            if elapsed > budget_s:
+                break
+            if not batch:  # chunks of about a tenth of the budget
+                step = max(1, min(MAX_CHUNK, int(budget_s / 10 / max(elapsed / i, 1e-9))))
     return {k: np.concatenate(v, axis=0) for k, v in parts.items()}
 
 
@@ -190,7 +206,7 @@ def score(metric: str, outputs: dict[str, np.ndarray], fp32: dict[str, np.ndarra
     max_abs = max_rel = 0.0
     for name in output_names:
         a = np.asarray(outputs[name], dtype=np.float64)
-        b = np.asarray(fp32[name], dtype=np.float64)
+        b = np.asarray(fp32[name][:n], dtype=np.float64)
         if a.shape != b.shape:
             raise DataError(f"output {name!r} has shape {list(a.shape)}; FP32 gave {list(b.shape)}")
         if a.size:
@@ -200,12 +216,12 @@ def score(metric: str, outputs: dict[str, np.ndarray], fp32: dict[str, np.ndarra
     if metric == "top1":
         value = 100.0 * float(np.mean(np.argmax(outputs[first], axis=-1) == dataset.labels[:n]))
     elif metric == "fp32_agreement":
-        value = 100.0 * float(np.mean(np.argmax(outputs[first], axis=-1) == np.argmax(fp32[first], axis=-1)))
+        value = 100.0 * float(np.mean(np.argmax(outputs[first], axis=-1) == np.argmax(fp32[first][:n], axis=-1)))
     else:
         num = den = 0.0
         for name in output_names:
             ref = dataset.references.get(name)
-            ref = np.asarray(fp32[name] if ref is None else ref[:n], dtype=np.float64)
+            ref = np.asarray(fp32[name][:n] if ref is None else ref[:n], dtype=np.float64)
             num += float(np.abs(np.asarray(outputs[name], dtype=np.float64) - ref).sum())
             den += float(np.abs(ref).sum())
         value = 100.0 * max(0.0, 1.0 - num / max(den, 1e-12))

@@ -34,6 +34,7 @@ from edgeml.runtime.model import TensorSpec
 MIN_OPSET = 7
 UPGRADE_BELOW = 13
 UPGRADE_TO = 17
+DYNAMO_OPSET = 18       # the dynamo exporter's native opset (others go through a version converter)
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -338,7 +339,8 @@ def _export_module(net, input_shape: dict[str, tuple[int, ...]], label: str, wor
     errors = []
     for dynamo in (False, True):
         try:
-            kwargs = dict(input_names=names, output_names=out_names, opset_version=UPGRADE_TO, dynamo=dynamo)
+            kwargs = dict(input_names=names, output_names=out_names, dynamo=dynamo,
+                          opset_version=DYNAMO_OPSET if dynamo else UPGRADE_TO)
             if dynamo:
                 kwargs["dynamic_shapes"] = tuple({0: torch.export.Dim("batch", min=1)} for _ in names)
                 kwargs["external_data"] = False
@@ -370,7 +372,7 @@ def _export_program(path: Path, input_shape: dict[str, tuple[int, ...]], workdir
                          hint="save it with torch.export.save(torch.export.export(model, args), 'model.pt2')") from exc
     out = workdir / "export.onnx"
     try:
-        kwargs: dict[str, Any] = {"dynamo": True, "external_data": False, "opset_version": UPGRADE_TO}
+        kwargs: dict[str, Any] = {"dynamo": True, "external_data": False, "opset_version": DYNAMO_OPSET}
         if input_shape:
             kwargs["input_names"] = list(input_shape)
         torch.onnx.export(ep, (), str(out), **kwargs)

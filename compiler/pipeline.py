@@ -32,6 +32,9 @@ from edgeml.runtime.artifact import (SCHEMA_VERSION, SELFTEST_FILE, canonical_js
 from edgeml.runtime.backends import RuntimeBackend, open_backend
 
 
+EVAL_BUDGET_S = 120.0   # per candidate; a slower one is scored on the samples it ran in that time
+
+
 @dataclass
 class Candidate:
     index: int
@@ -45,6 +48,7 @@ class Candidate:
     drop: float | None = None
     latency: dict[str, float] | None = None
     error: EdgemlError | None = None
+    eval_samples: int | None = None  # set when evaluated on fewer than all eval samples
 
     @property
     def recipe(self) -> dict[str, Any]:
@@ -63,6 +67,7 @@ class Candidate:
             "accuracy": None if self.score is None else round(self.score.value, 4),
             "accuracy_drop": None if self.drop is None else round(self.drop, 4),
             "max_abs_error": None if self.score is None else float(f"{self.score.max_abs_error:.4g}"),
+            "eval_samples": self.eval_samples,
             "latency_ms": None if reproducible else self.latency,
             "build_seconds": None if (reproducible or not self.built) else round(self.built.build_seconds, 3),
             "notes": list(self.built.notes) if self.built else [],
@@ -162,7 +167,9 @@ def compile_with_report(model: Any, *, target: Any, output: Any, precision: str 
         fp32_score = ev.score(metric, fp32_out, fp32_out, eval_set, names_out)
         ctx = BuildContext(onnx_path=imported.onnx_path, target=tgt, inputs=imported.inputs,
                            outputs=imported.outputs, workdir=workdir / "build",
-                           calib=calib_set.inputs if calib_set else None, options=dict(opts.backend_options),
+                           calib=calib_set.inputs if calib_set else None,
+                           options={**opts.backend_options, "max_accuracy_drop": opts.max_accuracy_drop,
+                                    "eval_data": eval_set, "metric": metric},
                            progress=say)
         ctx.workdir.mkdir()
         threads = tgt.default_threads or None
@@ -180,7 +187,8 @@ def compile_with_report(model: Any, *, target: Any, output: Any, precision: str 
         skipped = _collect_candidates(backends, precisions, ctx, cands, opts, calib_set is not None)
         for c in cands:
             _build_and_check(c, ctx, workdir, imported, threads, eval_set, batch, fp32_out, fp32_score,
-                             metric, names_out, opts.max_accuracy_drop, say)
+                             metric, names_out, opts.max_accuracy_drop, say,
+                             float(opts.backend_options.get("eval_budget_s", EVAL_BUDGET_S)))
         passing = [c for c in cands if c.status == "passed"]
         if not passing:
             raise _no_candidate_error(cands, skipped, opts.max_accuracy_drop)
@@ -343,7 +351,8 @@ def _provisional_manifest(tgt, imported: ImportedModel, backend: dict[str, Any],
 
 
 def _build_and_check(c: Candidate, ctx: BuildContext, workdir: Path, imported: ImportedModel, threads, eval_set,
-                     batch, fp32_out, fp32_score, metric, names_out, tolerance: float, say) -> None:
+                     batch, fp32_out, fp32_score, metric, names_out, tolerance: float, say,
+                     eval_budget_s: float | None = None) -> None:
     impl = COMPILER_BACKENDS.get(c.spec.backend)()
     say(f"building {c.spec.label}")
     try:
@@ -368,7 +377,7 @@ def _build_and_check(c: Candidate, ctx: BuildContext, workdir: Path, imported: I
     (folder / "manifest.json").write_bytes(canonical_json(manifest))
     try:
         c.runtime = open_backend(c.spec.backend, folder, manifest, threads=threads)
-        out = ev.run_batched(c.runtime.run, eval_set.inputs, batch)
+        out = ev.run_batched(c.runtime.run, eval_set.inputs, batch, budget_s=eval_budget_s)
     except Exception as exc:  # EdgemlError or a backend's own
         message = getattr(exc, "message", None) or f"{type(exc).__name__}: {str(exc)[:300]}"
         if not ctx.target.runs_on_host():
@@ -381,6 +390,12 @@ def _build_and_check(c: Candidate, ctx: BuildContext, workdir: Path, imported: I
             c.runtime = None
         return
     c.score = ev.score(metric, out, fp32_out, eval_set, names_out)
+    done = len(out[names_out[0]])
+    if done < eval_set.n:  # too slow for the whole eval split: compare with FP32 on the same samples
+        c.eval_samples = done
+        c.built.notes.append(f"evaluated on the first {done} of {eval_set.n} eval samples "
+                             f"(eval budget {eval_budget_s:g} s; option eval_budget_s)")
+        fp32_score = ev.score(metric, {k: v[:done] for k, v in fp32_out.items()}, fp32_out, eval_set, names_out)
     c.drop = fp32_score.value - c.score.value
     if c.drop > tolerance + 1e-9:
         c.status = "rejected"

@@ -3,7 +3,8 @@
 Benchmark: batch 1 (or the model's fixed batch), a warm-up per candidate, then
 interleaved rounds (each round runs every candidate a few times, in a rotated
 order) until the time budget is spent, so machine noise hits all candidates
-alike. Reports p50/p90/mean in ms over all timed runs.
+alike. Reports p50/p90/mean in ms over all timed runs. Candidates over 5x slower
+than the fastest after warm-up are screened out of the rounds.
 
 Selection: where this host executes the target, the fastest passing candidate
 by p50. Otherwise (cross targets) the documented static order ``STATIC_ORDER``:
@@ -19,31 +20,44 @@ from typing import Any, Callable
 import numpy as np
 
 PRECISION_RANK = {"int8": 0, "fp16": 1, "fp32": 2}
+SCREEN_FACTOR = 5.0
 STATIC_ORDER = ("precision: int8 > fp16 > fp32; then the target file's backend order; "
                 "untuned TVM builds last")
 
 
 def benchmark(runners: dict[str, Callable[[], Any]], seconds: float = 3.0, warmup: int = 3,
-              min_rounds: int = 5, max_runs: int = 2000, clock: Callable[[], float] = time.perf_counter
-              ) -> dict[str, dict[str, float]]:
-    """``runners`` maps label -> zero-argument callable running one inference."""
+              min_rounds: int = 5, max_runs: int = 2000, screen_factor: float = SCREEN_FACTOR,
+              clock: Callable[[], float] = time.perf_counter) -> dict[str, dict[str, Any]]:
+    """``runners`` maps label -> zero-argument callable running one inference.
+
+    Each candidate runs once untimed (cold), then up to ``warmup`` timed warm-up
+    runs (at most ~1 s). A candidate whose warm-up median is over
+    ``screen_factor`` times the fastest one's is screened out: it cannot win, so
+    its figures are the warm-up runs (``"screened": true``) and the rounds are
+    spent on the contenders.
+    """
     if not runners:
         return {}
-    per_run: dict[str, float] = {}
+    warm: dict[str, list[float]] = {}
     for label, fn in runners.items():
-        t0 = clock()
-        for _ in range(warmup):
+        fn()
+        times: list[float] = []
+        while len(times) < warmup and sum(times) < 1.0:
+            t0 = clock()
             fn()
-        per_run[label] = max((clock() - t0) / warmup, 1e-6)
-    # Aim for rounds of ~50 ms per candidate, at least one run each.
-    reps = {label: max(1, min(50, int(0.05 / t))) for label, t in per_run.items()}
-    samples: dict[str, list[float]] = {label: [] for label in runners}
-    labels = list(runners)
+            times.append(clock() - t0)
+        warm[label] = times
+    per_run = {label: max(float(np.median(t)), 1e-7) for label, t in warm.items()}
+    fastest = min(per_run.values())
+    contenders = [label for label in runners if per_run[label] <= screen_factor * fastest]
+    # Rounds of ~50 ms per candidate, at least one run each.
+    reps = {label: max(1, min(50, int(0.05 / per_run[label]))) for label in contenders}
+    samples: dict[str, list[float]] = {label: [] for label in contenders}
     start = clock()
     rounds = 0
     while True:
-        order = labels[rounds % len(labels):] + labels[: rounds % len(labels)]
-        for label in order:
+        shift = rounds % len(contenders)
+        for label in contenders[shift:] + contenders[:shift]:
             fn = runners[label]
             for _ in range(reps[label]):
                 t0 = clock()
@@ -55,11 +69,15 @@ def benchmark(runners: dict[str, Callable[[], Any]], seconds: float = 3.0, warmu
             break
         if elapsed >= 10 * seconds:  # very slow candidates: stop anyway
             break
-    result = {}
-    for label, times in samples.items():
-        ms = np.asarray(times) * 1000.0
+    result: dict[str, dict[str, Any]] = {}
+    for label in runners:
+        screened = label not in samples
+        ms = np.asarray(warm[label] if screened else samples[label]) * 1000.0
         result[label] = {"p50": round(float(np.percentile(ms, 50)), 4), "p90": round(float(np.percentile(ms, 90)), 4),
-                         "mean": round(float(ms.mean()), 4), "runs": int(ms.size), "rounds": rounds}
+                         "mean": round(float(ms.mean()), 4), "runs": int(ms.size),
+                         "rounds": 0 if screened else rounds}
+        if screened:
+            result[label]["screened"] = True
     return result
 
 

@@ -33,7 +33,7 @@ from edgeml.fleet.store import download
 
 log = logging.getLogger("edgeml.fleet.agent")
 AGENT_VERSION = "0.1.0"
-CRASH_ENV = "EDGEML_AGENT_CRASH_AT"   # test hook: SIGKILL this process right after journaling that state
+CRASH_ENV = "EDGEML_AGENT_CRASH_AT"   # test hook "STATE[@VERSION]": SIGKILL itself once, right after journaling STATE
 
 
 class Link(Protocol):
@@ -148,9 +148,10 @@ class AgentCore:
 
     def on_message(self, topic: str, payload: bytes, retained: bool = False) -> None:
         try:
+            if topic != P.topic(self.config.device_id, "desired"):
+                log.debug("ignoring a message on %s (not subscribed here; amqtt over-delivers retained messages)", topic)
+                return
             device_id, kind, msg = P.validate(topic, payload)
-            if device_id != self.config.device_id or kind != "desired":
-                raise MessageRejected(f"agent {self.config.device_id} does not take {kind} messages for {device_id}")
             P.verify(msg, self.config.trusted_keys, required=self.config.require_signed, where=f"desired on {topic}")
             self.accept(msg)
         except MessageRejected as exc:
@@ -306,7 +307,8 @@ class AgentCore:
             self.journal.save()
             self.state = state
         self._event(desired, attempt, state, seq=ev)
-        if os.environ.get(CRASH_ENV) == state:
+        hook, _, hook_version = os.environ.get(CRASH_ENV, "").partition("@")
+        if hook == state and (not hook_version or hook_version == (desired.get("artifact") or {}).get("version")):
             marker = self.state_dir / f"crashed-at-{state}"
             if not marker.exists():
                 marker.write_text(str(self.clock()))

@@ -92,6 +92,9 @@ class Broker:
     # ------------------------------------------------------------ config files
     def _mosquitto_conf(self) -> Path:
         lines = [f"listener {self.port} 127.0.0.1", "max_packet_size 1048576"]
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            # started as root mosquitto drops to user "mosquitto", which cannot read our private temp files
+            lines.append("user root")
         if self.users:
             pw = self.workdir / "passwd"
             pw.write_text("")

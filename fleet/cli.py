@@ -87,7 +87,7 @@ def agent_cmd(device_id, labels, state_dir, trusted_keys, allow_unsigned, http_h
     from edgeml.fleet.agent import Agent, AgentConfig
     from edgeml.fleet.manager import parse_duration
     from edgeml.fleet.protocol import check_device_id, parse_labels
-    from edgeml.fleet.serving import LocalServing
+    from edgeml.fleet.serving import make_serving
 
     _setup_logging(log_level)
     broker = _broker(kw)
@@ -99,7 +99,7 @@ def agent_cmd(device_id, labels, state_dir, trusted_keys, allow_unsigned, http_h
                          trusted_keys=list(trusted_keys), allow_unsigned=allow_unsigned,
                          heartbeat_s=parse_duration(heartbeat), telemetry_s=parse_duration(telemetry_every),
                          health_window_s=parse_duration(health_window))
-    serving = LocalServing(Path(state_dir) / "cache", http_host=http_host, http_port=None if http_port < 0 else http_port)
+    serving = make_serving(Path(state_dir) / "cache", http_host=http_host, http_port=None if http_port < 0 else http_port)
     agent = Agent(config, broker, serving).start()
     info = {"device_id": device_id, "broker": broker.url, "state_dir": str(state_dir), "labels": config.labels,
             "http": f"http://{serving.address[0]}:{serving.address[1]}" if serving.address else None,

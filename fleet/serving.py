@@ -58,10 +58,11 @@ class _Counters:
 
 
 class LocalServing:
+    """In-process serving (no HTTP): edgeml.load + predict under a lock."""
+
     stubbed = False
 
-    def __init__(self, cache_dir: Path, *, http_host: str = "127.0.0.1", http_port: int | None = None,
-                 check_host: bool = True):
+    def __init__(self, cache_dir: Path, *, check_host: bool = True):
         self.cache_dir = Path(cache_dir)
         self.check_host = check_host
         self._lock = threading.RLock()
@@ -71,18 +72,6 @@ class LocalServing:
         self._counters: dict[tuple[str, str], _Counters] = {}
         self.server = None
         self.address: tuple[str, int] | None = None
-        if http_port is not None:
-            self._start_server(http_host, http_port)
-
-    def _start_server(self, host: str, port: int) -> None:
-        try:
-            from edgeml.runtime.server import ModelServer, ServerConfig  # written in parallel (serve issue)
-        except ImportError as exc:
-            log.warning("edgeml.runtime.server is not available (%s); serving in process only, no HTTP", exc)
-            return
-        self.server = ModelServer(ServerConfig(host=host, port=port))
-        self.address = self.server.start()
-        log.info("model server listening on %s:%s", *self.address)
 
     # --------------------------------------------------------------- checks
     def selftest(self, path: Path, *, trusted_keys: list[Path], require_signature: bool) -> CheckResult:
@@ -111,31 +100,19 @@ class LocalServing:
         spec = model.manifest.get("selftest")
         if spec:
             golden, _ = read_golden(model.artifact.member(spec["file"]))
-        if self.server is not None:
-            self.server.load(path, name=name, version=version, warmup=True, make_default=True)
         with self._lock:
             old, old_active = self._model, self._active
             self._model, self._golden, self._active = model, golden, {"name": name, "version": version}
             self._counters.setdefault((name, version), _Counters(name, version))
         if old is not None:
             old.close()
-        if self.server is not None and old_active and old_active != self._active:
-            try:
-                self.server.unload(old_active["name"], old_active["version"])
-            except EdgemlError as exc:
-                log.warning("could not unload %s: %s", old_active, exc)
 
     def deactivate(self) -> None:
         with self._lock:
-            old, old_active = self._model, self._active
+            old = self._model
             self._model, self._golden, self._active = None, None, None
         if old is not None:
             old.close()
-        if self.server is not None and old_active:
-            try:
-                self.server.unload(old_active["name"], old_active["version"])
-            except EdgemlError:
-                pass
 
     def active(self) -> dict[str, str] | None:
         return dict(self._active) if self._active else None
@@ -168,23 +145,134 @@ class LocalServing:
         return (time.perf_counter() - start) * 1000.0
 
     def stats(self) -> list[dict[str, Any]]:
-        rows = [c.to_dict() for c in self._counters.values()]
-        if self.server is not None:
-            for row in rows:
-                try:
-                    s = self.server.stats(row["name"], row["version"])
-                except Exception:  # noqa: BLE001 - the version may have been unloaded
-                    continue
-                row["requests"] += int(s.get("requests", 0))
-                row["failures"] += int(s.get("failures", 0))
-                # server buckets use their own edges; report them separately, never mix
-                row["server_latency_buckets_ms"] = {str(k): int(v) for k, v in s.get("latency_buckets_ms", {}).items()}
-        return rows
+        return [c.to_dict() for c in self._counters.values()]
 
     def close(self) -> None:
         self.deactivate()
-        if self.server is not None:
-            self.server.stop(drain_timeout=2)
+
+
+class HttpServing:
+    """Embeds edgeml.runtime.server.ModelServer (KServe v2 over HTTP): hot swap = ``server.load`` of the
+    new version as default, then the old version is unloaded (its in-flight requests drain). Health
+    probes are real HTTP infer requests, so they appear in the server's own counters."""
+
+    stubbed = False
+
+    def __init__(self, cache_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, check_host: bool = True):
+        from edgeml.runtime.server import ModelServer, ServerConfig
+
+        self.cache_dir = Path(cache_dir)
+        self.check_host = check_host
+        self._local = LocalServing(cache_dir, check_host=check_host)   # for the self-test only
+        self.server = ModelServer(ServerConfig(host=host, port=port, cache_dir=self.cache_dir, check_host=check_host))
+        self.address = self.server.start()
+        self._active: dict[str, str] | None = None
+        self._golden: dict[str, Any] | None = None
+        self._last: dict[tuple[str, str], dict[str, Any]] = {}
+        log.info("model server listening on http://%s:%s", *self.address)
+
+    def selftest(self, path: Path, *, trusted_keys: list[Path], require_signature: bool) -> CheckResult:
+        return self._local.selftest(path, trusted_keys=trusted_keys, require_signature=require_signature)
+
+    def activate(self, path: Path, name: str, version: str) -> None:
+        golden = _golden_inputs(path)
+        self.server.load(path, name=name, version=version, warmup=True, make_default=True)
+        old, self._active, self._golden = self._active, {"name": name, "version": version}, golden
+        if old and old != self._active:
+            self._snapshot(old)
+            try:
+                self.server.unload(old["name"], old["version"], wait=False)
+            except Exception as exc:  # noqa: BLE001 - already gone is fine
+                log.debug("unload of %s: %s", old, exc)
+
+    def deactivate(self) -> None:
+        old, self._active, self._golden = self._active, None, None
+        if old:
+            self._snapshot(old)
+            try:
+                self.server.unload(old["name"], old["version"], wait=False)
+            except Exception:  # noqa: BLE001
+                pass
+
+    def active(self) -> dict[str, str] | None:
+        return dict(self._active) if self._active else None
+
+    def probe(self) -> float:
+        import json as _json
+        import urllib.request
+
+        import numpy as np
+
+        if self._active is None:
+            raise FleetError("no model is active")
+        if not self._golden:
+            return 0.0
+        dt = {"float32": "FP32", "float64": "FP64", "int64": "INT64", "int32": "INT32", "uint8": "UINT8",
+              "int8": "INT8", "float16": "FP16", "bool": "BOOL"}
+        body = {"inputs": [{"name": k, "shape": list(v.shape), "datatype": dt.get(str(v.dtype), "FP32"),
+                            "data": np.asarray(v).ravel().tolist()} for k, v in self._golden.items()]}
+        url = (f"http://{self.address[0]}:{self.address[1]}/v2/models/{self._active['name']}"
+               f"/versions/{self._active['version']}/infer")
+        req = urllib.request.Request(url, data=_json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        start = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            resp.read()
+        return (time.perf_counter() - start) * 1000.0
+
+    def _snapshot(self, which: dict[str, str]) -> None:
+        try:
+            self._last[(which["name"], which["version"])] = self._row(which)
+        except Exception:  # noqa: BLE001 - not loaded any more
+            pass
+
+    def _row(self, which: dict[str, str]) -> dict[str, Any]:
+        from edgeml.fleet.protocol import LATENCY_BUCKETS_MS
+        from edgeml.fleet.metrics import _key
+
+        s = self.server.stats(which["name"], which["version"])
+        buckets = {str(k): int(v) for k, v in s.get("latency_buckets_ms", {}).items()}
+        wanted = [_key(e) for e in LATENCY_BUCKETS_MS] + ["+Inf"]
+        # the server's edges are a superset of the protocol's: project, never re-bucket
+        return {"name": which["name"], "version": which["version"], "requests": int(s.get("requests", 0)),
+                "failures": int(s.get("failures", 0)), "latency_buckets_ms": {k: buckets[k] for k in wanted if k in buckets},
+                "latency_sum_ms": round(float(s.get("latency_sum_ms", 0.0)), 3)}
+
+    def stats(self) -> list[dict[str, Any]]:
+        rows = dict(self._last)
+        if self._active:
+            try:
+                rows[(self._active["name"], self._active["version"])] = self._row(self._active)
+            except Exception as exc:  # noqa: BLE001
+                log.debug("stats: %s", exc)
+        return list(rows.values())
+
+    def close(self) -> None:
+        self.server.stop(drain_timeout=2)
+
+
+def _golden_inputs(path: Path) -> dict[str, Any] | None:
+    import io
+    import json as _json
+    import zipfile
+
+    import numpy as np
+
+    with zipfile.ZipFile(path) as zf:
+        spec = _json.loads(zf.read("manifest.json")).get("selftest")
+        if not spec:
+            return None
+        data = np.load(io.BytesIO(zf.read(spec["file"])), allow_pickle=False)
+        return {k[3:]: data[k] for k in data.files if k.startswith("in:")}
+
+
+def make_serving(cache_dir: Path, *, http_host: str = "127.0.0.1", http_port: int | None = 8000):
+    """HttpServing when a port is given and edgeml.runtime.server is installed, else LocalServing."""
+    if http_port is not None:
+        try:
+            return HttpServing(cache_dir, host=http_host, port=http_port)
+        except ImportError as exc:
+            log.warning("edgeml.runtime.server is not available (%s); serving in process only, no HTTP", exc)
+    return LocalServing(cache_dir)
 
 
 class StubServing:

@@ -195,6 +195,8 @@ def download(url: str, dest: Path, *, sha256: str, size: int, timeout: float = 3
         part.unlink()
         have = 0
     if have < size:
+        if have:
+            log.info("resuming download of %s at byte %d of %d", url, have, size)
         req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
         try:
             resp = urllib.request.urlopen(req, timeout=timeout)
@@ -210,13 +212,13 @@ def download(url: str, dest: Path, *, sha256: str, size: int, timeout: float = 3
                 have = 0
             mode = "ab" if have else "wb"
             fetched = 0
-            with open(part, mode) as fh:
+            with open(part, mode, buffering=0) as fh:   # unbuffered: a kill -9 keeps what arrived
                 while True:
                     want = chunk if max_bytes is None else min(chunk, max_bytes - fetched)
                     if want <= 0:
                         break
                     try:
-                        data = resp.read(want)
+                        data = resp.read1(want)
                     except OSError as exc:
                         raise FleetError(f"download of {url} interrupted after {have + fetched} bytes: {exc}") from None
                     if not data:
@@ -225,7 +227,6 @@ def download(url: str, dest: Path, *, sha256: str, size: int, timeout: float = 3
                     fetched += len(data)
                     if have + fetched > size:
                         break
-                fh.flush()
                 os.fsync(fh.fileno())
         have = part.stat().st_size
         if max_bytes is not None and have < size:

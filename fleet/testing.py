@@ -61,3 +61,67 @@ def make_artifact(out: Path, name: str = "tiny", version: str = "1.0.0", *, kind
     }
     files = {"model/model.onnx": model, "selftest/golden.npz": golden_npz_bytes({"x": x}, {"y": y})}
     return write_artifact(Path(out), manifest, files, sign_key=sign_key)
+
+
+def wait_until(cond, timeout: float, what: str, interval: float = 0.1):
+    """Poll ``cond`` until it returns something truthy; AssertionError naming ``what`` after ``timeout``."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def read_journal(state_dir: Path) -> dict:
+    import json
+
+    return json.loads((Path(state_dir) / "journal.json").read_text())
+
+
+def make_test_pki(folder: Path, host: str = "127.0.0.1") -> dict[str, Path]:
+    """A throwaway CA, a server certificate for ``host`` and a client certificate (PEM files)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def write_key(key, name):
+        p = folder / name
+        p.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption()))
+        p.chmod(0o600)
+        return p
+
+    def cert(subject_cn, key, issuer_name, issuer_key, *, ca=False, san=None):
+        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)]))
+             .issuer_name(issuer_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgeml test CA")])
+    ca_cert = cert("edgeml test CA", ca_key, ca_name, ca_key, ca=True)
+    out = {"ca": folder / "ca.pem"}
+    out["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    for role, san in (("server", [x509.IPAddress(ipaddress.ip_address(host)), x509.DNSName("localhost")]),
+                      ("client", None)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        c = cert(f"edgeml {role}", key, ca_name, ca_key, san=san)
+        out[f"{role}_cert"] = folder / f"{role}.pem"
+        out[f"{role}_cert"].write_bytes(c.public_bytes(serialization.Encoding.PEM))
+        out[f"{role}_key"] = write_key(key, f"{role}.key")
+    return out

@@ -122,13 +122,14 @@ class OpenVinoCompiler(CompilerBackend):
         o = ctx.options
         hazard = saturation_hazard(ctx.target)
         n_calib = _samples(ctx.calib)
+        items = n_calib // (_fixed_batch(ctx.inputs) or 1)
         scope = o.get("ov_ignored_scope") or {}
         return {
             "method": "nncf.quantize",
             "device": ov_device(ctx.target),
             "target_device": "GPU" if ov_device(ctx.target) == "GPU" else "CPU",
             "preset": str(o.get("ov_preset", "performance")),
-            "subset_size": int(min(int(o.get("ov_subset_size", DEFAULT_SUBSET)), n_calib)),
+            "subset_size": int(min(int(o.get("ov_subset_size", DEFAULT_SUBSET)), items)),
             "calibration_samples": n_calib,
             "fast_bias_correction": bool(o.get("ov_fast_bias_correction", True)),
             "overflow_fix": "enable" if hazard else "first_layer",
@@ -193,7 +194,11 @@ class OpenVinoCompiler(CompilerBackend):
             raise DataError("OpenVINO int8 needs calibration data", hint="pass --calib CALIB.npz")
         names = [p.get_any_name() for p in model.inputs]
         batch = _fixed_batch(ctx.inputs)
-        calib = nncf.Dataset(_batches(ctx.calib, names, batch))
+        batches = _batches(ctx.calib, names, batch)
+        if not batches:
+            raise DataError(f"the calibration data has {_samples(ctx.calib)} samples; the model's fixed batch "
+                            f"is {batch}", hint="give at least one full batch of calibration samples")
+        calib = nncf.Dataset(batches)
         scope = recipe.get("ignored_scope") or {}
         ignored = None
         if any(scope.values()):

@@ -324,6 +324,7 @@ class TvmCompiler(CompilerBackend):
         if tuned:
             from edgeml.compiler import tvm_tuning
 
+            target = tvm_tuning.with_host_cores(target)
             budget = float(spec.recipe.get("tune_budget_s") or parse_budget(ctx.options.get("tune_budget")))
             mod, params, tuning_report = tvm_tuning.tune_and_apply(
                 mod, params, target,

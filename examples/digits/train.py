@@ -41,7 +41,8 @@ def set_determinism(seed: int = SEED) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # one thread: tiny 8x8 convs do not parallelize, and a single thread stays fast on a busy box
+    torch.set_num_threads(1)
 
 
 def load_splits(seed: int = SEED) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -44,7 +44,8 @@ class ServerConfig:
     configure_logs: bool = True           # attach a handler to the edgeml.serve logger
     access_log: bool = False              # log every request (errors are always logged)
     batch_mode: str = "auto"              # inline | thread | auto (inline when batch-1 run <= inline_below_ms)
-    inline_below_ms: float = 1.0
+    inline_below_ms: float = 1.0          # (and a full batch <= 4x this)
+    keepalive_timeout_s: float = 75.0     # idle keep-alive connections are closed after this
     max_versions: int = 2                 # versions kept per model; older non-default ones are drained
     repository_dir: str | Path | None = None   # where HTTP repository loads may read artifacts from
     check_host: bool = True
@@ -65,6 +66,7 @@ class ModelServer:
         self.connections: set[HttpConnection] = set()
         self.started_at = time.time()
         self._loop = _new_loop(self.config.event_loop)
+        self.loop_time = self._loop.time
         self._thread: threading.Thread | None = None
         self._server: asyncio.AbstractServer | None = None
         self._address: tuple[str, int] | None = None
@@ -94,6 +96,7 @@ class ModelServer:
                 return
             sock = self._server.sockets[0].getsockname()
             ready.set_result((sock[0], sock[1]))
+            self._loop.call_later(1.0, self._sweep_idle)
             self._loop.run_forever()
 
         self._thread = threading.Thread(target=main, name="edgeml-serve", daemon=True)
@@ -132,7 +135,18 @@ class ModelServer:
         self._thread = None
         self._close_models()
         self._loader.shutdown(wait=False)
+        self._loop.close()
         log.info("server stopped", extra={"abandoned_requests": left})
+
+    def _sweep_idle(self) -> None:
+        """Loop thread: close keep-alive connections idle for longer than keepalive_timeout_s."""
+        limit = self.config.keepalive_timeout_s
+        now = self._loop.time()
+        for conn in list(self.connections):
+            if now - conn.last_active > limit:
+                conn.close_if_idle()
+        if not self.draining:
+            self._loop.call_later(min(5.0, max(0.05, limit / 2)), self._sweep_idle)
 
     def _begin_drain(self) -> None:
         self.draining = True
@@ -195,13 +209,15 @@ class ModelServer:
             try:
                 mode = self.config.batch_mode
                 if warmup or mode == "auto":
-                    ms = lm.warmup(self.config.max_batch)
+                    one, full = lm.warmup(self.config.max_batch)
                     if mode == "auto":
-                        mode = "inline" if ms <= self.config.inline_below_ms else "thread"
+                        # inline only when neither a lone request nor a full batch would stall the loop
+                        limit = self.config.inline_below_ms
+                        mode = "inline" if one <= limit and full <= 4 * limit else "thread"
                 lm.mode = mode
                 lm.batcher = Batcher(lm.run, self._loop, lm.stats, max_batch=self.config.max_batch,
                                      max_delay_ms=self.config.max_delay_ms, batchable=lm.batchable,
-                                     mode=mode, clock=time.perf_counter, name=f"{lm.name}:{lm.version}")
+                                     mode=mode, clock=self.clock, name=f"{lm.name}:{lm.version}")
             except EdgemlError:
                 model.close()
                 raise

@@ -33,8 +33,7 @@ import numpy as np
 
 from edgeml.runtime.server.metrics import ModelStats
 
-Result = "dict[str, np.ndarray] | BaseException"
-Callback = Callable[[Any, float], None]   # (outputs or exception, queue_ms)
+Callback = Callable[[Any, float], None]   # (outputs dict or the exception, queue_ms)
 
 
 class _Item:
@@ -59,7 +58,7 @@ class Batcher:
         max_delay_ms: float = 2.0,
         batchable: bool = True,
         mode: str = "inline",
-        clock: Callable[[], float] = time.perf_counter,
+        clock: Callable[[], float] = time.monotonic,
         name: str = "model",
     ):
         if mode not in ("inline", "thread"):
@@ -77,7 +76,6 @@ class Batcher:
         self._busy = False
         self._scheduled = False
         self._seen = 0
-        self._closed = False
         self._idle_waiters: list[Callable[[], None]] = []
         self._worker: threading.Thread | None = None
         self._work: deque = deque()
@@ -192,13 +190,14 @@ class Batcher:
 
     # -- compute (loop thread in inline mode, worker thread otherwise) ----
     def _compute(self, batch: list[_Item]) -> tuple[list[Any], float]:
-        t0 = time.perf_counter()
+        clock = self._clock
+        t0 = clock()
         if len(batch) == 1:
             try:
                 results: list[Any] = [self._run(batch[0].feeds)]
             except Exception as exc:
                 results = [exc]
-            return results, time.perf_counter() - t0
+            return results, clock() - t0
         names = list(batch[0].feeds)
         feeds = {n: np.concatenate([it.feeds[n] for it in batch], axis=0) for n in names}
         try:
@@ -211,14 +210,14 @@ class Batcher:
                     results.append(self._run(it.feeds))
                 except Exception as exc:
                     results.append(exc)
-            return results, time.perf_counter() - t0
+            return results, clock() - t0
         results = []
         start = 0
         for it in batch:
             end = start + it.rows
             results.append({k: v[start:end] for k, v in out.items()})
             start = end
-        return results, time.perf_counter() - t0
+        return results, clock() - t0
 
     def _worker_main(self) -> None:
         while True:
@@ -241,7 +240,6 @@ class Batcher:
 
     def close(self) -> None:
         """Stop the worker thread (call once idle)."""
-        self._closed = True
         if self._worker is not None:
             with self._work_ready:
                 self._work.append(None)

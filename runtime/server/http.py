@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any, Protocol
+from typing import Protocol
 
 import httptools
 
@@ -25,9 +25,14 @@ WANTED_HEADERS = frozenset({
     b"content-type", b"content-encoding", b"inference-header-content-length", b"x-request-id", b"expect",
     b"content-length",
 })
+MAX_HEAD_BYTES = 64 * 1024
 CT_JSON = b"application/json"
 CT_OCTET = b"application/octet-stream"
 CT_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
+
+
+class _HeadTooLarge(Exception):
+    pass
 
 
 def build_response(status: int, body: bytes, content_type: bytes = CT_JSON, extra: bytes = b"",
@@ -46,7 +51,12 @@ class Handler(Protocol):
     def handle(self, conn: "HttpConnection", slot: list, method: bytes, url: bytes,
                headers: dict[bytes, bytes], body: bytes, keep_alive: bool) -> None: ...
 
+    def reject_too_big(self, conn: "HttpConnection", slot: list, method: bytes, url: bytes,
+                       headers: dict[bytes, bytes]) -> None: ...
+
     def connection_opened(self, conn: "HttpConnection") -> None: ...
+
+    def loop_time(self) -> float: ...
 
     def connection_closed(self, conn: "HttpConnection") -> None: ...
 
@@ -59,9 +69,9 @@ class HttpConnection(asyncio.Protocol):
     MAX_PIPELINE = 128
 
     __slots__ = ("app", "parser", "transport", "url", "headers", "body", "body_size", "too_big",
-                 "pending", "closed", "paused", "limit")
+                 "pending", "closed", "paused", "limit", "last_active", "head_size")
 
-    def __init__(self, app: Any):
+    def __init__(self, app: Handler):
         self.app = app
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
@@ -74,10 +84,13 @@ class HttpConnection(asyncio.Protocol):
         self.closed = False
         self.paused = False
         self.limit = app.max_body_bytes
+        self.last_active = 0.0
+        self.head_size = 0
 
     # -- asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.last_active = self.app.loop_time()
         self.app.connection_opened(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -86,12 +99,17 @@ class HttpConnection(asyncio.Protocol):
         self.app.connection_closed(self)
 
     def data_received(self, data: bytes) -> None:
+        self.last_active = self.app.loop_time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(400, "protocol upgrade is not supported")
         except httptools.HttpParserError as exc:
-            self._fail(400, f"malformed HTTP request: {exc}")
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, _HeadTooLarge):
+                self._fail(400, str(cause))
+            else:
+                self._fail(400, f"malformed HTTP request: {exc}")
 
     def pause_writing(self) -> None:
         self._pause()
@@ -106,11 +124,17 @@ class HttpConnection(asyncio.Protocol):
         self.body = []
         self.body_size = 0
         self.too_big = False
+        self.head_size = 0
 
     def on_url(self, url: bytes) -> None:
         self.url += url
+        if len(self.url) > MAX_HEAD_BYTES:
+            raise _HeadTooLarge(f"the request URL is over {MAX_HEAD_BYTES} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_size += len(name) + len(value)
+        if self.head_size > MAX_HEAD_BYTES:
+            raise _HeadTooLarge(f"the request headers are over {MAX_HEAD_BYTES} bytes")
         name = name.lower()
         if name in WANTED_HEADERS:
             self.headers[name] = value

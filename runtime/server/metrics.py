@@ -11,7 +11,10 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Iterable
 
-LATENCY_BUCKETS_MS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0)
+# A superset of the fleet protocol's edges (edgeml.fleet.protocol.LATENCY_BUCKETS_MS), so the
+# agent can read its buckets straight out of these cumulative counts.
+LATENCY_BUCKETS_MS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 25.0, 50.0, 100.0, 200.0, 500.0,
+                      1000.0, 2000.0, 5000.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 

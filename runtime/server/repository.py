@@ -54,6 +54,7 @@ class LoadedModel:
         self.batcher: Batcher | None = None
         self.mode = "inline"
         self.warmup_ms: float | None = None
+        self.warmup_max_batch_ms: float | None = None
         self.loaded_at = time.time()
         self._metadata: bytes | None = None
 
@@ -75,26 +76,29 @@ class LoadedModel:
             feeds[s.name] = np.zeros(shape, dtype=s.np_dtype)
         return feeds
 
-    def warmup(self, max_batch: int, repeats: int = 5) -> float:
-        """Run zeros at batch 1 (and max batch); return the median batch-1 time in ms."""
-        feeds = self.example_feeds(1)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            self.run(feeds)
-            times.append((time.perf_counter() - t0) * 1000.0)
+    def warmup(self, max_batch: int, repeats: int = 5) -> tuple[float, float]:
+        """Run zeros at batch 1 and at max batch; return median times in ms (batch 1, max batch)."""
+
+        def median(feeds: dict[str, np.ndarray]) -> float:
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                self.run(feeds)
+                times.append((time.perf_counter() - t0) * 1000.0)
+            return sorted(times)[len(times) // 2]
+
+        self.warmup_ms = median(self.example_feeds(1))
+        self.warmup_max_batch_ms = self.warmup_ms
         if self.batchable and max_batch > 1:
-            self.run(self.example_feeds(max_batch))
-        times.sort()
-        self.warmup_ms = times[len(times) // 2]
-        return self.warmup_ms
+            self.warmup_max_batch_ms = median(self.example_feeds(max_batch))
+        return self.warmup_ms, self.warmup_max_batch_ms
 
     def info(self, default: bool) -> dict[str, Any]:
         return {
             "name": self.name, "version": self.version, "default": default, "ready": self.ready,
             "backend": self.backend_name, "precision": self.precision, "batch_mode": self.mode,
             "batchable": self.batchable, "source": str(self.source) if self.source else None,
-            "warmup_ms": self.warmup_ms,
+            "warmup_ms": self.warmup_ms, "warmup_max_batch_ms": self.warmup_max_batch_ms,
         }
 
     def metadata(self, versions: list[str]) -> dict[str, Any]:

@@ -9,7 +9,6 @@ POST /v2/repository/index | /v2/repository/models/{m}/load | /unload
 from __future__ import annotations
 
 import logging
-import time
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,7 +42,7 @@ def _clean_id(raw: bytes | None) -> str | None:
 class Router:
     def __init__(self, server: "ModelServer"):
         self.s = server
-        self.perf = time.perf_counter
+        self.perf = server.clock
 
     # -- plumbing -----------------------------------------------------------
     def _send(self, conn, slot, status: int, body: bytes, rid: str, t0: float, method: bytes, path: str,

@@ -115,3 +115,30 @@ def test_unknown_factory_module_is_a_model_error(tmp_path):
     with pytest.raises(ModelError, match="cannot import PyTorch factory module"):
         edgeml.compile("no_such_pkg_xyz.mod:make", target="x86_64", output=tmp_path / "f.edgepkg",
                        input_shape="input=1,3", cache_dir=False)
+
+
+def test_saved_exported_program_is_exported_and_compiled(tmp_path):
+    torch = pytest.importorskip("torch", reason="ExportedProgram import needs torch (the compiler extra)")
+    pytest.importorskip("onnxscript", reason="torch's dynamo ONNX exporter needs onnxscript")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    ep = torch.export.export(net, (torch.randn(2, 1, 6, 6),), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    torch.export.save(ep, tmp_path / "net.pt2")
+    result = compile_with_report(tmp_path / "net.pt2", target="x86_64", output=tmp_path / "ep.edgepkg",
+                                 backend="onnxruntime", precision="fp32", use_cache=False, benchmark=False)
+    m = result.manifest
+    assert m["provenance"]["source_model"]["kind"] == "pytorch-exported-program"
+    assert m["inputs"][0]["shape"] == [None, 1, 6, 6]
+    x = np.random.default_rng(0).standard_normal((3, 1, 6, 6)).astype(np.float32)
+    model = edgeml.load(result.path, cache_dir=tmp_path / "x")
+    got = model.predict({model.inputs[0].name: x})[model.outputs[0].name]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, net(torch.from_numpy(x)).numpy(), rtol=1e-3, atol=1e-5)
+
+
+def test_unreadable_exported_program_is_a_model_error(tmp_path):
+    pytest.importorskip("torch", reason="ExportedProgram import needs torch (the compiler extra)")
+    (tmp_path / "bad.pt2").write_bytes(b"not a zip")
+    with pytest.raises(ModelError, match="not a readable torch.export ExportedProgram"):
+        edgeml.compile(tmp_path / "bad.pt2", target="x86_64", output=tmp_path / "o.edgepkg", cache_dir=False)

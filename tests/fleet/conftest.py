@@ -14,14 +14,7 @@ import pytest
 from edgeml.fleet.broker import Broker, free_port, mosquitto_binary
 
 
-def wait_until(cond, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+from edgeml.fleet.testing import read_journal as journal, wait_until  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")
@@ -142,9 +135,3 @@ def agents(tmp_path, keys):
     procs = AgentProcs(tmp_path, keys["pub"])
     yield procs
     procs.stop_all()
-
-
-def journal(state_dir: Path) -> dict:
-    import json
-
-    return json.loads((Path(state_dir) / "journal.json").read_text())

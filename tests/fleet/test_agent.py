@@ -167,3 +167,41 @@ def test_heartbeat_and_telemetry_messages_validate(tmp_path, keys, store):
     tel = [m for t, m, *_ in link.sent if m["type"] == "telemetry"][-1]
     assert tel["models"][0]["requests"] >= 1 and tel["active"]["version"] == "1.0.0" and tel["memory_mb"] > 0
     assert tel["models"][0]["latency_buckets_ms"]["+Inf"] == tel["models"][0]["requests"]
+
+
+def test_agent_embeds_the_model_server(tmp_path, keys, store):
+    """With HttpServing the active model answers KServe v2 HTTP requests; a hot swap keeps serving."""
+    import urllib.request
+
+    pytest.importorskip("edgeml.runtime.server", reason="edgeml.runtime.server (serve issue) is not installed")
+    from edgeml.fleet.serving import HttpServing
+
+    srv, recs = store
+    cfg = AgentConfig("dev-1", tmp_path / "state", trusted_keys=[keys["pub"]], health_window_s=0.2, health_probe_s=0.02)
+    link = Recorder()
+    serving = HttpServing(tmp_path / "state" / "cache", port=0)
+    core = AgentCore(cfg, link, serving)
+    core.start(threads=False)
+    try:
+        deliver(core, desired(srv, recs["v1"], 1, "d1", keys))
+        assert link.events()[-1][:2] == ("d1", "committed")
+        host, port = serving.address
+        body = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}).encode()
+        with urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/v2/models/tiny/infer", data=body)) as r:
+            assert json.loads(r.read())["model_version"] == "1.0.0"
+        deliver(core, desired(srv, recs["v2"], 2, "d2", keys))
+        assert link.events()[-1][:2] == ("d2", "committed")
+        with urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/v2/models/tiny/infer", data=body)) as r:
+            assert json.loads(r.read())["model_version"] == "2.0.0"
+        rows = {r["version"]: r for r in serving.stats()}
+        assert rows["1.0.0"]["requests"] >= 2 and rows["2.0.0"]["requests"] >= 2      # probes + our request
+        assert set(rows["2.0.0"]["latency_buckets_ms"]) == {*(str(k) for k in ("0.25", "0.5", 1, 2, 5, 10, 20, 50, 100,
+                                                                               200, 500, 1000, 2000, 5000)), "+Inf"}
+        tel = core.telemetry_message()
+        P.validate(P.topic("dev-1", "telemetry"), P.encode(tel))
+        deliver(core, desired(srv, recs["bad"], 3, "d3", keys))
+        assert link.events()[-1][1] == "failed"
+        with urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/v2/models/tiny/infer", data=body)) as r:
+            assert json.loads(r.read())["model_version"] == "2.0.0"
+    finally:
+        serving.close()

@@ -11,7 +11,7 @@ import socket
 import numpy as np
 import pytest
 
-from conftest import mlp_onnx, reference_mlp
+from serve_models import mlp_onnx, reference_mlp
 from edgeml.runtime.server import ModelServer, ServerConfig
 from edgeml.runtime.server.logs import configure_logging
 
@@ -252,3 +252,23 @@ def test_stats_are_raw_mergeable_counters(server):
     assert [m["name"] for m in server.models()] == ["mlp", "gather"]
     assert server.models()[0] == {**server.models()[0], "default": True, "ready": True, "backend": "onnxruntime",
                                   "precision": "fp32", "version": "1"}
+
+
+def test_oversized_headers_are_refused(server):
+    host, port = server.address
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n" + b"X-Junk: " + b"a" * 70000 + b"\r\n\r\n")
+        reply = s.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 400") and b"headers are over 65536 bytes" in reply
+    assert call(server, "GET", "/v2/health/live")[0] == 200
+
+
+def test_idle_keepalive_connections_are_closed(make_mlp_artifact, artifact_cache):
+    srv = ModelServer(ServerConfig(port=0, cache_dir=artifact_cache, keepalive_timeout_s=0.2))
+    srv.load(make_mlp_artifact())
+    with srv:
+        with socket.create_connection(srv.address, timeout=5) as s:
+            s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+            s.settimeout(3)
+            assert s.recv(4096) == b"", "the idle connection should be closed by the server"

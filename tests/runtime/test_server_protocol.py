@@ -105,3 +105,28 @@ def test_binary_data_output_parameter_makes_all_outputs_binary():
     head = orjson.loads(data[:hlen])
     assert [o["parameters"]["binary_data_size"] for o in head["outputs"]] == [16, 16]
     assert len(data) == hlen + 32
+
+
+def test_latency_buckets_contain_the_fleet_protocol_edges():
+    """The agent merges server telemetry into fleet histograms: every fleet edge must be a server edge."""
+    from edgeml.runtime.server.metrics import LATENCY_BUCKETS_MS
+
+    try:
+        from edgeml.fleet.protocol import LATENCY_BUCKETS_MS as FLEET
+    except ImportError as exc:
+        pytest.skip(f"edgeml.fleet.protocol is not importable here: {exc}")
+    assert set(map(float, FLEET)) <= set(LATENCY_BUCKETS_MS)
+
+
+def test_server_imports_no_heavy_package(tmp_path):
+    """A device serving an ONNX Runtime artifact never imports torch, openvino, tvm, onnx or sklearn."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, edgeml.runtime.server as s\n"
+        "print(','.join(m for m in ('torch','openvino','tvm','onnx','sklearn','nncf') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""

@@ -10,12 +10,11 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import mlp_onnx, reference_mlp, write_onnx_artifact
+from serve_models import mlp_onnx, reference_mlp, write_onnx_artifact
 from edgeml.errors import SignatureError
 from edgeml.runtime.server import ModelServer, ServerConfig
 
@@ -183,7 +182,6 @@ def test_repository_extension_over_http(mlp_versions, artifact_cache, tmp_path):
 
 def test_graceful_stop_finishes_in_flight_requests(tmp_path, artifact_cache):
     """A slow model (about 0.05-0.5 s per request) with requests queued when stop() is called."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     w = (np.random.default_rng(0).standard_normal((512, 512)) / 23).astype(np.float32)
@@ -302,3 +300,18 @@ def test_cli_serves_until_sigterm(mlp_versions, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_busy_port_is_a_clear_error(mlp_versions, artifact_cache):
+    import socket
+
+    from edgeml.errors import ServeError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        srv = ModelServer(ServerConfig(port=port, cache_dir=artifact_cache))
+        with pytest.raises(ServeError, match=f"cannot listen on 127.0.0.1:{port}"):
+            srv.start()
+        srv.stop()

@@ -18,6 +18,9 @@ changes on the box hit all of them alike), the per-call latency of:
 * ``direct``: the same loaded artifact's backend library called directly (ORT
   ``session.run`` / OpenVINO ``request.infer`` / the TVM backend's ``run``)
 
+predict's overhead over ``direct`` is measured again in its own phase where the
+two alternate call by call (``overhead`` in the JSON; the ``ovh %`` column).
+
 It prints p50 per runner, the speed-up of the artifact over ORT FP32 and over the
 best single-backend default, and predict's overhead over the direct call; the JSON
 goes to ``benchmarks/out/compile_speed-<time>.json`` (and ``compile_speed-latest.json``).
@@ -59,11 +62,30 @@ def interleaved(runners: dict[str, Callable[[], Any]], rounds: int, per_round: i
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
             fn = runners[name]
+            # let the previous runner's spinning worker threads (ORT, OpenMP) go idle first
+            time.sleep(0.02)
             for _ in range(per_round):
                 t0 = clock()
                 fn()
                 times[name].append(clock() - t0)
     return times
+
+
+def paired(a: Callable[[], Any], b: Callable[[], Any], pairs: int) -> tuple[list[float], list[float]]:
+    """Alternate a, b call by call (order flipping each pair): load drift hits both alike."""
+    ta: list[float] = []
+    tb: list[float] = []
+    clock = time.perf_counter
+    for _ in range(5):
+        a()
+        b()
+    for i in range(pairs):
+        first, second = ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta))
+        for fn, sink in (first, second):
+            t0 = clock()
+            fn()
+            sink.append(clock() - t0)
+    return ta, tb
 
 
 def _calls_per_round(seconds_hint: float, single_call_s: float) -> int:
@@ -153,13 +175,21 @@ def bench_model(name: str, work: Path, target: str, rounds: int, round_seconds: 
     entry["p50_ms"] = p50
     entry["calls"] = {k: len(v) for k, v in times.items()}
     entry["direct_call"] = direct_label
+    # predict's overhead: its own paired phase (edgeml and direct alternate call by call)
+    pairs = max(20, rounds * per_round)
+    t_edgeml, t_direct = paired(runners["edgeml"], direct, pairs)
+    overhead = {"pairs": pairs, "edgeml_p50_ms": round(_p50(t_edgeml), 4), "direct_p50_ms": round(_p50(t_direct), 4),
+                "median_pair_diff_us": round(statistics.median(
+                    [(e - d) * 1e6 for e, d in zip(t_edgeml, t_direct)]), 2)}
+    entry["overhead"] = overhead
     best_default_name = min(("ort", "ov_default", "torch"), key=lambda k: p50[k])
     entry["ratios"] = {
         "speedup_vs_ort_fp32": round(p50["ort"] / p50["edgeml"], 3),
         "speedup_vs_ov_f32": round(p50["ov_f32"] / p50["edgeml"], 3),
         "best_single_default": best_default_name,
         "speedup_vs_best_default": round(p50[best_default_name] / p50["edgeml"], 3),
-        "predict_overhead_pct": round(100.0 * (p50["edgeml"] - p50["direct"]) / p50["direct"], 2),
+        "predict_overhead_pct": round(100.0 * (overhead["edgeml_p50_ms"] - overhead["direct_p50_ms"])
+                                      / overhead["direct_p50_ms"], 2),
     }
     model.close()
     return entry
@@ -179,7 +209,7 @@ def format_table(entries: list[dict[str, Any]]) -> str:
                      + f"{r['speedup_vs_ort_fp32']:>8.2f}{r['speedup_vs_best_default']:>8.2f}"
                      f"{r['predict_overhead_pct']:>8.1f}  {s['backend']}/{s['precision']}")
     lines.append("x ORT = ORT FP32 p50 / artifact p50; x best = best of torch, ort, ov_default / artifact; "
-                 "ovh % = edgeml predict vs the backend library called directly")
+                 "ovh % = edgeml predict vs the backend library called directly (separate paired phase)")
     defaults = {e["ov_default_config"]["inference_precision"] for e in entries if "ov_default_config" in e}
     if defaults:
         lines.append(f"ov_default = OpenVINO CPU plugin defaults (inference precision here: {', '.join(sorted(defaults))}); "

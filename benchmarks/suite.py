@@ -46,6 +46,7 @@ class SuiteConfig:
     precisions: list[str] = field(default_factory=lambda: ["fp32", "int8"])
     duration: str = "3s"
     repeats: int = 3
+    min_queries: int = 64
     offline_batch: int = 8
     bapp_models: list[str] = field(default_factory=lambda: ["mobilenetv2", "resnet18"])
     bapp_rounds: int = 3
@@ -56,7 +57,7 @@ class SuiteConfig:
 
     @classmethod
     def quick_config(cls, **kw) -> "SuiteConfig":
-        base = dict(quick=True, backends=["onnxruntime", "openvino"], duration="1s", repeats=3,
+        base = dict(quick=True, backends=["onnxruntime", "openvino"], duration="1s", repeats=3, min_queries=16,
                     bapp_models=["mobilenetv2"], bapp_rounds=3, bapp_seconds=3.0)
         base.update(kw)
         return cls(**base)
@@ -81,7 +82,7 @@ def export_model(cfg: SuiteConfig, name: str, out: Path) -> Path:
     if name in cfg.extra_onnx:
         shutil.copyfile(cfg.extra_onnx[name], out)
         return out
-    proc = _run([cfg.python, "-m", "edgeml.benchmarks.models", name, str(out)])
+    proc = _run([cfg.python, "-m", "edgeml.benchmarks.models", name, str(out), "--batch", "dynamic", "--data", str(out.parent)])
     if proc.returncode != 0 or not out.exists():
         raise RuntimeError(f"python -m edgeml.benchmarks.models {name} failed (exit {proc.returncode}): {_tail(proc.stderr or proc.stdout)}")
     return out
@@ -132,7 +133,8 @@ def bench(cfg: SuiteConfig, model: Path, report_dir: Path, args: list[str]) -> d
 
 
 def scenario_args(cfg: SuiteConfig) -> dict[str, list[str]]:
-    common = ["--duration", cfg.duration, "--repeats", str(cfg.repeats), "--min-queries", "32", "--warmup", "500ms"]
+    common = ["--duration", cfg.duration, "--repeats", str(cfg.repeats), "--min-queries", str(cfg.min_queries),
+              "--warmup", "500ms"]
     return {
         "single-stream": [*common, "--scenario", "single-stream", "--no-sweep"],
         "offline": [*common, "--scenario", "offline", "--batch", str(cfg.offline_batch), "--sweep"],
@@ -283,7 +285,9 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
             continue
         entry: dict[str, Any] = {"name": name, "onnx_sha256": _sha(onnx_path), "variants": []}
         variants: list[tuple[str, Path | None, str | None]] = [("onnx (ORT defaults)", onnx_path, None)]
-        calib = make_calib(onnx_path, folder / "calib.npz")
+        calib = folder / f"{name}_calib.npz"  # real calibration data from the models module, when it wrote some
+        if not calib.exists():
+            calib = make_calib(onnx_path, folder / "calib.npz")
         for backend in cfg.backends:
             for precision in cfg.precisions:
                 label = f"{backend}-{precision}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +23,27 @@ class _Progress:
     def __call__(self, message: str) -> None:
         if not self.quiet:
             click.echo(f"[{time.perf_counter() - self.start:6.1f}s] {message}", err=True)
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Send both Python-level and file-descriptor-level stdout to stderr for the block."""
+    sys.stdout.flush()
+    saved_fd = None
+    try:
+        if sys.stdout.fileno() == 1 and sys.stderr.fileno() == 2:
+            saved_fd = os.dup(1)
+            os.dup2(2, 1)
+    except (AttributeError, OSError, ValueError):  # CliRunner's capture has no file descriptor
+        saved_fd = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if saved_fd is not None:
+            sys.stdout.flush()
+            os.dup2(saved_fd, 1)
+            os.close(saved_fd)
 
 
 def _parse_backend_option(values: tuple[str, ...]) -> dict:
@@ -71,11 +94,13 @@ def compile_cmd(model: str, target: str, output: Path, precision: str, backend: 
     extra = _parse_backend_option(backend_option)
     if tune_budget:
         extra["tune_budget"] = tune_budget
-    result = compile_with_report(
-        model, target=target, output=output, precision=precision, backend=backend, calib=calib, eval=eval_path,
-        max_accuracy_drop=max_accuracy_drop, input_shape=list(input_shape) or None, name=name, version=version,
-        sign_key=sign_key, cache_dir=cache_dir, use_cache=not no_cache, benchmark=not no_benchmark,
-        progress=_Progress(quiet), **extra)
+    # Libraries (NNCF's progress bars, TVM) print to stdout; keep stdout for the result (--json).
+    with _stdout_to_stderr():
+        result = compile_with_report(
+            model, target=target, output=output, precision=precision, backend=backend, calib=calib,
+            eval=eval_path, max_accuracy_drop=max_accuracy_drop, input_shape=list(input_shape) or None, name=name,
+            version=version, sign_key=sign_key, cache_dir=cache_dir, use_cache=not no_cache,
+            benchmark=not no_benchmark, progress=_Progress(quiet), **extra)
     emit(result.to_dict(), as_json, render)
 
 

@@ -24,7 +24,7 @@ from edgeml.compiler.importers import ImportedModel, fingerprint, import_model, 
 from edgeml.compiler.manifest import (GOLDEN_SAMPLES, created_timestamp, host_info, latency_budget_ms,
                                       selftest_tolerance, source_date_epoch, tool_versions)
 from edgeml.compiler.options import CompileOptions
-from edgeml.compiler.select import benchmark as run_benchmark, select
+from edgeml.compiler.select import CandidateSkipped, benchmark as run_benchmark, select
 from edgeml.errors import (AccuracyError, ArtifactError, CompileError, EdgemlError, MissingDependency, RegistryError,
                            UnsupportedOp, UsageError)
 from edgeml.runtime.artifact import (SCHEMA_VERSION, SELFTEST_FILE, canonical_json, golden_npz_bytes,
@@ -169,7 +169,7 @@ def compile_with_report(model: Any, *, target: Any, output: Any, precision: str 
                            outputs=imported.outputs, workdir=workdir / "build",
                            calib=calib_set.inputs if calib_set else None,
                            options={**opts.backend_options, "max_accuracy_drop": opts.max_accuracy_drop,
-                                    "eval_data": eval_set, "metric": metric},
+                                    "eval_data": eval_set, "metric": metric, "fp32_score": fp32_score.value},
                            progress=say)
         ctx.workdir.mkdir()
         threads = tgt.default_threads or None
@@ -357,6 +357,10 @@ def _build_and_check(c: Candidate, ctx: BuildContext, workdir: Path, imported: I
     say(f"building {c.spec.label}")
     try:
         c.built = impl.build(c.spec, ctx)
+    except CandidateSkipped as exc:
+        c.status, c.reason = "skipped", str(exc)
+        say(f"  {c.spec.label}: skipped ({exc})")
+        return
     except EdgemlError as exc:
         c.status, c.reason, c.error = "failed", f"build failed: {exc.message}", exc
         return

@@ -19,6 +19,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+class CandidateSkipped(Exception):
+    """Raised by a backend's build when a candidate turns out to be unnecessary (recorded as skipped)."""
+
+
 PRECISION_RANK = {"int8": 0, "fp16": 1, "fp32": 2}
 SCREEN_FACTOR = 5.0
 STATIC_ORDER = ("precision: int8 > fp16 > fp32; then the target file's backend order; "

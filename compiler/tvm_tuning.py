@@ -149,7 +149,7 @@ def _fast_stack(context: int = 1):
     frame = sys._getframe(1)
     infos = []
     while frame is not None:
-        if len(infos) < 3:
+        if len(infos) < 3 and not frame.f_code.co_filename.startswith("<"):
             info = inspect.getframeinfo(frame, context)
             infos.append(inspect.FrameInfo(frame, *info[:5], positions=getattr(info, "positions", None)))
         else:
@@ -338,19 +338,45 @@ def tune_and_apply(mod, params: list, target, *, budget_s: float, database_dir: 
     return mod, params, report
 
 
+def _tune_contexts(todo, work_dir: str, cores: int, small: bool):
+    """One TuneContext per task, each with its own search strategy (smaller for small budgets)."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
+    from tvm.s_tir.meta_schedule.utils import fork_seed
+
+    contexts, weights = [], []
+    loggers = get_loggers_from_work_dir(work_dir, [t.task_name for t in todo])
+    for task, logger, seed in zip(todo, loggers, fork_seed(0, n=len(todo))):
+        strategy = (ms.search_strategy.EvolutionarySearch(population_size=256, init_min_unmeasured=32,
+                                                          genetic_num_iters=3)
+                    if small else ms.search_strategy.EvolutionarySearch())
+        contexts.append(ms.TuneContext(
+            mod=task.dispatched[0], target=task.target, space_generator="post-order-apply",
+            search_strategy=strategy, task_name=task.task_name, logger=logger, rand_state=seed,
+            num_threads=cores).clone())
+        weights.append(float(task.weight))
+    return contexts, weights
+
+
 def _tune(todo, target, database, report: TuningReport, trials_per_task: int, per_iter: int, deadline: float,
           progress: Callable[[str], None], clock: Callable[[], float]) -> None:
     from tvm.s_tir import meta_schedule as ms
 
+    import logging
+
     PersistentBuilder, DeadlineProgress = _classes()
+    seconds = import_tensor_intrin()
+    if seconds > 1:
+        progress(f"tvm tuning: loaded TVM's tensor intrinsics in {seconds:.0f}s")
+    # MetaSchedule prints a table per batch to stdout; our callback reports progress instead.
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.ERROR)
     cores = os.cpu_count() or 1
     work_dir = tempfile.mkdtemp(prefix="edgeml-ms-")
     callback = DeadlineProgress(deadline, len(todo), progress, clock)
     builder = PersistentBuilder(max_workers=cores, timeout_sec=120)
     runner = ms.runner.LocalRunner(timeout_sec=60, evaluator_config=ms.runner.EvaluatorConfig(
         number=3, repeat=1, min_repeat_ms=40, enable_cpu_cache_flush=False))
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        extracted_tasks=todo, work_dir=work_dir, num_threads=cores, seed=0)
+    contexts, weights = _tune_contexts(todo, work_dir, cores, small=trials_per_task < 32)
     progress(f"tvm tuning: {len(todo)} kernels x {trials_per_task} trials, batches of {per_iter}")
     try:
         with _torchless_workers():

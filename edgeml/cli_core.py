@@ -66,7 +66,11 @@ def inspect_cmd(artifact: Path, verify: bool, trusted_keys: tuple[Path, ...], as
     if as_json:
         emit(manifest, True)
         return
-    click.echo(_describe(manifest, signer))
+    import zipfile
+
+    with zipfile.ZipFile(artifact) as zf:
+        has_signature = "manifest.sig" in zf.namelist()
+    click.echo(_describe({**manifest, "signed": has_signature}, signer))
 
 
 def _describe(m: dict, signer: str | None) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import threading
 import time
@@ -54,7 +55,7 @@ class AgentConfig:
     health_max_error_rate: float = 0.0
     health_max_p95_ms: float | None = None
     max_attempts: int = 3
-    download_retries: int = 4
+    download_patience_s: float = 300.0      # keep retrying a download that fails for network reasons
     check_host: bool = True
 
     @property
@@ -71,6 +72,10 @@ class InstallFailed(Exception):
 
 class Superseded(Exception):
     pass
+
+
+class Interrupted(Exception):
+    """The agent is stopping mid-install: leave the journal as it is; the next start resumes."""
 
 
 class AgentCore:
@@ -177,12 +182,14 @@ class AgentCore:
             failed = j["last_failed"]
             if failed and failed["seq"] == seq and failed["deployment_id"] == dep:
                 return   # already failed and reported; the manager decides what next
-            if seq <= j["highest_seq"]:
+            if seq <= j["highest_seq"] or (self._wanted is not None and seq < self._wanted["seq"]):
                 raise MessageRejected(
-                    f"replayed or stale desired state: seq {seq} is not newer than {j['highest_seq']}"
-                    f" (deployment {dep})")
-            self._wanted = dict(desired, _attempt=1)
+                    f"replayed or stale desired state: seq {seq} is not newer than"
+                    f" {max(j['highest_seq'], self._wanted['seq'] if self._wanted else -1)} (deployment {dep})")
+            dropped, self._wanted = self._wanted, dict(desired, _attempt=1)
             self._wake.notify_all()
+        if dropped is not None:   # queued but never started: tell the manager it will not happen
+            self._event(dropped, dropped.get("_attempt", 1), "failed", f"superseded by deployment {dep}")
 
     # ------------------------------------------------------------------ publishing
     def _publish(self, kind: str, msg: dict[str, Any], qos: int, retain: bool = False) -> None:
@@ -318,6 +325,11 @@ class AgentCore:
     def install(self, desired: dict[str, Any]) -> None:
         attempt = int(desired.pop("_attempt", 1))
         swapped = False
+        stale = self.journal.data["pending"]
+        if stale and stale["desired"]["deployment_id"] != desired["deployment_id"]:
+            # an install interrupted by a restart, replaced by a newer desired state meanwhile
+            self._event(stale["desired"], stale["attempt"], "failed",
+                        f"superseded by deployment {desired['deployment_id']}")
         try:
             self._journal_state(desired, attempt, "received")
             art = desired["artifact"]
@@ -348,6 +360,9 @@ class AgentCore:
             self._journal_state(desired, attempt, "health", slot=str(path))
             self._health_window(desired)
             self._commit(desired, attempt, slot=str(path))
+        except Interrupted:
+            log.warning("stopping in the middle of deployment %s; it resumes at the next start",
+                        desired["deployment_id"])
         except Superseded as exc:
             self._rollback_serving() if swapped else None
             self._finish_failed(desired, attempt, str(exc), state="rolled_back" if swapped else "failed")
@@ -369,16 +384,28 @@ class AgentCore:
                 return Path(rec["slot"])
         path = self.slots.artifact(desired["seq"], art["sha256"])
         self._journal_state(desired, attempt, "downloading", slot=str(path))
-        last: Exception | None = None
-        for i in range(self.config.download_retries):
+        from edgeml.errors import ArtifactError
+
+        # network trouble (store restarting, link down) is retried with backoff + jitter until
+        # download_patience_s; content that does not match its sha256 fails at once
+        deadline = time.monotonic() + self.config.download_patience_s
+        i = 0
+        while True:
             try:
                 return self.downloader(art["url"], path, sha256=art["sha256"], size=art["size"])
+            except ArtifactError as exc:
+                raise InstallFailed(f"download failed: {exc.message}") from None
             except EdgemlError as exc:
-                last = exc
-                log.warning("download attempt %d failed: %s", i + 1, exc.message)
-                if self._stop.wait(min(0.2 * 2 ** i, 5.0)):
-                    break
-        raise InstallFailed(f"download failed: {getattr(last, 'message', last)}")
+                i += 1
+                if self._stop.is_set():
+                    raise Interrupted() from None
+                if time.monotonic() >= deadline:
+                    raise InstallFailed(f"download failed after {i} attempts: {exc.message}") from None
+                log.warning("download attempt %d failed (will retry): %s", i, exc.message)
+                with self._lock:
+                    if self._wanted is not None and self._wanted["seq"] > desired["seq"]:
+                        raise Superseded(f"superseded by deployment {self._wanted['deployment_id']}") from None
+                self._stop.wait(random.uniform(0.5, 1.0) * min(0.25 * 2 ** i, 10.0))
 
     def _verify(self, path: Path, art: dict[str, Any]) -> None:
         from edgeml.errors import UnsupportedHost
@@ -418,7 +445,9 @@ class AgentCore:
             with self._lock:
                 if self._wanted is not None and self._wanted["seq"] > desired["seq"]:
                     raise Superseded(f"superseded by deployment {self._wanted['deployment_id']}")
-            if time.monotonic() >= end or self._stop.is_set():
+            if self._stop.is_set():
+                raise Interrupted()
+            if time.monotonic() >= end:
                 break
             self._stop.wait(self.config.health_probe_s)
         rate = errors / max(probes, 1)

@@ -41,6 +41,7 @@ INT8_RECIPES: dict[str, dict[str, Any]] = {
     "u8u8": {"activation_type": "QUInt8", "weight_type": "QUInt8", "per_channel": False, "reduce_range": False},
 }
 EXCLUDE_SUFFIX = "-exclude-ends"
+AWARE_SUFFIX = "-accuracy-aware"
 
 
 def int8_saturation_hazard(target) -> bool:
@@ -118,16 +119,24 @@ class OnnxRuntimeCompiler(CompilerBackend):
             specs.append(CandidateSpec(self.name, "fp16", {"conversion": "float16", "keep_io_types": True},
                                        "onnxruntime/fp16"))
         if "int8" in precisions and target.device == "cpu":
-            names = ctx.options.get("ort_int8_recipes") or default_int8_recipes(target)
+            names = ctx.options.get("ort_int8_recipes")
             if isinstance(names, str):
                 names = [n.strip() for n in names.split(",") if n.strip()]
+            if not names:
+                names = default_int8_recipes(target)
+                # Fallback when every plain recipe loses too much: keep the most sensitive nodes in FP32.
+                if ctx.options.get("ort_accuracy_aware", True) and ctx.options.get("eval_data") is not None:
+                    names = [*names, names[0] + AWARE_SUFFIX]
             for name in names:
-                base = name[: -len(EXCLUDE_SUFFIX)] if name.endswith(EXCLUDE_SUFFIX) else name
+                aware = name.endswith(AWARE_SUFFIX)
+                base = name[: -len(AWARE_SUFFIX)] if aware else name
+                base = base[: -len(EXCLUDE_SUFFIX)] if base.endswith(EXCLUDE_SUFFIX) else base
                 if base not in INT8_RECIPES:
                     raise CompileError(f"unknown ONNX Runtime int8 recipe {name!r}",
-                                       hint=f"choose among {sorted(INT8_RECIPES)} (optionally with '{EXCLUDE_SUFFIX}')")
-                recipe = {"method": "static-qdq", "name": name, **INT8_RECIPES[base],
-                          "exclude_sensitive": name.endswith(EXCLUDE_SUFFIX),
+                                       hint=f"choose among {sorted(INT8_RECIPES)} (optionally with "
+                                            f"'{EXCLUDE_SUFFIX}' or '{AWARE_SUFFIX}')")
+                recipe = {"method": "static-qdq", "name": name, "base": base, **INT8_RECIPES[base],
+                          "exclude_sensitive": name.endswith(EXCLUDE_SUFFIX), "accuracy_aware": aware,
                           "calibration": ctx.options.get("ort_calibration", "minmax"),
                           "saturation_hazard": int8_saturation_hazard(target)}
                 specs.append(CandidateSpec(self.name, "int8", recipe, f"onnxruntime/int8/{name}"))
@@ -189,12 +198,24 @@ class OnnxRuntimeCompiler(CompilerBackend):
 
     def _int8(self, spec: CandidateSpec, ctx: BuildContext, out: Path, notes: list[str]) -> dict[str, Any]:
         import onnx
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-        from onnxruntime.quantization.shape_inference import quant_pre_process
 
         if not ctx.calib:
             raise CompileError("int8 needs calibration data", hint="pass --calib CALIB.npz")
         recipe = dict(spec.recipe)
+        pre = self._preprocessed(ctx, notes)
+        if recipe.get("accuracy_aware"):
+            return self._accuracy_aware(recipe, ctx, pre, out, notes)
+        exclude: list[str] = []
+        if recipe.get("exclude_sensitive"):
+            exclude = sensitive_nodes(onnx.load(str(pre)))
+            recipe["excluded_nodes"] = exclude
+        self._quantize(recipe, ctx, pre, out, exclude)
+        self._hazard_note(recipe, notes)
+        return recipe
+
+    def _preprocessed(self, ctx: BuildContext, notes: list[str]) -> Path:
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
         pre = ctx.workdir / "ort-int8-preprocessed.onnx"
         if not pre.exists():
             try:
@@ -202,17 +223,20 @@ class OnnxRuntimeCompiler(CompilerBackend):
             except Exception as exc:  # pre-processing is an optimization; quantize the raw model instead
                 notes.append(f"quant_pre_process skipped: {str(exc)[:200]}")
                 shutil.copyfile(ctx.onnx_path, pre)
-        model = onnx.load(str(pre))
-        exclude: list[str] = []
-        if recipe.get("exclude_sensitive"):
-            exclude = sensitive_nodes(model)
-            recipe["excluded_nodes"] = exclude
+        return pre
+
+    def _quantize(self, recipe: dict[str, Any], ctx: BuildContext, pre: Path, out: Path, exclude: list[str]) -> None:
+        import onnx
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
         method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                   "percentile": CalibrationMethod.Percentile}[recipe.get("calibration", "minmax")]
-        batch = _fixed_batch(ctx.inputs)
-        reader = _Reader(ctx.calib, batch, int(ctx.options.get("ort_calibration_samples", 256)))
+        reader = _Reader(ctx.calib, _fixed_batch(ctx.inputs), int(ctx.options.get("ort_calibration_samples", 256)))
         recipe["calibration_samples"] = reader.samples
-        cache = ctx.workdir / f"ort-calibration-{recipe.get('calibration', 'minmax')}.json"
+        if reader.samples == 0:
+            raise CompileError(f"int8 calibration needs at least {_fixed_batch(ctx.inputs)} samples")
+        # Activation ranges do not depend on the recipe: calibrate once per method, reuse for every recipe.
+        cache = ctx.workdir / f"ort-calibration-{recipe.get('calibration', 'minmax')}-{reader.samples}.json"
         try:
             quantize_static(
                 str(pre), str(out), reader,
@@ -224,20 +248,73 @@ class OnnxRuntimeCompiler(CompilerBackend):
                 nodes_to_exclude=exclude or None,
                 calibrate_method=method,
                 calibration_cache_path=str(cache),
-                extra_options={"CalibMaxIntermediateOutputs": 64},
+                # Ranges are merged chunk by chunk, so memory stays bounded for big models.
+                extra_options={"CalibStridedMinMax": reader.stride},
             )
         except Exception as exc:
             raise ort_error(exc, f"quantize the model to int8 ({recipe['name']})") from exc
-        if recipe["saturation_hazard"]:
-            from edgeml.targets import host_features
-
-            if {"avx512_vnni", "avx_vnni"} & host_features():
-                notes.append("accuracy measured with this host's VNNI int8 kernels, which cannot saturate; the "
-                             "target may lack VNNI, hence this recipe avoids u8s8 saturation by construction "
-                             f"({'7-bit weights' if recipe['reduce_range'] else 'u8 weights' if recipe['weight_type'] == 'QUInt8' else 'no mitigation'})")
         # Re-save deterministically so the same inputs give the same bytes.
         q = onnx.load(str(out))
         out.write_bytes(q.SerializeToString(deterministic=True))
+
+    def _hazard_note(self, recipe: dict[str, Any], notes: list[str]) -> None:
+        if not recipe.get("saturation_hazard"):
+            return
+        from edgeml.targets import host_features
+
+        if {"avx512_vnni", "avx_vnni"} & host_features():
+            how = ("7-bit weights" if recipe["reduce_range"] else
+                   "u8 weights" if recipe["weight_type"] == "QUInt8" else "no mitigation")
+            notes.append("accuracy measured with this host's VNNI int8 kernels, which cannot saturate; the target "
+                         f"may lack VNNI, so this recipe avoids u8s8 saturation by construction ({how})")
+
+    def _accuracy_aware(self, recipe: dict[str, Any], ctx: BuildContext, pre: Path, out: Path,
+                        notes: list[str]) -> dict[str, Any]:
+        """Keep the nodes that lose the most signal in FP32 until the metric is within the tolerance.
+
+        Ranking: per-node SQNR loss between FP32 and the plain QDQ model on a few
+        calibration samples (edgeml.compiler.sensitivity). Then exclude the worst
+        1, 2, 4, ... nodes (up to half of them), measuring each step with the
+        pipeline's own evaluation (the runtime backend on the eval split).
+        """
+        from edgeml.compiler.select import CandidateSkipped
+        from edgeml.compiler.sensitivity import rank_nodes
+
+        tolerance = ctx.options.get("max_accuracy_drop")
+        fp32_score = ctx.options.get("fp32_score")
+        if ctx.evaluate is None or tolerance is None or fp32_score is None:
+            raise CandidateSkipped("accuracy-aware int8 needs the pipeline's evaluation (eval data and tolerance)")
+        base_fragment = {"backend": {"name": self.name, "entrypoint": ENTRY, "version": self.version(),
+                                     "options": {"graph_optimization_level": "all",
+                                                 "providers": _providers(ctx.target)}},
+                         "precision": "int8"}
+        trial_dir = out.parent.parent / "trial"
+        trial = trial_dir / ENTRY
+        trial.parent.mkdir(parents=True, exist_ok=True)
+        self._quantize(recipe, ctx, pre, trial, [])
+        drop = float(fp32_score) - ctx.evaluate(trial_dir, base_fragment)
+        steps = [{"excluded": 0, "drop": round(drop, 4)}]
+        if drop <= tolerance:
+            raise CandidateSkipped(f"not needed: {recipe['base']} without exclusions is within the tolerance "
+                                   f"(drop {drop:.2f} points)")
+        ranking = rank_nodes(pre, trial, ctx.calib, samples=int(ctx.options.get("ort_sensitivity_samples", 16)))
+        limit = max(1, len(ranking) // 2)   # beyond half the nodes in FP32, int8 cannot pay off
+        k = 1
+        exclude: list[str] = []
+        while True:
+            exclude = [r["node"] for r in ranking[:k]]
+            self._quantize(recipe, ctx, pre, trial, exclude)
+            drop = float(fp32_score) - ctx.evaluate(trial_dir, base_fragment)
+            steps.append({"excluded": len(exclude), "drop": round(drop, 4)})
+            ctx.progress(f"  {recipe['name']}: {len(exclude)} node(s) kept in FP32 -> drop {drop:.2f} points")
+            if drop <= tolerance or k >= limit:
+                break
+            k = min(2 * k, limit)
+        shutil.copyfile(trial, out)
+        recipe["excluded_nodes"] = exclude
+        recipe["sensitivity"] = {"metric": "sqnr_loss_db", "top": ranking[: max(len(exclude), 5)], "steps": steps}
+        notes.append(f"kept the {len(exclude)} most sensitive of {len(ranking)} quantized nodes in FP32")
+        self._hazard_note(recipe, notes)
         return recipe
 
 
@@ -272,17 +349,33 @@ def _Reader(arrays: dict[str, np.ndarray], batch: int, limit: int):
 
 
 class _ReaderBase:
-    """CalibrationDataReader over arrays (first axis = samples), batch by batch."""
+    """CalibrationDataReader over arrays (first axis = samples), batch by batch.
+
+    Implements ``__len__`` and ``set_range`` so ONNX Runtime can calibrate in
+    strides (``CalibStridedMinMax``): at most ``STRIDE`` batches of activations
+    are held in memory at once. (ORT's ``CalibMaxIntermediateOutputs`` drops the
+    data it has collected when it reaches the limit, so it is not used.)
+    """
+
+    STRIDE = 32
 
     def __init__(self, arrays: dict[str, np.ndarray], batch: int, limit: int):
-        n = min(len(next(iter(arrays.values()))), limit)
-        n -= n % batch
-        self.samples = n
-        self._feeds = [{k: np.ascontiguousarray(v[i:i + batch]) for k, v in arrays.items()} for i in range(0, n, batch)]
-        self._it = iter(self._feeds)
+        feeds = min(len(next(iter(arrays.values()))), limit) // batch
+        self.stride = max(1, min(self.STRIDE, feeds))
+        feeds -= feeds % self.stride
+        self.samples = feeds * batch
+        self._feeds = [{k: np.ascontiguousarray(v[i * batch:(i + 1) * batch]) for k, v in arrays.items()}
+                       for i in range(feeds)]
+        self.set_range(0, len(self._feeds))
+
+    def __len__(self) -> int:
+        return len(self._feeds)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._it = iter(self._feeds[start_index:end_index])
 
     def get_next(self):
         return next(self._it, None)
 
     def rewind(self):
-        self._it = iter(self._feeds)
+        self.set_range(0, len(self._feeds))

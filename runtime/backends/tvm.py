@@ -97,6 +97,17 @@ class TvmBackend(RuntimeBackend):
             import tvm.support.nvcc  # noqa: F401  registers tvm_callback_cuda_compile
         except Exception:
             pass
+        # Runtime-only TVM does not load the CUDA runtime sidecar library; load it here.
+        try:
+            from tvm.base import _LOADED_LIBS
+            from tvm_ffi.libinfo import load_lib_ctypes
+
+            if "tvm_runtime_cuda" not in _LOADED_LIBS:
+                runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+                _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+                    package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL")
+        except (OSError, RuntimeError, KeyError, ImportError):
+            pass  # no CUDA driver here: the device check below says so
         if "TVM_CUDA_COMPILE_MODE" not in os.environ:
             import importlib.util
             import shutil

@@ -130,6 +130,11 @@ class ModelServer:
             time.sleep(0.005)
         left = self._in_loop(lambda: self.inflight)
         self._in_loop(self._close_connections)
+        # transport.close() flushes what is buffered before the socket closes: let it finish.
+        flush_deadline = max(deadline, time.monotonic() + 1.0)
+        while time.monotonic() < flush_deadline and self._in_loop(lambda: len(self.connections)) > 0:
+            time.sleep(0.005)
+        self._in_loop(self._abort_connections)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._thread = None
@@ -160,6 +165,11 @@ class ModelServer:
             if not conn.closed and conn.transport is not None:
                 conn.transport.close()
                 conn.closed = True
+
+    def _abort_connections(self) -> None:
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
 
     def _close_models(self) -> None:
         for lm, _ in self.repo.all():

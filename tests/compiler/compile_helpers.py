@@ -37,3 +37,32 @@ def ort_run(model_path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds)))
+
+
+def outlier_input_mlp_model(seed: int = 0, scale: float = 1000.0):
+    """x[N,16] -> y[N,4], 3 MatMul/Add layers with ReLU, for data whose feature 0 is ``scale`` times larger.
+
+    Row 0 of the first weight is divided by ``scale`` so every feature matters alike in FP32, but
+    quantizing the input to 8 bits over feature 0's range wipes out the other 15: only keeping the
+    first layer in FP32 saves int8 accuracy.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    dims = [16, 32, 32, 4]
+    nodes, inits, prev = [], [], "x"
+    for i in range(3):
+        w = (rng.standard_normal((dims[i], dims[i + 1])) / np.sqrt(dims[i])).astype(np.float32)
+        if i == 0:
+            w[0, :] /= scale
+        inits += [numpy_helper.from_array(w, f"w{i}"),
+                  numpy_helper.from_array(np.zeros(dims[i + 1], np.float32), f"b{i}")]
+        nodes += [helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]),
+                  helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"])]
+        prev = f"a{i}"
+        if i < 2:
+            nodes.append(helper.make_node("Relu", [prev], [f"r{i}"]))
+            prev = f"r{i}"
+    nodes.append(helper.make_node("Identity", [prev], ["y"]))
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)

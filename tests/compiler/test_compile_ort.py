@@ -115,3 +115,26 @@ def test_signed_artifact_loads_with_its_key(mlp_file, tmp_path):
                          precision="fp32", sign_key=key, cache_dir=tmp_path / "cc")
     model = edgeml.load(out, trusted_keys=[pub], cache_dir=tmp_path / "x")
     assert model.artifact.signed_by is not None
+
+
+def test_accuracy_aware_int8_keeps_sensitive_nodes_in_fp32_when_plain_recipes_fail(tmp_path):
+    from compile_helpers import outlier_input_mlp_model
+
+    src = tmp_path / "outlier.onnx"
+    src.write_bytes(outlier_input_mlp_model().SerializeToString())
+    x = np.random.default_rng(0).standard_normal((96, 16)).astype(np.float32)
+    x[:, 0] *= 1000.0
+    np.savez(tmp_path / "c.npz", x=x[:64])
+    np.savez(tmp_path / "e.npz", x=x[64:], reference_y=ort_run(src, {"x": x[64:]})["y"])
+    result = compile_with_report(src, target="x86_64", output=tmp_path / "aw.edgepkg", backend="onnxruntime",
+                                 precision="int8", calib=tmp_path / "c.npz", eval=tmp_path / "e.npz",
+                                 max_accuracy_drop=5.0, use_cache=False, benchmark=False)
+    by_label = {c["label"].split("/")[-1]: c for c in result.candidates}
+    for plain in ("u8s8-per-channel-reduce-range", "u8u8", "u8s8-per-channel-reduce-range-exclude-ends"):
+        assert by_label[plain]["status"] == "rejected" and by_label[plain]["accuracy_drop"] > 5.0, by_label[plain]
+    aware = by_label["u8s8-per-channel-reduce-range-accuracy-aware"]
+    assert aware["status"] == "selected" and aware["accuracy_drop"] <= 5.0
+    q = result.manifest["quantization"]
+    assert q["accuracy_aware"] is True and q["sensitivity"]["steps"][0]["excluded"] == 0
+    assert q["excluded_nodes"] and q["excluded_nodes"][0] == q["sensitivity"]["top"][0]["node"]
+    assert q["sensitivity"]["top"][0]["node"].startswith("MatMul_0")     # the layer reading the raw input

@@ -84,3 +84,17 @@ def test_demo_with_amqtt_ends_on_its_own(tmp_path):
     assert "broker: amqtt" in proc.stdout
     assert "tiny@1.0.0 completed; tiny@2.0.0 completed; tiny@3.0.0 rolled_back" in proc.stdout
     assert "'cam-001': '2.0.0', 'cam-002': '2.0.0', 'cam-003': '2.0.0'" in proc.stdout
+
+
+def test_systemd_unit_uses_real_agent_options():
+    import re
+    from pathlib import Path
+
+    from edgeml.fleet.cli import agent_cmd
+
+    unit = (Path(__file__).parents[2] / "fleet" / "edgeml-agent.service").read_text()
+    assert "ExecStart=" in unit and "Restart=always" in unit
+    exec_start = unit.split("ExecStart=")[1].split("\n#")[0]
+    flags = set(re.findall(r"(--[a-z-]+)", exec_start)) | set(re.findall(r"#\s+(--[a-z-]+)", unit))
+    known = {o for p in agent_cmd.params for o in getattr(p, "opts", [])}
+    assert flags <= known, flags - known

@@ -10,7 +10,7 @@ import pytest
 from edgeml.fleet.testing import read_journal, wait_until
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
-CRASH_STATES = ["downloading", "verifying", "staged", "selftest", "swapped", "health"]
+CRASH_STATES = ["received", "downloading", "verifying", "staged", "selftest", "swapped", "health"]
 
 
 def start_rollout(m, target, waves, selector, bake_s=0.2):
@@ -37,8 +37,8 @@ def test_kill9_in_every_install_state(broker, start_manager, agents, artifacts, 
     devs = [f"k9-{s}" for s in CRASH_STATES]
     for d, state in zip(devs, CRASH_STATES):
         agents.start(d, broker.url, labels="fleet=kill9", env={"EDGEML_AGENT_CRASH_AT": f"{state}@2.0.0"})
-    wait_until(lambda: m.db.one("SELECT COUNT(*) FROM devices WHERE online = 1 AND device_id LIKE 'k9-%'")[0] == 6,
-               30, "6 agents online")
+    wait_until(lambda: m.db.one("SELECT COUNT(*) FROM devices WHERE online = 1 AND device_id LIKE 'k9-%'")[0] == len(CRASH_STATES),
+               30, "all agents online")
     assert finished(m, start_rollout(m, "tiny@1.0.0", [1.0], sel), 40)["state"] == "completed"
 
     rid = start_rollout(m, "tiny@2.0.0", [1.0], sel)
@@ -50,14 +50,14 @@ def test_kill9_in_every_install_state(broker, start_manager, agents, artifacts, 
         assert j["committed"]["version"] == "1.0.0", f"{d}: the committed model must still be the good v1"
         assert j["pending"]["state"] == state and j["pending"]["desired"]["artifact"]["version"] == "2.0.0"
     # the manager sees them go offline (Last Will) and keeps them pending, not failed
-    wait_until(lambda: m.db.one("SELECT COUNT(*) FROM devices WHERE online = 0 AND device_id LIKE 'k9-%'")[0] == 6,
+    wait_until(lambda: m.db.one("SELECT COUNT(*) FROM devices WHERE online = 0 AND device_id LIKE 'k9-%'")[0] == len(CRASH_STATES),
                15, "Last Wills")
     assert m.rollout_status(rid)["state"] == "running"
     for d, state in zip(devs, CRASH_STATES):   # "systemd" restarts them
         agents.start(d, broker.url, labels="fleet=kill9", env={"EDGEML_AGENT_CRASH_AT": f"{state}@2.0.0"})
     s = finished(m, rid, 60)
-    print(f"\nkill -9 in 6 install states, restart, converge: {time.monotonic() - t:.1f}s")
-    assert s["state"] == "completed" and s["per_wave"] == [{"committed": 6}], s
+    print(f"\nkill -9 in {len(CRASH_STATES)} install states, restart, converge: {time.monotonic() - t:.1f}s")
+    assert s["state"] == "completed" and s["per_wave"] == [{"committed": len(CRASH_STATES)}], s
     for d, state in zip(devs, CRASH_STATES):
         j = read_journal(tmp_path / d)
         assert j["committed"]["version"] == "2.0.0" and j["previous"]["version"] == "1.0.0" and j["pending"] is None

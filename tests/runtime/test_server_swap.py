@@ -181,12 +181,12 @@ def test_repository_extension_over_http(mlp_versions, artifact_cache, tmp_path):
 
 
 def test_graceful_stop_finishes_in_flight_requests(tmp_path, artifact_cache):
-    """A slow model (about 0.05-0.5 s per request) with requests queued when stop() is called."""
+    """A slow model (about 0.1-1 s per request) with requests queued when stop() is called."""
     from onnx import TensorProto, helper, numpy_helper
 
     w = (np.random.default_rng(0).standard_normal((512, 512)) / 23).astype(np.float32)
     nodes, prev = [], "x"
-    for i in range(24):
+    for i in range(64):
         nodes.append(helper.make_node("MatMul", [prev, "w"], [f"h{i}"]))
         prev = f"h{i}"
     nodes.append(helper.make_node("Identity", [prev], ["y"]))
@@ -205,28 +205,38 @@ def test_graceful_stop_finishes_in_flight_requests(tmp_path, artifact_cache):
     header = json.dumps({"inputs": [{"name": "x", "shape": [256, 512], "datatype": "FP32",
                                      "parameters": {"binary_data_size": x.nbytes}}]}).encode()
     payload = header + x.tobytes()
-    statuses: list[int] = []
-
-    def one() -> None:
-        conn = http.client.HTTPConnection(*address, timeout=30)
-        conn.request("POST", "/v2/models/slow/infer", body=payload,
-                     headers={"Inference-Header-Content-Length": str(len(header))})
-        resp = conn.getresponse()
-        resp.read()
-        statuses.append(resp.status)
-
-    threads = [threading.Thread(target=one) for _ in range(3)]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + 10
-    while srv._in_loop(lambda: srv.inflight) < 3 and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert srv._in_loop(lambda: srv.inflight) == 3
-    srv.stop(drain_timeout=20)
-    for t in threads:
-        t.join(10)
-    assert statuses == [200, 200, 200]
     import socket
+
+    request = (f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: t\r\nContent-Length: {len(payload)}\r\n"
+               f"Inference-Header-Content-Length: {len(header)}\r\n\r\n").encode() + payload
+    sock = socket.create_connection(address, timeout=30)
+    statuses: list[int] = []
+    tail: list[bytes] = []
+
+    def read_responses() -> None:       # a real client reads while the server drains
+        f = sock.makefile("rb")
+        for _ in range(3):
+            status = int(f.readline().split()[1])
+            length = 0
+            while (line := f.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            if len(f.read(length)) == length:
+                statuses.append(status)
+        tail.append(f.read())
+
+    reader = threading.Thread(target=read_responses)
+    reader.start()
+    sock.sendall(request * 3)      # three pipelined requests, queued behind each other (max_batch=1)
+    deadline = time.monotonic() + 20
+    while srv._in_loop(lambda: srv.inflight) < 3 and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert srv._in_loop(lambda: srv.inflight) == 3
+    srv.stop(drain_timeout=30)
+    reader.join(30)
+    sock.close()
+    assert statuses == [200, 200, 200]
+    assert tail == [b""], "the server closes the connection after draining"
 
     with pytest.raises(OSError):
         socket.create_connection(address, timeout=1).close()

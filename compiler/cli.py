@@ -79,6 +79,8 @@ def _parse_backend_option(values: tuple[str, ...]) -> dict:
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Compile cache folder (default ~/.cache/edgeml/compile).")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the compile cache.")
 @click.option("--no-benchmark", is_flag=True, help="Do not time candidates (select by the static order).")
+@click.option("--benchmark-seconds", default=3.0, type=float, show_default=True,
+              help="Time budget of the interleaved candidate benchmark.")
 @click.option("--tune-budget", help="TVM tuning budget, e.g. 10m (TVM backend only).")
 @click.option("--option", "backend_option", multiple=True, help="Backend option KEY=VALUE (JSON values allowed).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
@@ -87,7 +89,7 @@ def _parse_backend_option(values: tuple[str, ...]) -> dict:
 def compile_cmd(model: str, target: str, output: Path, precision: str, backend: str, calib: Path | None,
                 eval_path: Path | None, max_accuracy_drop: float, input_shape: tuple[str, ...], name: str | None,
                 version: str, sign_key: Path | None, cache_dir: Path | None, no_cache: bool, no_benchmark: bool,
-                tune_budget: str | None, backend_option: tuple[str, ...], quiet: bool, as_json: bool) -> None:
+                benchmark_seconds: float, tune_budget: str | None, backend_option: tuple[str, ...], quiet: bool, as_json: bool) -> None:
     """Compile MODEL (.onnx, .pt2, or pkg.module:factory) into a verified artifact for TARGET."""
     from edgeml.compiler import compile_with_report
 
@@ -100,7 +102,7 @@ def compile_cmd(model: str, target: str, output: Path, precision: str, backend: 
             model, target=target, output=output, precision=precision, backend=backend, calib=calib,
             eval=eval_path, max_accuracy_drop=max_accuracy_drop, input_shape=list(input_shape) or None, name=name,
             version=version, sign_key=sign_key, cache_dir=cache_dir, use_cache=not no_cache,
-            benchmark=not no_benchmark, progress=_Progress(quiet), **extra)
+            benchmark=not no_benchmark, benchmark_seconds=benchmark_seconds, progress=_Progress(quiet), **extra)
     emit(result.to_dict(), as_json, render)
 
 
@@ -127,7 +129,10 @@ def render(report: dict) -> str:
         "",
         f"selected: {report['backend']['name']}/{report['precision']} ({sel.get('method')}: {sel.get('reason')})",
         f"accuracy ({acc.get('metric')} on {acc.get('samples')} {acc.get('data')} samples): "
-        f"fp32 {acc.get('fp32')}  compiled {acc.get('compiled')}  (max drop {acc.get('max_drop')})",
+        f"fp32 {acc.get('fp32')}  compiled {acc.get('compiled')}  (max drop {acc.get('max_drop')})"
+        if acc.get("verified", True) else
+        f"accuracy: UNVERIFIED (this host cannot run target {report['target']}); the artifact's self-test "
+        f"compares the device's outputs with FP32",
         f"cache: {report['cache']}   time: {report['seconds']:.1f} s",
         f"wrote {report['output']}  ({report['name']} {report['version']}, target {report['target']})",
     ]

@@ -124,6 +124,10 @@ def compile_with_report(model: Any, *, target: Any, output: Any, precision: str 
     epoch = source_date_epoch()
     precisions = _precisions(opts, tgt)
     backends = _backend_names(opts, tgt)
+    if opts.sign_key is not None:  # a bad key should fail before minutes of work, not after
+        from edgeml.runtime.signing import load_private_key
+
+        load_private_key(opts.sign_key)
     for path, what in ((opts.calib, "calibration"), (opts.eval, "eval")):
         if path is not None and not path.is_file():
             from edgeml.errors import DataError
@@ -191,16 +195,23 @@ def compile_with_report(model: Any, *, target: Any, output: Any, precision: str 
                              float(opts.backend_options.get("eval_budget_s", EVAL_BUDGET_S)))
         passing = [c for c in cands if c.status == "passed"]
         if not passing:
-            raise _no_candidate_error(cands, skipped, opts.max_accuracy_drop)
+            unverified = [c for c in cands if c.status == "unverified"]
+            if not (unverified and not tgt.runs_on_host()):
+                raise _no_candidate_error(cands, skipped, opts.max_accuracy_drop)
+            # Nothing for this target runs here (e.g. an OpenCL GPU): ship the static-order choice, marked
+            # unverified; its self-test compares the device's outputs with the FP32 reference.
+            say("no candidate runs on this host: choosing by the static order, accuracy unverified")
+            passing = unverified
         measured = tgt.runs_on_host() and opts.benchmark
         if measured:
             feeds = {k: v[: (batch or 1)] for k, v in eval_set.inputs.items()}
             say(f"benchmarking {len(passing)} candidate(s) at batch {batch or 1} (~{opts.benchmark_seconds:g} s)")
-            timings = run_benchmark({c.spec.label: (lambda rt=c.runtime: rt.run(feeds)) for c in passing},
-                                seconds=opts.benchmark_seconds)
+            timings = run_benchmark({str(c.index): (lambda rt=c.runtime: rt.run(feeds)) for c in passing},
+                                    seconds=opts.benchmark_seconds)
             for c in passing:
-                c.latency = timings[c.spec.label]
-        chosen, selection = select(passing, measured=measured, backend_order=list(tgt.backends))
+                c.latency = timings[str(c.index)]
+        chosen, selection = select(passing, measured=measured, backend_order=list(tgt.backends),
+                                   verified=passing[0].status != "unverified")
         chosen.status = "selected"
         selection["host_runs_target"] = tgt.runs_on_host()
         say(f"selected {chosen.spec.label}: {selection['reason']}")
@@ -435,7 +446,11 @@ def _manifest(opts: CompileOptions, tgt, imported: ImportedModel, chosen: Candid
     reproducible = epoch is not None
     k = batch or min(GOLDEN_SAMPLES, eval_set.n)
     golden_in = {n: np.ascontiguousarray(a[:k]) for n, a in eval_set.inputs.items()}
-    golden_out = chosen.runtime.run(golden_in)
+    verified = chosen.runtime is not None
+    if verified:
+        golden_out = chosen.runtime.run(golden_in)
+    else:
+        golden_out = {n: np.ascontiguousarray(a[:k]) for n, a in fp32_out.items()}
     rtol, atol = selftest_tolerance(chosen.spec.precision, golden_out)
     p90 = chosen.latency["p90"] if chosen.latency else None
     precision = chosen.spec.precision
@@ -455,10 +470,11 @@ def _manifest(opts: CompileOptions, tgt, imported: ImportedModel, chosen: Candid
         "outputs": [s.to_dict() for s in imported.outputs],
         "candidates": [c.to_dict(reproducible) for c in cands] + skipped,
         "selection": selection,
-        "accuracy": {"metric": metric, "fp32": round(fp32_score.value, 4), "compiled": round(chosen.score.value, 4),
-                     "drop": round(chosen.drop, 4), "max_drop": opts.max_accuracy_drop,
+        "accuracy": {"metric": metric, "fp32": round(fp32_score.value, 4), "verified": verified,
+                     "compiled": round(chosen.score.value, 4) if verified else None,
+                     "drop": round(chosen.drop, 4) if verified else None, "max_drop": opts.max_accuracy_drop,
                      "data": eval_set.source, "samples": eval_set.n,
-                     "max_abs_error": float(f"{chosen.score.max_abs_error:.4g}")},
+                     "max_abs_error": float(f"{chosen.score.max_abs_error:.4g}") if verified else None},
         "provenance": {
             "source_model": imported.source,
             "calibration": calib_set.describe() if calib_set else None,
@@ -472,6 +488,7 @@ def _manifest(opts: CompileOptions, tgt, imported: ImportedModel, chosen: Candid
         },
         "runtime": {"threads": tgt.default_threads or None},
         "selftest": {"file": SELFTEST_FILE, "samples": k, "rtol": rtol, "atol": atol,
+                     "reference": "compiled" if verified else "fp32",
                      "latency_budget_ms": None if reproducible else latency_budget_ms(p90)},
         "drift_profile": ev.drift_profile(fp32_out, eval_set.inputs),
     }

@@ -10,6 +10,8 @@ Selection: where this host executes the target, the fastest passing candidate
 by p50. Otherwise (cross targets) the documented static order ``STATIC_ORDER``:
 precision int8 > fp16 > fp32, then the order of backends in the target file,
 and an untuned TVM build (recipe ``tuned`` false) after every other backend.
+When no candidate runs on this host at all (an OpenCL / Intel GPU target), none
+has a measured accuracy, and int8 goes last: fp16 > fp32 > int8.
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ class CandidateSkipped(Exception):
 
 
 PRECISION_RANK = {"int8": 0, "fp16": 1, "fp32": 2}
+UNVERIFIED_PRECISION_RANK = {"fp16": 0, "fp32": 1, "int8": 2}
 SCREEN_FACTOR = 5.0
 STATIC_ORDER = ("precision: int8 > fp16 > fp32; then the target file's backend order; "
                 "untuned TVM builds last")
+UNVERIFIED_ORDER = ("precision: fp16 > fp32 > int8 (int8 needs a measured accuracy); then the target file's "
+                    "backend order; untuned TVM builds last")
 
 
 def benchmark(runners: dict[str, Callable[[], Any]], seconds: float = 3.0, warmup: int = 3,
@@ -85,19 +90,28 @@ def benchmark(runners: dict[str, Callable[[], Any]], seconds: float = 3.0, warmu
     return result
 
 
-def static_rank(candidate: Any, backend_order: list[str]) -> tuple:
+def static_rank(candidate: Any, backend_order: list[str], ranks: dict[str, int] = PRECISION_RANK) -> tuple:
     spec = candidate.spec
     untuned_tvm = spec.backend == "tvm" and not bool((candidate.recipe or {}).get("tuned", False))
     backend_pos = backend_order.index(spec.backend) if spec.backend in backend_order else len(backend_order)
-    return (1 if untuned_tvm else 0, PRECISION_RANK.get(spec.precision, 9), backend_pos, candidate.index)
+    return (1 if untuned_tvm else 0, ranks.get(spec.precision, 9), backend_pos, candidate.index)
 
 
-def select(passing: list[Any], *, measured: bool, backend_order: list[str]) -> tuple[Any, dict[str, Any]]:
-    """Return (chosen candidate, selection record for the manifest)."""
-    if measured and all(c.latency for c in passing):
+def select(passing: list[Any], *, measured: bool, backend_order: list[str],
+           verified: bool = True) -> tuple[Any, dict[str, Any]]:
+    """Return (chosen candidate, selection record for the manifest).
+
+    ``verified=False``: no candidate could be run here, so none has a measured accuracy; then int8
+    (whose accuracy must be measured, never assumed) comes last: fp16 > fp32 > int8.
+    """
+    if measured and verified and all(c.latency for c in passing):
         best = min(passing, key=lambda c: (c.latency["p50"], c.index))
         return best, {"method": "fastest-measured",
                       "reason": f"lowest p50 latency among {len(passing)} candidates within the accuracy tolerance"}
+    if not verified:
+        best = min(passing, key=lambda c: static_rank(c, backend_order, UNVERIFIED_PRECISION_RANK))
+        return best, {"method": "static-order-unverified", "order": UNVERIFIED_ORDER,
+                      "reason": "no candidate can run on this host, so neither accuracy nor speed was measured"}
     best = min(passing, key=lambda c: static_rank(c, backend_order))
     return best, {"method": "static-order", "order": STATIC_ORDER,
                   "reason": "this host cannot execute the target, so candidates were not timed"

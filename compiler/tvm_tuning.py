@@ -42,6 +42,8 @@ from edgeml.errors import CompileError
 MIN_TRIALS_PER_TASK = 4
 MAX_TRIALS_PER_TASK = 64
 FIRST_GUESS_SECONDS_PER_TRIAL = 1.5
+MAX_ROUNDS = 3
+MIN_ROUND_S = 30
 
 
 @dataclass
@@ -52,6 +54,7 @@ class TuningReport:
     tasks: int = 0
     tasks_from_database: int = 0
     tasks_tuned: int = 0
+    tasks_measured: int = 0
     trials: int = 0
     trials_per_task: int = 0
     failed_builds: int = 0
@@ -243,6 +246,8 @@ def _classes():
             self.started = clock()
 
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            if not builder_results:
+                return
             for b, r in zip(builder_results, runner_results):
                 self.trials += 1
                 if b.error_msg:
@@ -321,14 +326,36 @@ def tune_and_apply(mod, params: list, target, *, budget_s: float, database_dir: 
     report.tasks_tuned = len(todo)
     progress(f"tvm tuning: {report.tasks} kernels, {report.tasks_from_database} already in {database_dir}")
     if todo:
-        remaining = budget_s - (clock() - start)
-        if trials_per_task is None:
-            trials_per_task = int(remaining / max(1, len(todo)) / seconds_per_trial)
-            trials_per_task = max(MIN_TRIALS_PER_TASK, min(MAX_TRIALS_PER_TASK, trials_per_task))
-        report.trials_per_task = trials_per_task
-        per_iter = max(2, min(16, trials_per_task))
-        report.estimated_full_tuning_s = len(todo) * 32 * seconds_per_trial
-        _tune(todo, target, database, report, trials_per_task, per_iter, start + budget_s, progress, clock)
+        rate = seconds_per_trial
+        report.estimated_full_tuning_s = len(todo) * 32 * rate
+        measured: set[str] = set()
+        for round_no in range(1, MAX_ROUNDS + 1):
+            remaining = start + budget_s - clock()
+            if round_no > 1 and remaining < max(MIN_ROUND_S, 0.1 * budget_s):
+                break
+            per_task = trials_per_task or max(
+                MIN_TRIALS_PER_TASK, min(MAX_TRIALS_PER_TASK, int(remaining / len(todo) / rate)))
+            per_iter = max(2, min(16, per_task))
+            report.trials_per_task += per_task
+            began = clock()
+            callback = _tune(todo, target, database, per_task, per_iter, start + budget_s, progress, clock,
+                             round_no)
+            report.trials += callback.trials
+            report.failed_builds += callback.failed_builds
+            report.failed_runs += callback.failed_runs
+            report.first_error = report.first_error or callback.first_error
+            measured |= {todo[i].task_name for i in callback.best}
+            if callback.stopped:
+                report.notes.append("budget spent before every kernel got all its trials")
+                break
+            if trials_per_task or callback.trials == 0:
+                break
+            rate = max(0.1, (clock() - began) / callback.trials)
+        report.tasks_measured = len(measured)
+        if report.trials and report.failed_builds + report.failed_runs == report.trials:
+            raise CompileError(
+                f"TVM tuning measured nothing: all {report.trials} trials failed ({report.first_error})",
+                hint="rerun with a larger budget, or without --tune-budget for an untuned build")
     with target, database:
         mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
     if weight_prepack:
@@ -347,8 +374,8 @@ def _tune_contexts(todo, work_dir: str, cores: int, small: bool):
     contexts, weights = [], []
     loggers = get_loggers_from_work_dir(work_dir, [t.task_name for t in todo])
     for task, logger, seed in zip(todo, loggers, fork_seed(0, n=len(todo))):
-        strategy = (ms.search_strategy.EvolutionarySearch(population_size=256, init_min_unmeasured=32,
-                                                          genetic_num_iters=3)
+        strategy = (ms.search_strategy.EvolutionarySearch(population_size=128, init_min_unmeasured=16,
+                                                          genetic_num_iters=2)
                     if small else ms.search_strategy.EvolutionarySearch())
         contexts.append(ms.TuneContext(
             mod=task.dispatched[0], target=task.target, space_generator="post-order-apply",
@@ -358,8 +385,9 @@ def _tune_contexts(todo, work_dir: str, cores: int, small: bool):
     return contexts, weights
 
 
-def _tune(todo, target, database, report: TuningReport, trials_per_task: int, per_iter: int, deadline: float,
-          progress: Callable[[str], None], clock: Callable[[], float]) -> None:
+def _tune(todo, target, database, trials_per_task: int, per_iter: int, deadline: float,
+          progress: Callable[[str], None], clock: Callable[[], float], round_no: int = 1):
+    """One tune_tasks run over ``todo``; returns the DeadlineProgress callback (counts)."""
     from tvm.s_tir import meta_schedule as ms
 
     import logging
@@ -377,7 +405,7 @@ def _tune(todo, target, database, report: TuningReport, trials_per_task: int, pe
     runner = ms.runner.LocalRunner(timeout_sec=60, evaluator_config=ms.runner.EvaluatorConfig(
         number=3, repeat=1, min_repeat_ms=40, enable_cpu_cache_flush=False))
     contexts, weights = _tune_contexts(todo, work_dir, cores, small=trials_per_task < 32)
-    progress(f"tvm tuning: {len(todo)} kernels x {trials_per_task} trials, batches of {per_iter}")
+    progress(f"tvm tuning: round {round_no}: {len(todo)} kernels x {trials_per_task} trials, batches of {per_iter}")
     try:
         with _torchless_workers():
             ms.tune_tasks(
@@ -392,13 +420,4 @@ def _tune(todo, target, database, report: TuningReport, trials_per_task: int, pe
     finally:
         builder.shutdown()
         shutil.rmtree(work_dir, ignore_errors=True)
-    report.trials = callback.trials
-    report.failed_builds = callback.failed_builds
-    report.failed_runs = callback.failed_runs
-    report.first_error = callback.first_error
-    if callback.stopped:
-        report.notes.append("budget spent before every kernel got its trials")
-    if callback.trials and callback.failed_builds + callback.failed_runs == callback.trials:
-        raise CompileError(
-            f"TVM tuning measured nothing: all {callback.trials} trials failed ({callback.first_error})",
-            hint="rerun with a larger budget, or without --tune-budget for an untuned build")
+    return callback

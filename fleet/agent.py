@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from edgeml.errors import EdgemlError, FleetError, MessageRejected
+from edgeml.errors import EdgemlError, MessageRejected
 from edgeml.fleet import protocol as P
 from edgeml.fleet.serving import Serving
 from edgeml.fleet.slots import Journal, Slots
@@ -57,6 +57,7 @@ class AgentConfig:
     max_attempts: int = 3
     download_patience_s: float = 300.0      # keep retrying a download that fails for network reasons
     check_host: bool = True
+    endpoint: str | None = None            # where this device serves (KServe v2), announced in presence
 
     @property
     def require_signed(self) -> bool:
@@ -208,7 +209,8 @@ class AgentCore:
     def presence_message(self, online: bool) -> dict[str, Any]:
         return P.presence(self.config.device_id, online, labels=self.config.labels,
                           active=self.active() if online else None, agent_version=AGENT_VERSION,
-                          reason=None if online else "connection lost (Last Will)")
+                          reason=None if online else "connection lost (Last Will)",
+                          endpoint=self.config.endpoint if online else None)
 
     def publish_presence(self, online: bool) -> None:
         msg = self.presence_message(online)

@@ -77,11 +77,14 @@ def _wait_for_signal() -> None:
 @click.option("--heartbeat", default="10s", show_default=True, help="Heartbeat interval.")
 @click.option("--telemetry", "telemetry_every", default="10s", show_default=True, help="Telemetry interval.")
 @click.option("--health-window", default="10s", show_default=True, help="Default health window after a swap.")
+@click.option("--health-max-error-rate", type=float, default=0.0, show_default=True,
+              help="Share of failed probes in the health window that rolls back.")
+@click.option("--health-max-p95-ms", type=float, default=None, help="Roll back when the probes' p95 exceeds this.")
 @click.option("--log-level", default="info", show_default=True)
 @json_option
 @handle_errors
 def agent_cmd(device_id, labels, state_dir, trusted_keys, allow_unsigned, http_host, http_port, heartbeat,
-              telemetry_every, health_window, log_level, as_json, **kw):
+              telemetry_every, health_window, health_max_error_rate, health_max_p95_ms, log_level, as_json, **kw):
     """Run the device agent: reconcile the desired model, serve it, report."""
     from edgeml.errors import UsageError
     from edgeml.fleet.agent import Agent, AgentConfig
@@ -98,8 +101,11 @@ def agent_cmd(device_id, labels, state_dir, trusted_keys, allow_unsigned, http_h
     config = AgentConfig(device_id=device_id, state_dir=state_dir, labels=parse_labels(labels),
                          trusted_keys=list(trusted_keys), allow_unsigned=allow_unsigned,
                          heartbeat_s=parse_duration(heartbeat), telemetry_s=parse_duration(telemetry_every),
-                         health_window_s=parse_duration(health_window))
+                         health_window_s=parse_duration(health_window), health_max_error_rate=health_max_error_rate,
+                         health_max_p95_ms=health_max_p95_ms)
     serving = make_serving(Path(state_dir) / "cache", http_host=http_host, http_port=None if http_port < 0 else http_port)
+    if serving.address:
+        config.endpoint = f"http://{serving.address[0]}:{serving.address[1]}"
     agent = Agent(config, broker, serving).start()
     info = {"device_id": device_id, "broker": broker.url, "state_dir": str(state_dir), "labels": config.labels,
             "http": f"http://{serving.address[0]}:{serving.address[1]}" if serving.address else None,
@@ -194,7 +200,7 @@ def devices_cmd(db, selector, as_json):
         if not selector_matches(sel, labels):
             continue
         active = json.loads(r["active"]) if r["active"] else None
-        rows.append({"device_id": r["device_id"], "online": bool(r["online"]), "labels": labels,
+        rows.append({"device_id": r["device_id"], "online": bool(r["online"]), "labels": labels, "endpoint": r["endpoint"],
                      "active": f"{active['name']}@{active['version']}" if active and active.get("name") else None,
                      "committed_seq": r["committed_seq"], "state": r["state"], "last_seen": r["last_seen"],
                      "refused_messages": r["refused"],
@@ -358,3 +364,21 @@ def demo_cmd(broker_kind, workdir, bake, as_json):
                        echo=(lambda s: None) if as_json else click.echo)
     emit(summary, as_json, lambda s: f"demo finished in {s['seconds']:.1f}s: " + "; ".join(
         f"{r['target']} {r['state']}" for r in s["rollouts"]))
+
+
+@fleet_group.command("simulate")
+@click.option("--devices", default=500, show_default=True, help="Simulated devices (one process, model run stubbed).")
+@click.option("--fail", "fail_rate", default="20%", show_default=True, help="Share of devices whose v2 self-test fails.")
+@click.option("--waves", default="5%,25%,100%", show_default=True)
+@click.option("--bake", default="0.5s", show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path))
+@json_option
+@handle_errors
+def simulate_cmd(devices, fail_rate, waves, bake, workdir, as_json):
+    """Roll v1 then a partly failing v2 over simulated devices; print how long each took."""
+    from edgeml.fleet.manager import parse_duration, parse_rate, parse_waves
+    from edgeml.fleet.simulator import run_simulation
+
+    out = run_simulation(devices=devices, fail_fraction=parse_rate(fail_rate), waves=parse_waves(waves),
+                         bake_s=parse_duration(bake), workdir=workdir, echo=(lambda s: None) if as_json else click.echo)
+    emit(out, as_json, lambda o: "simulation done")

@@ -66,6 +66,10 @@ SCHEMA = [
     CREATE INDEX deployments_by_device ON deployments(device_id);
     INSERT INTO meta VALUES ('seq', '0');
     """,
+    # v2: where a device serves (announced in its presence message)
+    """
+    ALTER TABLE devices ADD COLUMN endpoint TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(SCHEMA)
 

@@ -96,8 +96,14 @@ def run_demo(*, broker_kind: str = "auto", workdir: Path | None = None, bake_s: 
 
         rollout("tiny@1.0.0", [1.0], [])
         rollout("tiny@2.0.0", [0.33, 1.0], ["p95_latency_ms<50"])
-        time.sleep(2.5)
-        say("telemetry (histograms merged across devices):")
+        endpoints = {r["device_id"]: r["endpoint"] for r in m.db.q("SELECT device_id, endpoint FROM devices")
+                     if r["endpoint"]}
+        if endpoints:
+            sent = _drive_traffic(list(endpoints.values()), seconds=4.5)
+            say(f"sent {sent} KServe v2 inference requests over HTTP to {len(endpoints)} devices in 4.5s")
+        else:
+            time.sleep(2.5)
+        say("telemetry (last report of each device; histograms merged across devices):")
         for row in m.db.q("SELECT name, version, SUM(requests) r, SUM(failures) f, COUNT(*) n FROM telemetry"
                           " GROUP BY name, version"):
             stats = m._version_stats(row["name"], [row["version"]], None)
@@ -105,8 +111,8 @@ def run_demo(*, broker_kind: str = "auto", workdir: Path | None = None, bake_s: 
                 f" p95 <= {stats.p95()} ms")
         for row in m.db.q("SELECT * FROM device_telemetry ORDER BY device_id"):
             active = json.loads(row["active"]) if row["active"] else {}
-            say(f"  {row['device_id']}: active {active.get('version')}, cpu {row['cpu_percent']}%, "
-                f"rss {row['memory_mb']} MB")
+            say(f"  {row['device_id']}: active {active.get('version')}, {row['throughput_rps']} req/s,"
+                f" cpu {row['cpu_percent']}%, rss {row['memory_mb']} MB")
         s = rollout("tiny@3.0.0", [0.33, 1.0], ["p95_latency_ms<50"])
         versions = {r["device_id"]: (json.loads(r["active"]) or {}).get("version") if r["active"] else None
                     for r in m.db.q("SELECT device_id, active FROM devices ORDER BY device_id")}
@@ -128,6 +134,41 @@ def run_demo(*, broker_kind: str = "auto", workdir: Path | None = None, bake_s: 
     summary["seconds"] = time.monotonic() - t0
     say(f"done: agents, manager and broker stopped; files in {work}")
     return summary
+
+
+def _drive_traffic(endpoints: list[str], seconds: float, threads_per_device: int = 2) -> int:
+    """Send the tiny model's infer request to every endpoint for ``seconds`` (keep-alive connections)."""
+    import http.client
+    import threading
+    from urllib.parse import urlparse
+
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0.1, 0.2, 0.3, 0.4]}]})
+    count = [0]
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def worker(url: str) -> None:
+        u = urlparse(url)
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=5)
+        n = 0
+        try:
+            while time.monotonic() < stop:
+                conn.request("POST", "/v2/models/tiny/infer", body, {"Content-Type": "application/json"})
+                conn.getresponse().read()
+                n += 1
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            with lock:
+                count[0] += n
+
+    ts = [threading.Thread(target=worker, args=(u,)) for u in endpoints for _ in range(threads_per_device)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return count[0]
 
 
 def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:

@@ -11,6 +11,7 @@ Rollout states: running -> (paused <-> running) -> completed
                 any -> rolling_back -> rolled_back   (gate breach or by hand: every updated device
                                                       gets its previous artifact back)
 Per-device status in a rollout: pending -> sent -> installing -> committed | failed | timeout
+                                (| superseded: a newer desired state, e.g. the rollback, replaced it)
 """
 
 from __future__ import annotations
@@ -154,6 +155,8 @@ class Manager:
             extra["active"] = json.dumps(msg["active"]) if msg["active"] else None
         if "agent_version" in msg:
             extra["agent_version"] = msg["agent_version"]
+        if msg["online"]:
+            extra["endpoint"] = msg.get("endpoint")
         self._touch_device(msg, online=msg["online"], **extra)
         if not msg["online"]:
             log.info("device %s offline (%s)", msg["device_id"], msg.get("reason"))
@@ -169,7 +172,8 @@ class Manager:
             self._apply_status(active["deployment_id"], "committed", None)
         lf = msg.get("last_failed")
         if lf and lf.get("deployment_id"):
-            self._apply_status(lf["deployment_id"], "failed", lf.get("reason"))
+            superseded = (lf.get("reason") or "").startswith("superseded")
+            self._apply_status(lf["deployment_id"], "superseded" if superseded else "failed", lf.get("reason"))
 
     def _on_event(self, msg: dict[str, Any]) -> None:
         cur = self.db.x("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?,?,?)",
@@ -179,6 +183,8 @@ class Manager:
             return   # redelivered QoS 1 duplicate: already applied
         state = msg["state"]
         status = "committed" if state == "committed" else "failed" if state in ("failed", "rolled_back", "refused") else "installing"
+        if status == "failed" and (msg.get("reason") or "").startswith("superseded"):
+            status = "superseded"   # replaced by a newer desired state (e.g. this rollout's rollback): not a failure
         self._apply_status(msg["deployment_id"], status, msg.get("reason"), event_seq=msg["event_seq"])
         fields = {"state": state if status == "installing" else "idle"}
         if msg.get("active") is not None or status == "committed":
@@ -193,7 +199,7 @@ class Manager:
                 return
             if event_seq is not None and event_seq <= dep["last_event_seq"]:
                 return   # older than what we applied
-            if dep["status"] in ("committed", "failed") and status == "installing":
+            if dep["status"] in ("committed", "failed", "superseded") and status == "installing":
                 return   # a late "installing" never undoes a final state
             if dep["status"] == status:
                 return
@@ -207,8 +213,9 @@ class Manager:
             elif dep["kind"] == "rollback" and dep["rollout_id"] and status != "installing":
                 db.conn.execute("UPDATE rollout_devices SET rollback_status = ?, updated_at = ?"
                                 " WHERE rollout_id = ? AND rollback_deployment_id = ?",
-                                ("done" if status == "committed" else "failed", now, dep["rollout_id"], deployment_id))
-        if status in ("committed", "failed"):
+                                ({"committed": "done", "failed": "failed"}.get(status, status), now,
+                                 dep["rollout_id"], deployment_id))
+        if status in ("committed", "failed", "superseded"):
             log.info("device %s: deployment %s %s%s", dep["device_id"], deployment_id, status, f" ({reason})" if reason else "")
 
     def _on_telemetry(self, msg: dict[str, Any]) -> None:
@@ -454,7 +461,7 @@ class Manager:
     def _advance_rollback(self, r: dict[str, Any], now: float) -> None:
         rid = r["id"]
         todo = self.db.q("SELECT * FROM rollout_devices WHERE rollout_id = ? AND status IN"
-                         " ('sent', 'installing', 'committed', 'failed', 'timeout') AND rollback_status IS NULL", (rid,))
+                         " ('sent', 'installing', 'committed', 'failed', 'timeout', 'superseded') AND rollback_status IS NULL", (rid,))
         for d in todo:
             prev = d["prev_sha"]
             if prev is not None and self.db.one("SELECT 1 FROM artifacts WHERE sha256 = ?", (prev,)) is None:

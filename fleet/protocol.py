@@ -105,6 +105,7 @@ SCHEMAS: dict[str, dict[str, tuple[Any, bool]]] = {
     "presence": {
         "device_id": (_STR, True), "online": (_BOOL, True), "ts": (_NUM, True), "labels": (_DICT, False),
         "agent_version": (_STR, False), "active": ((_DICT, _NULL), False), "reason": (_STR, False),
+        "endpoint": (_STR, False),
     },
     "heartbeat": {
         "device_id": (_STR, True), "ts": (_NUM, True), "labels": (_DICT, True), "state": (_STR, True),
@@ -234,8 +235,10 @@ def desired(device_id: str, *, deployment_id: str, seq: int, artifact: Mapping[s
 
 
 def presence(device_id: str, online: bool, *, labels=None, active=None, reason: str | None = None,
-             agent_version: str | None = None) -> dict[str, Any]:
+             agent_version: str | None = None, endpoint: str | None = None) -> dict[str, Any]:
     msg = {"schema_version": SCHEMA_VERSION, "type": "presence", "device_id": device_id, "online": online, "ts": now()}
+    if endpoint:
+        msg["endpoint"] = endpoint
     if labels is not None:
         msg["labels"] = dict(labels)
     if active is not None or online:

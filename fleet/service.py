@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgeml.errors import EdgemlError, FleetError
+from edgeml.errors import FleetError
 from edgeml.fleet import protocol as P
 from edgeml.fleet.db import FleetDB
 from edgeml.fleet.manager import Manager, ManagerConfig
@@ -46,7 +46,12 @@ class ManagerService:
         self.manager = Manager(self.config, None, clock=self.clock, artifact_base_url=self.server.base_url)
         broker = self.broker
         broker.persistent_session = True   # the broker keeps QoS 1 events for us while we restart
-        self.transport = MqttTransport(broker, "edgeml-manager", on_message=self.manager.on_message,
+        # one stable client id per database: a restarted manager resumes its broker session (queued events),
+        # and two managers of different fleets on one broker do not kick each other off
+        import hashlib
+
+        client_id = "edgeml-manager-" + hashlib.sha256(str(Path(self.config.db).resolve()).encode()).hexdigest()[:10]
+        self.transport = MqttTransport(broker, client_id, on_message=self.manager.on_message,
                                        on_connect=self.manager.on_connect)
         self.manager.link = self.transport
         for kind in ("presence", "heartbeat", "events", "telemetry"):
@@ -55,6 +60,9 @@ class ManagerService:
         self._thread = threading.Thread(target=self._loop, name="fleet-manager", daemon=True)
         self._thread.start()
         log.info("manager: db %s, artifacts at %s, broker %s", self.config.db, self.server.base_url, broker.url)
+        if not self.config.sign_key:
+            log.warning("no --sign-key: desired-state messages go out unsigned, and agents started with"
+                        " --trusted-key (without --allow-unsigned) will refuse them")
         return self
 
     def _loop(self) -> None:

@@ -160,3 +160,60 @@ class FleetSimulator:
             key = f"{a['name']}@{a['version']}" if a else "(none)"
             out[key] = out.get(key, 0) + 1
         return out
+
+
+def run_simulation(*, devices: int = 500, fail_fraction: float = 0.2, waves: list[float] | None = None,
+                   bake_s: float = 0.5, max_failure_rate: float = 0.1, workdir: Path | None = None,
+                   echo=print, seed: int = 7) -> dict:
+    """Broker + manager + ``devices`` simulated agents: roll out v1 (all good), then v2 that fails the
+    self-test on ``fail_fraction`` of the devices. Returns the two outcomes with their durations."""
+    import random
+
+    from edgeml.fleet.broker import Broker, free_port
+    from edgeml.fleet.manager import ManagerConfig
+    from edgeml.fleet.service import ManagerService
+    from edgeml.fleet.testing import make_artifact, wait_until
+    from edgeml.runtime.signing import generate_keypair
+
+    waves = waves or [0.05, 0.25, 1.0]
+    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="edgeml-sim-"))
+    work.mkdir(parents=True, exist_ok=True)
+    key, pub = generate_keypair(work / "signing.key", overwrite=True)
+    arts = [make_artifact(work / f"tiny-{v}.edgepkg", "tiny", v, sign_key=key) for v in ("1.0.0", "2.0.0")]
+    broker = Broker(work / "broker", persistence=False).start()
+    svc = ManagerService(ManagerConfig(db=work / "fleet.db", http_port=free_port(), tick_s=0.2, sign_key=key,
+                                       health_window_s=0.0, heartbeat_timeout_s=30), BrokerConfig(broker.url)).start()
+    ids = [f"sim-{i:04d}" for i in range(devices)]
+    failing = set(random.Random(seed).sample(ids, int(round(devices * fail_fraction))))
+    sim = None
+    out: dict = {"devices": devices, "failing": len(failing), "broker": broker.kind, "rollouts": []}
+    try:
+        m = svc.manager
+        for a in arts:
+            m.publish_artifact(a, "simulator")
+        sim = FleetSimulator(SimConfig(devices=devices, failing=failing, failing_versions={"2.0.0"},
+                                       trusted_keys=[pub]), BrokerConfig(broker.url)).start()
+        t = time.monotonic()
+        wait_until(lambda: m.db.one("SELECT COUNT(*) FROM devices WHERE online = 1")[0] == devices, 120,
+                   f"{devices} simulated devices to register")
+        echo(f"{devices} simulated devices registered in {time.monotonic() - t:.1f}s (model run stubbed)")
+        for target in ("tiny@1.0.0", "tiny@2.0.0"):
+            t = time.monotonic()
+            r = m.start_rollout(target, selector={"fleet": "sim"}, waves=waves, max_failure_rate=max_failure_rate,
+                                bake_s=bake_s, gates=[], actor="simulator")
+            s = wait_until(lambda: (s := m.rollout_status(r["id"]))["state"] in ("completed", "rolled_back") and s,
+                           600, f"rollout of {target}")
+            secs = time.monotonic() - t
+            echo(f"{target}: {s['state']} in {secs:.1f}s; per wave {s['per_wave']}"
+                 + (f"; rollback {s['rollback']}; {s['reason']}" if s["reason"] else ""))
+            out["rollouts"].append({"target": target, "state": s["state"], "seconds": round(secs, 2),
+                                    "per_wave": s["per_wave"], "rollback": s["rollback"], "reason": s["reason"]})
+        wait_until(lambda: sim.versions() == {"tiny@1.0.0": devices}, 60, "every device back on 1.0.0")
+        out["final_versions"] = sim.versions()
+        echo(f"final: {out['final_versions']}")
+    finally:
+        if sim is not None:
+            sim.stop()
+        svc.stop()
+        broker.stop()
+    return out

@@ -141,7 +141,8 @@ def build_ort_artifact(onnx_path: Path, target_name: str, output: Path) -> Path:
 
 def compile_artifact(onnx_path: Path, target_name: str, backend: str, output: Path, *,
                      workdir: Path | None = None, log: Callable[[str], None] = print,
-                     options: dict[str, Any] | None = None, builder: str = "auto") -> Path:
+                     options: dict[str, Any] | None = None, builder: str = "auto",
+                     progress: Callable[[str], None] | None = None) -> Path:
     """``edgeml.compile(..., backend=backend, precision="fp32")`` (builder "pipeline"), the backends
     directly ("direct"), or the pipeline when it is importable ("auto")."""
     start = time.perf_counter()
@@ -155,11 +156,13 @@ def compile_artifact(onnx_path: Path, target_name: str, backend: str, output: Pa
         import edgeml
 
         path = edgeml.compile(str(onnx_path), target=target_name, output=str(output), backend=backend,
-                              precision="fp32", cache_dir=False, benchmark=False, **(options or {}))
+                              precision="fp32", cache_dir=False, benchmark=False, progress=progress,
+                              **(options or {}))
         log(f"  {backend} artifact for {target_name} via edgeml.compile in {time.perf_counter() - start:.1f}s")
         return Path(path)
     if backend == "tvm":
-        path = build_tvm_artifact(onnx_path, target_name, output, workdir=workdir, options=options)
+        path = build_tvm_artifact(onnx_path, target_name, output, workdir=workdir, options=options,
+                                  progress=progress or (lambda m: None))
     else:
         path = build_ort_artifact(onnx_path, target_name, output)
     log(f"  {backend} artifact for {target_name} built directly (no pipeline) in {time.perf_counter() - start:.1f}s")

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from edgeml.compiler.backends import BuildContext, BuiltCandidate, CandidateSpec, CompilerBackend
-from edgeml.errors import BackendError, CompileError, UnsupportedOp
+from edgeml.errors import BackendError, CompileError, UnsupportedOp, UsageError
 
 ENTRY = "model/model.onnx"
 
@@ -127,17 +127,20 @@ class OnnxRuntimeCompiler(CompilerBackend):
                 # Fallback when every plain recipe loses too much: keep the most sensitive nodes in FP32.
                 if ctx.options.get("ort_accuracy_aware", True) and ctx.options.get("eval_data") is not None:
                     names = [*names, names[0] + AWARE_SUFFIX]
+            calibration = ctx.options.get("ort_calibration", "minmax")
+            if calibration not in ("minmax", "entropy", "percentile"):
+                raise UsageError(f"unknown ort_calibration {calibration!r}", hint="minmax, entropy or percentile")
             for name in names:
                 aware = name.endswith(AWARE_SUFFIX)
                 base = name[: -len(AWARE_SUFFIX)] if aware else name
                 base = base[: -len(EXCLUDE_SUFFIX)] if base.endswith(EXCLUDE_SUFFIX) else base
                 if base not in INT8_RECIPES:
-                    raise CompileError(f"unknown ONNX Runtime int8 recipe {name!r}",
+                    raise UsageError(f"unknown ONNX Runtime int8 recipe {name!r}",
                                        hint=f"choose among {sorted(INT8_RECIPES)} (optionally with "
                                             f"'{EXCLUDE_SUFFIX}' or '{AWARE_SUFFIX}')")
                 recipe = {"method": "static-qdq", "name": name, "base": base, **INT8_RECIPES[base],
                           "exclude_sensitive": name.endswith(EXCLUDE_SUFFIX), "accuracy_aware": aware,
-                          "calibration": ctx.options.get("ort_calibration", "minmax"),
+                          "calibration": calibration,
                           "saturation_hazard": int8_saturation_hazard(target)}
                 specs.append(CandidateSpec(self.name, "int8", recipe, f"onnxruntime/int8/{name}"))
         return specs

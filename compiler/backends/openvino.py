@@ -23,7 +23,8 @@ Candidates:
 Options (``edgeml.compile(..., backend_options={...})`` -> ``ctx.options``):
 ``ov_subset_size`` (default 300), ``ov_fast_bias_correction`` (default True),
 ``ov_preset`` ("performance" | "mixed"), ``ov_ignored_scope`` ({"names": [...],
-"types": [...], "patterns": [...]}), ``ov_accuracy_control`` (default True).
+"types": [...], "patterns": [...]}), ``ov_accuracy_control`` (default True),
+``ov_ac_max_iterations`` (layers groups accuracy control may revert, default 8).
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ class OpenVinoCompiler(CompilerBackend):
             if (drop is not None and ctx.options.get("eval_data") is not None
                     and ctx.options.get("ov_accuracy_control", True)):
                 recipe = {**base, "method": "nncf.quantize_with_accuracy_control",
-                          "max_drop_points": float(drop), "drop_type": "absolute"}
+                          "max_drop_points": float(drop), "drop_type": "absolute",
+                          "max_iterations": int(ctx.options.get("ov_ac_max_iterations", 8))}
                 specs.append(CandidateSpec(self.name, "int8", recipe, "openvino/int8/nncf-accuracy-control"))
         return specs
 
@@ -168,10 +170,10 @@ class OpenVinoCompiler(CompilerBackend):
             ov.save_model(model, str(xml), compress_to_fp16=compress)
         except Exception as exc:
             raise CompileError(f"OpenVINO could not save the IR for {spec.label}: {exc}") from exc
-        if spec.precision == "fp16" and device == "GPU":
-            precision_hint = "f16"
+        if device == "GPU" and spec.precision in ("fp16", "int8"):
+            precision_hint = "f16"     # the GPU plugin's native float precision
         else:
-            # f32 for everything on CPU: int8 layers run int8 regardless, float layers stay f32
+            # CPU: float layers stay f32 (int8 layers run int8 regardless); never the bf16 default
             precision_hint = "f32"
         recipe.update({"compress_to_fp16": compress, "inference_precision": precision_hint,
                        "openvino": self.version()})
@@ -203,7 +205,7 @@ class OpenVinoCompiler(CompilerBackend):
         ignored = None
         if any(scope.values()):
             ignored = nncf.IgnoredScope(names=scope.get("names", []), types=scope.get("types", []),
-                                        patterns=scope.get("patterns", []), validate=False)
+                                        patterns=scope.get("patterns", []))
         from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
         advanced = AdvancedQuantizationParameters(
@@ -219,18 +221,22 @@ class OpenVinoCompiler(CompilerBackend):
             if recipe["method"] == "nncf.quantize":
                 return nncf.quantize(model, calib, advanced_parameters=advanced, **common)
             validation, validate = self._validation(ctx, model, names, batch, recipe)
+            restorer = nncf.AdvancedAccuracyRestorerParameters(max_num_iterations=int(recipe["max_iterations"]))
             quantized = nncf.quantize_with_accuracy_control(
                 model, calib, validation, validate, max_drop=float(recipe["max_drop_points"]),
-                drop_type=nncf.DropType.ABSOLUTE, advanced_quantization_parameters=advanced, **common)
+                drop_type=nncf.DropType.ABSOLUTE, advanced_quantization_parameters=advanced,
+                advanced_accuracy_restorer_parameters=restorer, **common)
             notes.append(f"accuracy control kept {_count_ops(quantized, 'FakeQuantize')} FakeQuantize ops")
             return quantized
         except (DataError, CompileError):
             raise
         except Exception as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            hint = ("check the names / types / patterns in ov_ignored_scope against the model's layers"
+                    if "gnored" in msg else "try --backend onnxruntime, or exclude layers with "
+                                            "backend_options={'ov_ignored_scope': {...}}")
             raise CompileError(f"NNCF could not quantize the model for OpenVINO ({recipe['method']}): {msg}",
-                               hint="try --backend onnxruntime, or exclude layers with "
-                                    "backend_options={'ov_ignored_scope': {...}}") from exc
+                               hint=hint) from exc
 
     def _validation(self, ctx: BuildContext, model, names: list[str], batch: int | None,
                     recipe: dict[str, Any]) -> tuple[Any, Callable]:
@@ -262,7 +268,7 @@ class OpenVinoCompiler(CompilerBackend):
                               None if labels is None else labels[sample_idx],
                               {k: v[sample_idx] for k, v in refs.items()})
 
-        metric = ev.choose_metric(subset(np.arange(n)), fp32, out_names)
+        metric = ctx.options.get("metric") or ev.choose_metric(subset(np.arange(n)), fp32, out_names)
         recipe["validation"] = {"metric": metric, "samples": n}
 
         def validate(compiled, data) -> tuple[float, list[float]]:

@@ -119,3 +119,17 @@ def test_bad_options_are_usage_errors(tmp_path, mlp_file, args, message):
 def test_output_that_is_a_folder(tmp_path, mlp_file):
     r = CliRunner().invoke(main, ["compile", str(mlp_file), "-t", "x86_64", "-o", str(tmp_path)])
     assert r.exit_code == 2 and "is a folder" in r.stderr
+
+
+def test_bad_signing_key_fails_before_compiling(tmp_path, mlp_file):
+    key = tmp_path / "key.pem"
+    key.write_text("not a key")
+    r = run_compile(tmp_path, mlp_file, "--sign-key", str(key))
+    assert r.exit_code == 7 and "cannot read private key" in r.stderr
+
+
+def test_unknown_int8_recipe_is_a_usage_error(tmp_path, mlp_file):
+    np.savez(tmp_path / "c.npz", x=np.zeros((8, 6), np.float32))
+    r = run_compile(tmp_path, mlp_file, "--backend", "onnxruntime", "--calib", str(tmp_path / "c.npz"),
+                    "--option", 'ort_int8_recipes=["s4s4"]')
+    assert r.exit_code == 2 and "unknown ONNX Runtime int8 recipe 's4s4'" in r.stderr

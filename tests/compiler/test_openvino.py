@@ -178,3 +178,17 @@ def test_runtime_errors_are_backend_errors(tmp_path, example):
         rt.run({"input": np.zeros((1, 3, 8, 8), np.float32)})
     with pytest.raises(BackendError, match="could not load"):
         OpenVinoBackend(tmp_path, {"backend": {"name": "openvino", "entrypoint": "model/missing.xml", "options": {}}})
+
+
+def test_ignored_scope_is_applied_and_checked(tmp_path, example):
+    b = OpenVinoCompiler()
+    (tmp_path / "a").mkdir()
+    plain = build(b, make_ctx(tmp_path / "a", example), "openvino/int8/nncf").recipe["fake_quantize_ops"]
+    (tmp_path / "b").mkdir()
+    scoped = build(b, make_ctx(tmp_path / "b", example, ov_ignored_scope={"types": ["MatMul"]}), "openvino/int8/nncf")
+    assert scoped.recipe["ignored_scope"]["types"] == ["MatMul"]
+    assert scoped.recipe["fake_quantize_ops"] < plain
+    (tmp_path / "c").mkdir()
+    with pytest.raises(CompileError, match="NNCF could not quantize") as err:
+        build(b, make_ctx(tmp_path / "c", example, ov_ignored_scope={"names": ["no-such-layer"]}), "openvino/int8/nncf")
+    print("user sees:", err.value)

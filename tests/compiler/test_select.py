@@ -65,3 +65,13 @@ def test_static_order_prefers_int8_and_puts_untuned_tvm_last():
     tuned = Cand(CandidateSpec("tvm", "fp32"), 3, recipe={"tuned": True})
     chosen, _ = select([tuned, ort32], measured=False, backend_order=["tvm", "onnxruntime"])
     assert chosen is tuned
+
+
+def test_unverified_choice_avoids_int8():
+    ov8 = Cand(CandidateSpec("openvino", "int8"), 0)
+    ov16 = Cand(CandidateSpec("openvino", "fp16"), 1)
+    ov32 = Cand(CandidateSpec("openvino", "fp32"), 2)
+    chosen, why = select([ov8, ov16, ov32], measured=False, backend_order=["openvino"], verified=False)
+    assert chosen is ov16 and why["method"] == "static-order-unverified"
+    chosen, _ = select([ov8, ov32], measured=False, backend_order=["openvino"], verified=False)
+    assert chosen is ov32

@@ -6,15 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from edgeml.fleet.broker import Broker, free_port, mosquitto_binary
-
-
-from edgeml.fleet.testing import read_journal as journal, wait_until  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")

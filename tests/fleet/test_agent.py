@@ -205,3 +205,17 @@ def test_agent_embeds_the_model_server(tmp_path, keys, store):
             assert json.loads(r.read())["model_version"] == "2.0.0"
     finally:
         serving.close()
+
+
+def test_health_window_breach_after_swap_rolls_back(tmp_path, keys, store):
+    srv, recs = store
+    core, link = make_core(tmp_path, keys)
+    core.start(threads=False)
+    deliver(core, desired(srv, recs["v1"], 1, "d1", keys))
+    core.config.health_max_p95_ms = 1e-6          # no real model is this fast: the health window fails
+    deliver(core, desired(srv, recs["v2"], 2, "d2", keys))
+    states = [s for d, s, _ in link.events() if d == "d2"]
+    assert states[-3:] == ["swapped", "health", "rolled_back"]
+    assert "p95" in link.events()[-1][2]
+    assert core.serving.active()["version"] == "1.0.0" and core.active()["version"] == "1.0.0"
+    assert core.journal.data["last_failed"]["deployment_id"] == "d2"

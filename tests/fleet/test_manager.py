@@ -246,7 +246,7 @@ def test_restart_continues_rollout_and_dedupes_events(env, tmp_path):
     m2.tick(); clock.advance(11); m2.tick()
     fleet.answer(link); m2.tick(); clock.advance(11); m2.tick()
     assert m2.rollout_status(r["id"])["state"] == "completed"
-    assert m2.db.schema_version() == 1
+    assert m2.db.schema_version() == 2
 
 
 def test_refusals(env):
@@ -262,3 +262,24 @@ def test_refusals(env):
     m.start_rollout("tiny@1.0.0", selector={}, waves=[1.0], max_failure_rate=0.1, bake_s=0, gates=[], actor="a")
     with pytest.raises(FleetError, match="active rollout"):
         m.start_rollout("tiny@2.0.0", selector={}, waves=[1.0], max_failure_rate=0.1, bake_s=0, gates=[], actor="a")
+
+
+def test_schema_migration_from_v1_and_newer_schema_refused(tmp_path):
+    import sqlite3
+
+    from edgeml.fleet.db import SCHEMA, FleetDB
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(SCHEMA[0] + "; PRAGMA user_version = 1;")
+    conn.execute("INSERT INTO devices (device_id, labels) VALUES ('old-1', '{\"hw\": \"x\"}')")
+    conn.commit()
+    conn.close()
+    db = FleetDB(path)
+    assert db.schema_version() == len(SCHEMA) == 2
+    row = db.one("SELECT device_id, endpoint FROM devices")
+    assert row["device_id"] == "old-1" and row["endpoint"] is None
+    db.x(f"PRAGMA user_version = {len(SCHEMA) + 1}")
+    db.close()
+    with pytest.raises(FleetError, match="this edgeml knows up to"):
+        FleetDB(path)

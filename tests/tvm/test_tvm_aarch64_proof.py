@@ -1,5 +1,7 @@
 """The aarch64 proof: TVM and ONNX Runtime artifacts for aarch64-a72 run under qemu-user.
 
+Models: a tiny CNN, the digits example and MobileNetV2 (random weights).
+
 Runs scripts/aarch64_proof.py (arm64 Debian rootfs by debootstrap, aarch64 wheels,
 one emulated Python process) and checks its JSON report. The rootfs is built in a
 temporary folder per test session (about a minute); set EDGEML_AARCH64_PROOF_CACHE
@@ -32,7 +34,7 @@ def test_tvm_and_ort_artifacts_match_x86_reference_under_qemu(tmp_path_factory):
         pytest.skip("the aarch64 proof needs root for debootstrap")
     cache = os.environ.get("EDGEML_AARCH64_PROOF_CACHE") or str(tmp_path_factory.mktemp("aarch64-proof-cache"))
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "aarch64_proof.py"), "--cache", cache, "--models", "tiny,digits",
+        [sys.executable, str(REPO / "scripts" / "aarch64_proof.py"), "--cache", cache, "--models", "tiny,digits,mobilenetv2",
          "--builder", "direct", "--workdir", str(tmp_path_factory.mktemp("aarch64-proof-work")), "--json"],
         capture_output=True, text=True, timeout=900)
     print(proc.stdout[-4000:])
@@ -42,7 +44,7 @@ def test_tvm_and_ort_artifacts_match_x86_reference_under_qemu(tmp_path_factory):
     report = json.loads(text[text.index("{\n"):text.rindex("\n}") + 2])
     assert report["machine"] == "aarch64" and report["qemu_cpu"] == "cortex-a72"
     runs = {r["name"]: r for r in report["runs"]}
-    assert set(runs) == {"tiny/tvm", "tiny/onnxruntime", "digits/tvm", "digits/onnxruntime"}
+    assert set(runs) == {f"{m}/{b}" for m in ("tiny", "digits", "mobilenetv2") for b in ("tvm", "onnxruntime")}
     for name, run in runs.items():
         assert run["ok"], f"{name}: {run.get('error')}"
         assert run["max_abs_error"] < 1e-3

@@ -104,7 +104,8 @@ def _direct_runner(model, feeds: dict[str, np.ndarray]) -> tuple[str, Callable[[
     return f"{model.backend_name} backend.run", lambda: be.run(feeds)
 
 
-def bench_model(name: str, work: Path, target: str, rounds: int, round_seconds: float, say) -> dict[str, Any]:
+def bench_model(name: str, work: Path, target: str, rounds: int, round_seconds: float, say,
+                fresh: bool = False) -> dict[str, Any]:
     import onnxruntime as ort
     import openvino as ov
     import torch
@@ -121,7 +122,8 @@ def bench_model(name: str, work: Path, target: str, rounds: int, round_seconds: 
     from edgeml.compiler import compile_with_report
 
     result = compile_with_report(onnx_path, target=target, output=work / f"{name}.edgepkg", calib=data["calib"],
-                                 eval=data["eval"], max_accuracy_drop=1.0, name=f"{name}-bench")
+                                 eval=data["eval"], max_accuracy_drop=1.0, name=f"{name}-bench",
+                                 **({"cache_dir": False} if fresh else {}))
     entry["compile_seconds"] = round(time.perf_counter() - t0, 1)
     entry["compile_cache"] = getattr(result, "cache", None)
     manifest = result.manifest
@@ -143,7 +145,8 @@ def bench_model(name: str, work: Path, target: str, rounds: int, round_seconds: 
     ov_default = core.compile_model(str(onnx_path), "CPU")
     ov_f32 = core.compile_model(str(onnx_path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     req_default, req_f32 = ov_default.create_infer_request(), ov_f32.create_infer_request()
-    entry["ov_default_config"] = {"inference_precision": str(ov_default.get_property("INFERENCE_PRECISION_HINT")),
+    precision = ov_default.get_property("INFERENCE_PRECISION_HINT")
+    entry["ov_default_config"] = {"inference_precision": getattr(precision, "to_string", lambda: str(precision))(),
                                   "performance_hint": str(ov_default.get_property("PERFORMANCE_HINT")),
                                   "threads": int(ov_default.get_property("INFERENCE_NUM_THREADS"))}
     torch_model = models.build(name).eval()
@@ -223,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"comma-separated subset of {','.join(DEFAULT_MODELS)}")
     p.add_argument("--target", default=None, help="compile target (default: the best target this host runs)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 20, --quick 6)")
+    p.add_argument("--fresh", action="store_true", help="compile without the compile cache")
     p.add_argument("--out", type=Path, default=OUT_DIR, help="folder for the JSON result and the work files")
     a = p.parse_args(argv)
 
@@ -243,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     entries = []
     for name in names:
         try:
-            entries.append(bench_model(name, work, target, rounds, round_seconds, say))
+            entries.append(bench_model(name, work, target, rounds, round_seconds, say, fresh=a.fresh))
         except Exception as exc:  # one model failing must not hide the others' numbers
             say(f"[{name}] failed: {type(exc).__name__}: {exc}")
             entries.append({"model": name, "error": f"{type(exc).__name__}: {exc}"})
@@ -255,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "target": target, "quick": a.quick, "rounds": rounds,
+        "target": target, "quick": a.quick, "rounds": rounds, "fresh_compile": a.fresh,
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
                  "load_average": os.getloadavg()},
         "versions": {"onnxruntime": onnxruntime.__version__, "openvino": openvino.get_version(),

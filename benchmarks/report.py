@@ -112,7 +112,7 @@ def plot_cdf(series: Sequence[tuple[str, dict]]) -> bytes:
     ax.set_title("Latency CDF")
     ax.set_xscale("log")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     return _png(plt, fig)
 
 
@@ -120,7 +120,7 @@ def plot_timeline(result: dict) -> bytes:
     plt, fig, ax = _fig()
     tr = result["trace"]
     ax.plot(tr["t_s"], tr["latency_ms"], ".", markersize=2, alpha=0.5)
-    ax.set_xlabel("time since warm-up ended (s)")
+    ax.set_xlabel("time since the warm-up began (s)")
     ax.set_ylabel("latency (ms)")
     title = "Latency over time"
     if tr.get("stride", 1) > 1:
@@ -133,13 +133,17 @@ def plot_timeline(result: dict) -> bytes:
 
 def plot_sweep(series: Sequence[tuple[str, list]]) -> bytes:
     plt, fig, ax = _fig()
+    levels: set[int] = set()
     for label, rows in series:
         if rows:
             ax.plot([r["concurrency"] for r in rows], [r["samples_per_s"] for r in rows], "o-", label=label)
+            levels.update(r["concurrency"] for r in rows)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(levels), [str(n) for n in sorted(levels)])
+    ax.minorticks_off()
     ax.set_xlabel("concurrent workers")
     ax.set_ylabel("throughput (samples/s)")
     ax.set_title("Throughput against concurrency")
-    ax.set_xscale("log", base=2)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return _png(plt, fig)

@@ -304,10 +304,17 @@ def tune_and_apply(mod, params: list, target, *, budget_s: float, database_dir: 
     parameters; ``LiftTransformParams`` (run by the TVM backend) moves the
     weight-layout rewrites into ``main_transform_params``.
     """
+    import importlib.util
+
     import tvm
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 
+    if importlib.util.find_spec("xgboost") is None:
+        from edgeml.errors import MissingDependency
+
+        raise MissingDependency("TVM tuning needs xgboost (MetaSchedule's cost model), which is not installed",
+                                hint="pip install xgboost-cpu, or compile without --tune-budget")
     start = clock()
     target = with_host_cores(target)
     database_dir = Path(database_dir)

@@ -192,3 +192,47 @@ def test_ignored_scope_is_applied_and_checked(tmp_path, example):
     with pytest.raises(CompileError, match="NNCF could not quantize") as err:
         build(b, make_ctx(tmp_path / "c", example, ov_ignored_scope={"names": ["no-such-layer"]}), "openvino/int8/nncf")
     print("user sees:", err.value)
+
+
+def test_accuracy_control_recovers_a_model_that_plain_int8_breaks(tmp_path):
+    """Feature 0 spans +-2000 but carries nothing; the class is the argmax of features 1-3 (+-1).
+    Per-tensor int8 on the input crushes the small features; accuracy control must revert it."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    rng = np.random.default_rng(0)
+    f, h, c = 8, 16, 3
+    w1 = np.zeros((f, h), np.float32)
+    w2 = np.zeros((h, c), np.float32)
+    for k in range(c):
+        w1[1 + k, k], w1[1 + k, c + k] = 1.0, -1.0
+        w2[k, k], w2[c + k, k] = 1.0, -1.0
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["logits"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", f])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", c])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    save(model, tmp_path / "m.onnx")
+
+    def data(n):
+        x = rng.standard_normal((n, f)).astype(np.float32)
+        x[:, 0] *= 2000.0
+        return x, np.argmax(x[:, 1:4], 1)
+
+    xc, _ = data(200)
+    xe, ye = data(300)
+    ctx = BuildContext(onnx_path=tmp_path / "m.onnx", target=get_target("x86_64-avx512-vnni"),
+                       inputs=[TensorSpec("x", "float32", (None, f))], outputs=[TensorSpec("logits", "float32", (None, c))],
+                       workdir=tmp_path, calib={"x": xc},
+                       options={"max_accuracy_drop": 1.0, "eval_data": {"inputs": {"x": xe}, "labels": ye}})
+    b = OpenVinoCompiler()
+    acc = {}
+    for spec in b.candidates(ctx, ["int8"]):
+        built = b.build(spec, ctx)
+        manifest = {"backend": {"name": "openvino", "entrypoint": built.entrypoint, "options": built.backend_options}}
+        out = OpenVinoBackend(built.files[built.entrypoint].parent.parent, manifest).run({"x": xe})["logits"]
+        acc[spec.label] = top1(out, ye)
+    print("top-1:", acc)
+    assert acc["openvino/int8/nncf"] < 90.0, "the trap did not trigger; the test proves nothing"
+    assert acc["openvino/int8/nncf-accuracy-control"] >= 99.0

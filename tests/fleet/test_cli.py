@@ -98,3 +98,31 @@ def test_systemd_unit_uses_real_agent_options():
     flags = set(re.findall(r"(--[a-z-]+)", exec_start)) | set(re.findall(r"#\s+(--[a-z-]+)", unit))
     known = {o for p in agent_cmd.params for o in getattr(p, "opts", [])}
     assert flags <= known, flags - known
+
+
+def test_manager_and_agent_commands_as_processes(broker, agents, artifacts, keys, tmp_path):
+    """`edgeml fleet manager` and `edgeml agent` as real processes, driven by the CLI; SIGTERM stops both cleanly."""
+    import signal
+
+    from edgeml.fleet.broker import free_port
+
+    db = tmp_path / "fleet.db"
+    log = open(tmp_path / "manager.log", "wb")
+    mgr = subprocess.Popen([sys.executable, "-m", "edgeml.cli", "fleet", "manager", "--broker", broker.url, "--db", db,
+                            "--http-port", str(free_port()), "--sign-key", keys["key"], "--health-window", "0.3s",
+                            "--heartbeat-timeout", "5s"], stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    try:
+        cli("fleet", "publish", artifacts["v1"], "--db", db)
+        agents.start("proc-0", broker.url, labels="fleet=proc")
+        wait_until(lambda: json.loads(cli("fleet", "devices", "--db", db, "--selector", "fleet=proc", "--json").output),
+                   30, "the agent to register")
+        rid = json.loads(cli("fleet", "rollout", "start", "tiny@1.0.0", "--db", db, "--selector", "fleet=proc",
+                             "--waves", "100%", "--bake", "0.2s", "--json").output)["id"]
+        wait_until(lambda: json.loads(cli("fleet", "rollout", "status", rid, "--db", db, "--json").output)["state"]
+                   == "completed", 30, "rollout to complete")
+        dev = json.loads(cli("fleet", "devices", "--db", db, "--selector", "fleet=proc", "--json").output)[0]
+        assert dev["active"] == "tiny@1.0.0" and dev["online"]
+    finally:
+        mgr.send_signal(signal.SIGTERM)
+        assert mgr.wait(15) == 0, (tmp_path / "manager.log").read_text()[-2000:]

@@ -40,5 +40,3 @@ def x86_artifact(tmp_path_factory, tiny_onnx) -> Path:
     out = tmp_path_factory.mktemp("tvm-x86") / "tiny-x86.edgepkg"
     return build_tvm_artifact(tiny_onnx, best_host_target().name, out, workdir=out.parent / "work")
 
-
-__all__ = ["build_tvm_artifact"]

@@ -35,7 +35,7 @@ def test_tvm_and_ort_artifacts_match_x86_reference_under_qemu(tmp_path_factory):
     cache = os.environ.get("EDGEML_AARCH64_PROOF_CACHE") or str(tmp_path_factory.mktemp("aarch64-proof-cache"))
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "aarch64_proof.py"), "--cache", cache, "--models", "tiny,digits,mobilenetv2",
-         "--builder", "direct", "--workdir", str(tmp_path_factory.mktemp("aarch64-proof-work")), "--json"],
+         "--builder", "pipeline", "--workdir", str(tmp_path_factory.mktemp("aarch64-proof-work")), "--json"],
         capture_output=True, text=True, timeout=900)
     print(proc.stdout[-4000:])
     print(proc.stderr[-4000:], file=sys.stderr)

@@ -62,6 +62,25 @@ def test_device_side_imports_only_the_tvm_runtime(x86_artifact, tmp_path):
     assert facts == {"runtime_only": True, "relax": False, "torch": False, "compiler": False, "shape": [2, 10]}
 
 
+def test_compiling_after_a_runtime_only_load_says_what_to_do(x86_artifact, tiny_onnx, tmp_path):
+    code = (
+        "import sys, edgeml\n"
+        f"edgeml.load({str(x86_artifact)!r}, cache_dir={str(tmp_path / 'c')!r})\n"
+        "sys.path.insert(0, 'scripts')\n"
+        "from tvm_artifacts import build_tvm_artifact\n"
+        "from edgeml.errors import CompileError\n"
+        "try:\n"
+        f"    build_tvm_artifact({str(tiny_onnx)!r}, 'aarch64-a72', {str(tmp_path / 'x.edgepkg')!r})\n"
+        "except CompileError as exc:\n"
+        "    print('REFUSED', exc)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_USE_RUNTIME_LIB", "EDGEML_TVM_RUNTIME_ONLY")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert "REFUSED" in out.stdout, out.stderr[-2000:]
+    assert "EDGEML_TVM_RUNTIME_ONLY=0" in out.stdout
+    assert not (tmp_path / "x.edgepkg").exists()
+
+
 @pytest.mark.parametrize(
     "target, arch, marker",
     [

@@ -9,7 +9,7 @@ import pytest
 
 from edgeml.compiler import tvm_tuning
 
-BUDGET_S = 40
+BUDGET_S = 30
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,9 @@
 For each reference model (benchmarks/models.py, exported at batch 1) it compiles
 the artifact with ``edgeml.compile(..., precision/backend auto)`` and then measures,
 in interleaved rounds (every runner once per round, in rotating order, so load
-changes on the box hit all of them alike), the per-call latency of:
+changes on the box hit all of them alike; 100 ms pause and one untimed call when
+switching runners, so one runtime's spinning threads do not slow the next), the
+per-call latency of:
 
 * ``torch``: PyTorch eager (``torch.no_grad``, default threads)
 * ``ort``: ONNX Runtime FP32 with default session options
@@ -62,8 +64,11 @@ def interleaved(runners: dict[str, Callable[[], Any]], rounds: int, per_round: i
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
             fn = runners[name]
-            # let the previous runner's spinning worker threads (ORT, OpenMP) go idle first
-            time.sleep(0.02)
+            # Let the previous runner's spinning worker threads (ORT, OpenMP) go idle, and
+            # wake this runner's own pool with one untimed call: measured here, an OpenVINO
+            # call right after an ORT call took 2.6x its usual time.
+            time.sleep(0.1)
+            fn()
             for _ in range(per_round):
                 t0 = clock()
                 fn()
@@ -181,9 +186,11 @@ def bench_model(name: str, work: Path, target: str, rounds: int, round_seconds: 
     # predict's overhead: its own paired phase (edgeml and direct alternate call by call)
     pairs = max(20, rounds * per_round)
     t_edgeml, t_direct = paired(runners["edgeml"], direct, pairs)
+    diffs = [(e - d) * 1e6 for e, d in zip(t_edgeml, t_direct)]
+    # pairs alternate which call goes first; average the two orders' medians to cancel order effects
+    per_call_us = (statistics.median(diffs[0::2]) + statistics.median(diffs[1::2])) / 2.0
     overhead = {"pairs": pairs, "edgeml_p50_ms": round(_p50(t_edgeml), 4), "direct_p50_ms": round(_p50(t_direct), 4),
-                "median_pair_diff_us": round(statistics.median(
-                    [(e - d) * 1e6 for e, d in zip(t_edgeml, t_direct)]), 2)}
+                "per_call_us": round(per_call_us, 2)}
     entry["overhead"] = overhead
     best_default_name = min(("ort", "ov_default", "torch"), key=lambda k: p50[k])
     entry["ratios"] = {
@@ -191,8 +198,7 @@ def bench_model(name: str, work: Path, target: str, rounds: int, round_seconds: 
         "speedup_vs_ov_f32": round(p50["ov_f32"] / p50["edgeml"], 3),
         "best_single_default": best_default_name,
         "speedup_vs_best_default": round(p50[best_default_name] / p50["edgeml"], 3),
-        "predict_overhead_pct": round(100.0 * (overhead["edgeml_p50_ms"] - overhead["direct_p50_ms"])
-                                      / overhead["direct_p50_ms"], 2),
+        "predict_overhead_pct": round(100.0 * overhead["per_call_us"] / (1000.0 * overhead["direct_p50_ms"]), 2),
     }
     model.close()
     return entry
@@ -201,7 +207,7 @@ def bench_model(name: str, work: Path, target: str, rounds: int, round_seconds: 
 def format_table(entries: list[dict[str, Any]]) -> str:
     cols = ("torch", "ort", "ov_default", "ov_f32", "edgeml", "direct")
     head = (f"{'model':<12}" + "".join(f"{c:>11}" for c in cols)
-            + f"{'x ORT':>8}{'x best':>8}{'ovh %':>8}  selected")
+            + f"{'x ORT':>8}{'x best':>8}{'ovh us':>8}{'ovh %':>8}  selected")
     lines = ["p50 latency, batch 1, ms (lower is better)", head, "-" * len(head)]
     for e in entries:
         if "error" in e:
@@ -210,9 +216,21 @@ def format_table(entries: list[dict[str, Any]]) -> str:
         p, r, s = e["p50_ms"], e["ratios"], e["selected"]
         lines.append(f"{e['model']:<12}" + "".join(f"{p[c]:>11.3f}" for c in cols)
                      + f"{r['speedup_vs_ort_fp32']:>8.2f}{r['speedup_vs_best_default']:>8.2f}"
-                     f"{r['predict_overhead_pct']:>8.1f}  {s['backend']}/{s['precision']}")
+                     f"{e['overhead']['per_call_us']:>8.1f}{r['predict_overhead_pct']:>8.1f}  {s['backend']}/{s['precision']}")
     lines.append("x ORT = ORT FP32 p50 / artifact p50; x best = best of torch, ort, ov_default / artifact; "
-                 "ovh % = edgeml predict vs the backend library called directly (separate paired phase)")
+                 "ovh us / % = what edgeml predict adds per call over the backend library called directly "
+                 "(separate paired phase)")
+    ok = [e for e in entries if "error" not in e]
+    r18 = next((e for e in ok if e["model"] == "resnet18"), None)
+    if r18 is not None:
+        x = r18["ratios"]["speedup_vs_ort_fp32"]
+        lines.append(f"goal ResNet-18 >= 2.0x ORT FP32: {'met' if x >= 2.0 else 'NOT met'} ({x:.2f}x)")
+    slower = [e["model"] for e in ok if e["ratios"]["speedup_vs_best_default"] < 1.0]
+    lines.append("goal never slower than the best single-backend default: "
+                 + ("met" if not slower else f"NOT met on {', '.join(slower)}"))
+    over = [e["model"] for e in ok if e["ratios"]["predict_overhead_pct"] > 3.0]
+    lines.append("goal predict within 3% of the direct backend call: "
+                 + ("met" if not over else f"NOT met on {', '.join(over)}"))
     defaults = {e["ov_default_config"]["inference_precision"] for e in entries if "ov_default_config" in e}
     if defaults:
         lines.append(f"ov_default = OpenVINO CPU plugin defaults (inference precision here: {', '.join(sorted(defaults))}); "

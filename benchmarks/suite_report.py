@@ -69,8 +69,7 @@ def side_by_side_section(items: list[dict[str, Any]]) -> list[str]:
              "LATENCY performance hint, the same inference thread count, one synchronous infer request, random inputs. "
              "benchmark_app reports OpenVINO's own per-request timer; edgeml bench times the whole `predict` call from "
              "Python. Rounds alternate between the tools; the table shows the median over rounds of each round's "
-             "figure (min–max over rounds in brackets) and, last column, the ratio of the best rounds (least disturbed "
-             "by other load). Agreement target: the median-over-rounds ratio of median latency within 10% (the mean and "
+             "figure (min–max over rounds in brackets). Agreement target: the median-over-rounds ratio of median latency within 10% (the mean and "
              "throughput move with bursts of other load on a shared machine; their agreement is shown, not judged).", ""]
     if not items:
         return lines + ["_Not run in this suite invocation (see skipped runs below)._", ""]
@@ -78,19 +77,20 @@ def side_by_side_section(items: list[dict[str, Any]]) -> list[str]:
     for it in items:
         for key, label in (("median_ms", "median latency (ms)"), ("average_ms", "mean latency (ms)"), ("throughput_fps", "throughput (inferences/s)")):
             m = it["metrics"][key]
-            best = m.get("best_round_ratio")
             rows.append([it["model"], label, f"{_f(m['edgeml'])} ({_f(m['edgeml_range'][0])}–{_f(m['edgeml_range'][1])})",
                          f"{_f(m['benchmark_app'])} ({_f(m['benchmark_app_range'][0])}–{_f(m['benchmark_app_range'][1])})",
-                         f"{m['ratio']:.3f}", "yes" if m["within_10pct"] else "**no**",
-                         f"{best:.3f}" if best is not None else "-"])
-    lines += _table(["model", "metric", "edgeml bench", "benchmark_app", "ratio edgeml/bapp", "within 10%",
-                     "best-round ratio"], rows)
+                         f"{m['ratio']:.3f}", "yes" if m["within_10pct"] else "**no**"])
+    lines += _table(["model", "metric", "edgeml bench", "benchmark_app", "ratio edgeml/bapp", "within 10%"], rows)
     for it in items:
         lines += ["", f"{it['model']}: {len(it['rounds'])} rounds, {it.get('threads', '?')} inference thread(s); "
                   f"benchmark_app: `{it['command']}` (config sets INFERENCE_NUM_THREADS); "
                   f"edgeml: `{it.get('edgeml_command', 'edgeml bench model.edgepkg')}` on an .edgepkg wrapping "
                   f"that IR (bin sha256 `{it['ir_sha256'][:16]}`). Verdict: **{'agree' if it['agree'] else 'disagree'}** "
                   "on median latency."]
+        lines += ["", "Round by round (median latency ms; the 1-minute load average of this machine when the round ended):", ""]
+        lines += _table(["round", "load avg", "edgeml bench", "benchmark_app", "ratio"],
+                        [[str(i + 1), _f(r.get("load_average_1min"), 2), r["edgeml"]["median_ms"], r["benchmark_app"]["median_ms"],
+                          f"{r['edgeml']['median_ms'] / r['benchmark_app']['median_ms']:.3f}"] for i, r in enumerate(it["rounds"])])
     lines.append("")
     return lines
 

@@ -245,7 +245,9 @@ class Manager:
                 "sha256": sha256, "size": row["size"]}
 
     def send_desired(self, device_id: str, *, rollout_id: str | None, kind: str, sha256: str | None,
-                     health_window_s: float | None = None) -> tuple[str, int]:
+                     health_window_s: float | None = None, record=None) -> tuple[str, int]:
+        """Record the deployment (and, via ``record(conn, deployment_id, seq)``, the caller's rows) in one
+        transaction, then publish: an agent's answer can never arrive before the rows it updates."""
         seq = self.db.next_seq()
         dep = uuid.uuid4().hex[:16]
         msg = P.desired(device_id, deployment_id=dep, seq=seq, artifact=self._artifact_msg(sha256),
@@ -259,6 +261,8 @@ class Manager:
             db.conn.execute("INSERT INTO deployments VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                             (dep, device_id, seq, rollout_id, kind, sha256, "sent", None, 0, now, now))
             db.conn.execute("INSERT OR REPLACE INTO desired VALUES (?,?,?,?)", (device_id, dep, seq, payload))
+            if record is not None:
+                record(db.conn, dep, seq)
         self._publish(P.topic(device_id, "desired"), payload)
         return dep, seq
 
@@ -378,12 +382,15 @@ class Manager:
                     continue
                 active = json.loads(d["active"]) if d["active"] else None
                 prev_sha = active.get("sha256") if active else None
-                dep, seq = self.send_desired(d["device_id"], rollout_id=rid, kind="install", sha256=r["sha256"],
-                                             health_window_s=r["health_window_s"])
-                self.db.x("UPDATE rollout_devices SET status = 'sent', deployment_id = ?, seq = ?, sent_at = ?,"
-                          " updated_at = ?, prev_sha = ?, prev_name = ?, prev_version = ? WHERE rollout_id = ? AND device_id = ?",
-                          (dep, seq, now, now, prev_sha, active and active.get("name"), active and active.get("version"),
-                           rid, d["device_id"]))
+                def record(conn, dep, seq, d=d, active=active, prev_sha=prev_sha):
+                    conn.execute("UPDATE rollout_devices SET status = 'sent', deployment_id = ?, seq = ?, sent_at = ?,"
+                                 " updated_at = ?, prev_sha = ?, prev_name = ?, prev_version = ?"
+                                 " WHERE rollout_id = ? AND device_id = ?",
+                                 (dep, seq, now, now, prev_sha, active and active.get("name"),
+                                  active and active.get("version"), rid, d["device_id"]))
+
+                self.send_desired(d["device_id"], rollout_id=rid, kind="install", sha256=r["sha256"],
+                                  health_window_s=r["health_window_s"], record=record)
             self.db.x("UPDATE rollouts SET wave_started_at = ?, bake_started_at = NULL, updated_at = ? WHERE id = ?",
                       (now, now, rid))
             self.db.audit(now, "manager", "rollout.wave_start", rid, {"wave": wave + 1, "of": len(waves), "devices": len(devs)})
@@ -397,7 +404,8 @@ class Manager:
                 why = (f"offline for more than {self.config.offline_timeout_s:.0f}s" if not d["online"]
                        else f"no result within {self.config.install_timeout_s:.0f}s")
                 self.db.x("UPDATE rollout_devices SET status = 'timeout', reason = ?, updated_at = ?"
-                          " WHERE rollout_id = ? AND device_id = ?", (why, now, rid, d["device_id"]))
+                          " WHERE rollout_id = ? AND device_id = ? AND status IN ('sent', 'installing')",
+                          (why, now, rid, d["device_id"]))
                 d["status"] = "timeout"
         inflight = sum(d["status"] in INFLIGHT for d in devs)
         ctx = self._gate_context(r, devs)
@@ -468,10 +476,12 @@ class Manager:
                 self.db.x("UPDATE rollout_devices SET rollback_status = 'failed', reason = ? WHERE rollout_id = ? AND device_id = ?",
                           (f"previous artifact {prev[:12]} is not in the store", rid, d["device_id"]))
                 continue
-            dep, _ = self.send_desired(d["device_id"], rollout_id=rid, kind="rollback", sha256=prev,
-                                       health_window_s=r["health_window_s"])
-            self.db.x("UPDATE rollout_devices SET rollback_status = 'sent', rollback_deployment_id = ?,"
-                      " rollback_sent_at = ? WHERE rollout_id = ? AND device_id = ?", (dep, now, rid, d["device_id"]))
+            def record(conn, dep, seq, d=d):
+                conn.execute("UPDATE rollout_devices SET rollback_status = 'sent', rollback_deployment_id = ?,"
+                             " rollback_sent_at = ? WHERE rollout_id = ? AND device_id = ?", (dep, now, rid, d["device_id"]))
+
+            self.send_desired(d["device_id"], rollout_id=rid, kind="rollback", sha256=prev,
+                              health_window_s=r["health_window_s"], record=record)
         if todo:
             log.info("rollout %s: rolling back %d device(s)", rid, len(todo))
             self.db.x("UPDATE rollout_devices SET status = 'skipped' WHERE rollout_id = ? AND status = 'pending'", (rid,))
@@ -480,8 +490,8 @@ class Manager:
         for w in waiting:  # an offline device converges when it returns (its desired state is retained)
             if now - (w["rollback_sent_at"] or now) > (self.config.offline_timeout_s if not w["online"]
                                                        else self.config.install_timeout_s):
-                self.db.x("UPDATE rollout_devices SET rollback_status = 'timeout' WHERE rollout_id = ? AND device_id = ?",
-                          (rid, w["device_id"]))
+                self.db.x("UPDATE rollout_devices SET rollback_status = 'timeout' WHERE rollout_id = ? AND device_id = ?"
+                          " AND rollback_status = 'sent'", (rid, w["device_id"]))
         left = self.db.one("SELECT COUNT(*) FROM rollout_devices WHERE rollout_id = ? AND rollback_status = 'sent'", (rid,))[0]
         if not left:
             self._set_state(rid, "rolled_back", "manager", "rollout.rolled_back")

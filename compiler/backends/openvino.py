@@ -18,7 +18,8 @@ Candidates:
   (``ctx.options["max_accuracy_drop"]``, ``ctx.options["eval_data"]``),
   ``nncf.quantize_with_accuracy_control`` reverts the most sensitive layers to
   float until the metric (the pipeline's metric: top-1, or agreement with FP32)
-  is within the tolerance.
+  is within the tolerance. In the pipeline it is skipped ("not needed") when the
+  plain NNCF candidate already meets the tolerance.
 
 Options (``edgeml.compile(..., backend_options={...})`` -> ``ctx.options``):
 ``ov_subset_size`` (default 300), ``ov_fast_bias_correction`` (default True),
@@ -43,6 +44,7 @@ ENTRY = "model/model.xml"
 WEIGHTS = "model/model.bin"
 DEFAULT_SUBSET = 300
 VALIDATION_LIMIT = 1000          # eval samples used inside accuracy control
+PLAIN_INT8 = "openvino/int8/nncf"
 
 
 def _ov():
@@ -110,7 +112,7 @@ class OpenVinoCompiler(CompilerBackend):
                                                            "device": device}, "openvino/fp16"))
         if "int8" in precisions and ctx.calib is not None and _have("nncf"):
             base = self._int8_recipe(ctx)
-            specs.append(CandidateSpec(self.name, "int8", base, "openvino/int8/nncf"))
+            specs.append(CandidateSpec(self.name, "int8", base, PLAIN_INT8))
             drop = ctx.options.get("max_accuracy_drop")
             if (drop is not None and ctx.options.get("eval_data") is not None
                     and ctx.options.get("ov_accuracy_control", True)):
@@ -146,8 +148,7 @@ class OpenVinoCompiler(CompilerBackend):
     def build(self, spec: CandidateSpec, ctx: BuildContext) -> BuiltCandidate:
         ov = _ov()
         start = time.perf_counter()
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", spec.label or f"{spec.backend}-{spec.precision}")
-        out = ctx.workdir / slug
+        out = ctx.workdir / _slug(spec.label or f"{spec.backend}-{spec.precision}")
         (out / "model").mkdir(parents=True, exist_ok=True)
         xml, binf = out / ENTRY, out / WEIGHTS
         model = convert(ctx.onnx_path)
@@ -155,6 +156,8 @@ class OpenVinoCompiler(CompilerBackend):
         notes: list[str] = []
         device = recipe.get("device", ov_device(ctx.target))
         if spec.precision == "int8":
+            if recipe["method"] == "nncf.quantize_with_accuracy_control":
+                self._skip_if_plain_passes(recipe, ctx, device)
             ctx.progress(f"{spec.label}: quantizing with NNCF ({recipe['method']})")
             model = self._int8(model, recipe, ctx, notes)
             recipe["fake_quantize_ops"] = _count_ops(model, "FakeQuantize")
@@ -189,6 +192,28 @@ class OpenVinoCompiler(CompilerBackend):
             notes=notes,
             build_seconds=time.perf_counter() - start,
         )
+
+    def _skip_if_plain_passes(self, recipe: dict[str, Any], ctx: BuildContext, device: str) -> None:
+        """Accuracy control is only worth building when plain NNCF int8 misses the tolerance.
+
+        Uses the pipeline's own evaluation of the plain candidate built just before
+        (same calibration and recipe); without the pipeline (no ``ctx.evaluate``) it
+        always builds.
+        """
+        plain = ctx.workdir / _slug(PLAIN_INT8)
+        fp32_score = ctx.options.get("fp32_score")
+        if ctx.evaluate is None or fp32_score is None or not (plain / ENTRY).is_file():
+            return
+        from edgeml.compiler.select import CandidateSkipped
+
+        fragment = {"backend": {"name": self.name, "entrypoint": ENTRY, "version": self.version(),
+                                "options": {"device": device, "performance_hint": "LATENCY",
+                                            "inference_precision": "f16" if device == "GPU" else "f32"}},
+                    "precision": "int8"}
+        drop = float(fp32_score) - float(ctx.evaluate(plain, fragment))
+        if drop <= float(recipe["max_drop_points"]):
+            raise CandidateSkipped(f"not needed: {PLAIN_INT8} is within the tolerance (drop {drop:.2f} points)")
+        ctx.progress(f"{PLAIN_INT8} drops {drop:.2f} points; running NNCF accuracy control")
 
     def _int8(self, model, recipe: dict[str, Any], ctx: BuildContext, notes: list[str]):
         nncf = _nncf()
@@ -330,6 +355,10 @@ def _normalize(model) -> None:
         model.set_rt_info("model.onnx", ["conversion_parameters", "input_model"])
     except Exception:  # rt_info layout differs between OpenVINO versions; cosmetic only
         pass
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", label)
 
 
 def _count_ops(model, type_name: str) -> int:

@@ -1,6 +1,6 @@
 """Train the shipped example: a small CNN on scikit-learn's 8x8 digits.
 
-Re-run to regenerate every file in this folder (deterministic; ~15 s on 2 cores):
+Re-run to regenerate every file in this folder (deterministic, one thread; 10-30 s):
 
     python examples/digits/train.py            # writes digits.onnx, calib.npz, eval.npz, sample.npz, metrics.json
 

@@ -236,3 +236,22 @@ def test_accuracy_control_recovers_a_model_that_plain_int8_breaks(tmp_path):
     print("top-1:", acc)
     assert acc["openvino/int8/nncf"] < 90.0, "the trap did not trigger; the test proves nothing"
     assert acc["openvino/int8/nncf-accuracy-control"] >= 99.0
+
+
+def test_accuracy_control_is_skipped_when_plain_int8_passes(tmp_path, example):
+    from edgeml.compiler.select import CandidateSkipped
+
+    ev = example["eval"]
+    ctx = make_ctx(tmp_path, example, max_accuracy_drop=1.0, fp32_score=top1(ort_logits(example["onnx"], ev["input"]), ev["labels"]),
+                   eval_data={"inputs": {"input": ev["input"]}, "labels": ev["labels"]})
+
+    def evaluate(files_dir, fragment):  # what the pipeline provides: the runtime backend on the eval split
+        manifest = {**fragment, "outputs": [{"name": "logits"}]}
+        return top1(OpenVinoBackend(files_dir, manifest).run({"input": ev["input"]})["logits"], ev["labels"])
+
+    ctx.evaluate = evaluate
+    b = OpenVinoCompiler()
+    specs = {s.label: s for s in b.candidates(ctx, ["int8"])}
+    b.build(specs["openvino/int8/nncf"], ctx)
+    with pytest.raises(CandidateSkipped, match="not needed: openvino/int8/nncf is within the tolerance"):
+        b.build(specs["openvino/int8/nncf-accuracy-control"], ctx)

@@ -54,8 +54,8 @@ def test_falls_back_to_mqtt_311_on_amqtt(tmp_path):
         plain = MqttTransport(BrokerConfig(b.url), "plain").start()
         assert a.wait_connected(10) and plain.wait_connected(10)
         assert a.protocol_name == "3.1.1" and plain.protocol_name == "3.1.1"
-        plain.publish("x/y", b"hello", 1)
-        wait_until(lambda: b"hello" in got, 5, "a message through amqtt")
+        plain.publish("x/y", b"hello", 1, retain=True)   # retained: arrives even if the SUBSCRIBE is processed later
+        wait_until(lambda: b"hello" in got, 15, "a message through amqtt")
         plain.stop()
         a.stop()
     finally:

@@ -181,16 +181,35 @@ def test_each_scenario_runs_for_real_and_writes_three_reports(tiny_onnx, tmp_pat
     _check_report(r, tmp_path / scenario)
 
 
-def test_server_peak_search_finds_a_rate_that_holds_the_bound(tiny_onnx, tmp_path):
-    s = _short(scenario="server", find_peak=True, latency_bound_ms=20.0, search_steps=3, probe_duration_s=0.15,
-               repeats=1, sweep=False)
+def test_server_peak_search_brackets_the_queueing_limit(fake_clock, make_fake_target):
+    """2 ms per query, one worker: capacity 500 QPS; p99 <= 20 ms holds well below it and breaks above it."""
+    target = make_fake_target(fake_clock, [2 * MS])
+    s = _fake_settings(scenario="server", find_peak=True, latency_bound_ms=20.0, probe_duration_s=4.0, search_steps=6,
+                       duration_s=4.0, min_queries=10, repeats=1)
+    r = run_benchmark(target, s, clock=Clock(fake_clock.now, fake_clock.sleep, spin_s=0.0), system={})
+    search = r["qps_search"]
+    assert search["capacity_estimate_qps"] == pytest.approx(500.0)
+    assert 250.0 < search["peak_qps"] < 500.0
+    for p in search["probes"]:
+        assert p["valid"] == (p["p99_ms"] <= 20.0 and not p["reasons"])
+        if p["qps"] >= 500.0:
+            assert not p["valid"]  # over capacity the queue only grows
+    held = [p["qps"] for p in search["probes"] if p["valid"]]
+    assert max(held) == search["peak_qps"]
+    assert r["metrics"]["server"]["target_qps"] == search["peak_qps"]  # the repeats ran at the peak
+
+
+def test_server_peak_search_real_run_reports_probes(tiny_onnx, tmp_path):
+    s = _short(scenario="server", find_peak=True, latency_bound_ms=50.0, search_steps=3, probe_duration_s=0.15,
+               repeats=1, sweep=False, target_qps=100.0)
     r = run_benchmark(tiny_onnx, s)
     search = r["qps_search"]
-    assert search["peak_qps"] and search["peak_qps"] > 0
-    held = [p for p in search["probes"] if p["valid"]]
-    assert max(p["qps"] for p in held) == search["peak_qps"]
-    assert all(p["p99_ms"] <= 20.0 for p in held)
-    assert r["metrics"]["server"]["target_qps"] == search["peak_qps"]
+    assert len(search["probes"]) >= 2
+    for p in search["probes"]:
+        assert p["valid"] == (not p["reasons"]) and (p["p99_ms"] <= 50.0 or not p["valid"])
+    if search["peak_qps"] is not None:
+        assert search["peak_qps"] == max(p["qps"] for p in search["probes"] if p["valid"])
+    assert r["metrics"]["server"]["target_qps"] == 100.0  # an explicit --target-qps wins over the peak
     from edgeml.benchmarks.report import write_report
 
     write_report(r, tmp_path)

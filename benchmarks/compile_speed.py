@@ -109,8 +109,7 @@ def _direct_runner(model, feeds: dict[str, np.ndarray]) -> tuple[str, Callable[[
     return f"{model.backend_name} backend.run", lambda: be.run(feeds)
 
 
-def bench_model(name: str, work: Path, target: str, rounds: int, round_seconds: float, say,
-                fresh: bool = False) -> dict[str, Any]:
+def bench_model(name: str, work: Path, target: str, rounds: int, round_seconds: float, say) -> dict[str, Any]:
     import onnxruntime as ort
     import openvino as ov
     import torch
@@ -128,7 +127,7 @@ def bench_model(name: str, work: Path, target: str, rounds: int, round_seconds: 
 
     result = compile_with_report(onnx_path, target=target, output=work / f"{name}.edgepkg", calib=data["calib"],
                                  eval=data["eval"], max_accuracy_drop=1.0, name=f"{name}-bench",
-                                 **({"cache_dir": False} if fresh else {}))
+                                 cache_dir=work / "cache")
     entry["compile_seconds"] = round(time.perf_counter() - t0, 1)
     entry["compile_cache"] = getattr(result, "cache", None)
     manifest = result.manifest
@@ -244,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"comma-separated subset of {','.join(DEFAULT_MODELS)}")
     p.add_argument("--target", default=None, help="compile target (default: the best target this host runs)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 20, --quick 6)")
-    p.add_argument("--fresh", action="store_true", help="compile without the compile cache")
+    p.add_argument("--fresh", action="store_true",
+                   help="empty the script's compile cache first (compile everything again)")
     p.add_argument("--out", type=Path, default=OUT_DIR, help="folder for the JSON result and the work files")
     a = p.parse_args(argv)
 
@@ -261,11 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     round_seconds = 0.6 if a.quick else 2.0
     work = a.out / "compile_speed_work"
     work.mkdir(parents=True, exist_ok=True)
+    if a.fresh:  # the script keeps its own compile cache; --fresh empties it
+        import shutil
+
+        shutil.rmtree(work / "cache", ignore_errors=True)
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     entries = []
     for name in names:
         try:
-            entries.append(bench_model(name, work, target, rounds, round_seconds, say, fresh=a.fresh))
+            entries.append(bench_model(name, work, target, rounds, round_seconds, say))
         except Exception as exc:  # one model failing must not hide the others' numbers
             say(f"[{name}] failed: {type(exc).__name__}: {exc}")
             entries.append({"model": name, "error": f"{type(exc).__name__}: {exc}"})

@@ -213,12 +213,17 @@ class AgentCore:
                           endpoint=self.config.endpoint if online else None)
 
     def publish_presence(self, online: bool) -> None:
-        msg = self.presence_message(online)
-        if not online:
-            msg["reason"] = "agent stopped"
-        self._publish("presence", msg, 1, retain=True)
+        with self._lock:
+            msg = self.presence_message(online)
+            if not online:
+                msg["reason"] = "agent stopped"
+            self._publish("presence", msg, 1, retain=True)
 
     def publish_heartbeat(self) -> None:
+        with self._lock:   # snapshot + publish atomically w.r.t. journal updates and their events
+            self._publish_heartbeat()
+
+    def _publish_heartbeat(self) -> None:
         j = self.journal.data
         pending = j["pending"]
         msg = {"schema_version": P.SCHEMA_VERSION, "type": "heartbeat", "device_id": self.config.device_id,
@@ -315,7 +320,7 @@ class AgentCore:
             ev = self.journal.next_event_seq()
             self.journal.save()
             self.state = state
-        self._event(desired, attempt, state, seq=ev)
+            self._event(desired, attempt, state, seq=ev)   # under the lock: a heartbeat never overtakes it
         hook, _, hook_version = os.environ.get(CRASH_ENV, "").partition("@")
         if hook == state and (not hook_version or hook_version == (desired.get("artifact") or {}).get("version")):
             marker = self.state_dir / f"crashed-at-{state}"
@@ -486,7 +491,7 @@ class AgentCore:
             self.journal.save()
             self.state = "idle"
             keep = [Path(r["slot"]).parent for r in (j["committed"], j["previous"]) if r and r.get("slot")]
-        self._event(desired, attempt, "committed", seq=ev)
+            self._event(desired, attempt, "committed", seq=ev)
         self.slots.gc(keep)
         self.publish_presence(True)
         self.publish_heartbeat()
@@ -501,7 +506,7 @@ class AgentCore:
             ev = self.journal.next_event_seq()
             self.journal.save()
             self.state = "idle"
-        self._event(desired, attempt, state, reason, seq=ev)
+            self._event(desired, attempt, state, reason, seq=ev)
         self.publish_heartbeat()
 
 

@@ -151,8 +151,9 @@ class Manager:
 
     def _on_presence(self, msg: dict[str, Any]) -> None:
         extra = {}
-        if msg["online"] and "active" in msg:
-            extra["active"] = json.dumps(msg["active"]) if msg["active"] else None
+        active = msg.get("active")
+        if msg["online"] and "active" in msg and (active or {}).get("seq", -1) >= self._known_seq(msg["device_id"]):
+            extra["active"] = json.dumps(active) if active else None
         if "agent_version" in msg:
             extra["agent_version"] = msg["agent_version"]
         if msg["online"]:
@@ -161,11 +162,19 @@ class Manager:
         if not msg["online"]:
             log.info("device %s offline (%s)", msg["device_id"], msg.get("reason"))
 
+    def _known_seq(self, device_id: str) -> int:
+        row = self.db.one("SELECT committed_seq FROM devices WHERE device_id = ?", (device_id,))
+        return row["committed_seq"] if row else -1
+
     def _on_heartbeat(self, msg: dict[str, Any]) -> None:
-        self._touch_device(msg, online=True, state=msg["state"], committed_seq=msg["committed_seq"],
-                           active=json.dumps(msg["active"]) if msg["active"] else None,
-                           refused=msg.get("refused", 0),
-                           last_failed=json.dumps(msg["last_failed"]) if msg.get("last_failed") else None)
+        fields: dict[str, Any] = {"refused": msg.get("refused", 0)}
+        # a heartbeat taken just before a commit can arrive after the commit event: never go backwards
+        # (committed_seq -1 = a device with a fresh state dir: believe it)
+        if msg["committed_seq"] >= self._known_seq(msg["device_id"]) or msg["committed_seq"] == -1:
+            fields.update(state=msg["state"], committed_seq=msg["committed_seq"],
+                          active=json.dumps(msg["active"]) if msg["active"] else None,
+                          last_failed=json.dumps(msg["last_failed"]) if msg.get("last_failed") else None)
+        self._touch_device(msg, online=True, **fields)
         # reconcile from the heartbeat too: events can be lost while the manager or broker is away
         active = msg["active"]
         if active and active.get("deployment_id"):
@@ -187,8 +196,9 @@ class Manager:
             status = "superseded"   # replaced by a newer desired state (e.g. this rollout's rollback): not a failure
         self._apply_status(msg["deployment_id"], status, msg.get("reason"), event_seq=msg["event_seq"])
         fields = {"state": state if status == "installing" else "idle"}
-        if msg.get("active") is not None or status == "committed":
+        if status == "committed" and msg["deploy_seq"] >= self._known_seq(msg["device_id"]):
             fields["active"] = json.dumps(msg.get("active")) if msg.get("active") else None
+            fields["committed_seq"] = msg["deploy_seq"]
         self._touch_device(msg, online=True, **fields)
 
     def _apply_status(self, deployment_id: str, status: str, reason: str | None, event_seq: int | None = None) -> None:

@@ -28,8 +28,10 @@ from edgeml.runtime.backends import RuntimeBackend
 def import_tvm_runtime():
     """Import TVM for running only; runtime-only mode when nothing imported it yet."""
     first = "tvm" not in sys.modules and os.environ.get("EDGEML_TVM_RUNTIME_ONLY", "1") != "0"
-    if first:
-        os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
+    # TVM reads this once, at import; it is restored after, so child processes compile normally.
+    set_env = first and "TVM_USE_RUNTIME_LIB" not in os.environ
+    if set_env:
+        os.environ["TVM_USE_RUNTIME_LIB"] = "1"
     # tvm_ffi imports torch when it can (for tensor interop we never use): skip it.
     block_torch = first and "torch" not in sys.modules
     if block_torch:
@@ -45,6 +47,8 @@ def import_tvm_runtime():
     finally:
         if block_torch and sys.modules.get("torch", 0) is None:
             del sys.modules["torch"]
+        if set_env:
+            os.environ.pop("TVM_USE_RUNTIME_LIB", None)
     return tvm
 
 

@@ -52,14 +52,17 @@ def test_device_side_imports_only_the_tvm_runtime(x86_artifact, tmp_path):
         f"m = edgeml.load({str(x86_artifact)!r}, cache_dir={str(tmp_path / 'c')!r})\n"
         "y = m.predict({'x': np.zeros((2, 1, 8, 8), np.float32)})['logits']\n"
         "import tvm\n"
+        "import os\n"
         "print(json.dumps({'runtime_only': bool(tvm.base._RUNTIME_ONLY), 'relax': 'tvm.relax' in sys.modules,\n"
+        "  'env_left': 'TVM_USE_RUNTIME_LIB' in os.environ,\n"
         "  'torch': 'torch' in sys.modules, 'compiler': 'edgeml.compiler' in sys.modules, 'shape': list(y.shape)}))\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("TVM_USE_RUNTIME_LIB", "EDGEML_TVM_RUNTIME_ONLY")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     facts = json.loads(out.stdout.strip().splitlines()[-1])
-    assert facts == {"runtime_only": True, "relax": False, "torch": False, "compiler": False, "shape": [2, 10]}
+    assert facts == {"runtime_only": True, "relax": False, "torch": False, "compiler": False, "shape": [2, 10],
+                     "env_left": False}
 
 
 def test_compiling_after_a_runtime_only_load_says_what_to_do(x86_artifact, tiny_onnx, tmp_path):

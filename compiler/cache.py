@@ -11,6 +11,7 @@ Entries are ``<dir>/<key[:2]>/<key>.edgepkg`` (unsigned) + ``<key>.json``
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 import json
 import os
 import shutil
@@ -23,6 +24,26 @@ from edgeml.runtime.fsutil import atomic_path, atomic_write_json
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "edgeml" / "compile"
+
+
+@lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """sha256 over the source of the code that shapes artifacts (compiler, runtime, targets).
+
+    The version number alone misses edits between releases (and editable installs),
+    which would otherwise keep returning artifacts built by older code.
+    """
+    import edgeml
+
+    root = Path(edgeml.__file__).resolve().parent
+    packages = [Path(__import__(f"edgeml.{name}", fromlist=["_"]).__file__).resolve().parent
+                for name in ("compiler", "runtime", "targets")] + [root]
+    digest = hashlib.sha256()
+    for folder in packages:
+        for path in sorted(folder.rglob("*")):
+            if path.suffix in (".py", ".toml") and "__pycache__" not in path.parts:
+                digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def cache_key(parts: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 
 from edgeml.compiler import evaluate as ev
 from edgeml.compiler.backends import COMPILER_BACKENDS, BuildContext, BuiltCandidate, CandidateSpec
-from edgeml.compiler.cache import CompileCache, cache_key
+from edgeml.compiler.cache import CompileCache, cache_key, code_fingerprint
 from edgeml.compiler.importers import ImportedModel, fingerprint, import_model, is_factory_spec
 from edgeml.compiler.manifest import (GOLDEN_SAMPLES, created_timestamp, host_info, latency_budget_ms,
                                       selftest_tolerance, source_date_epoch, tool_versions)
@@ -139,7 +139,7 @@ def compile_with_report(model: Any, *, target: Any, output: Any, precision: str 
         cache = CompileCache(opts.cache_dir) if opts.use_cache else None
         key_parts = {
             "calib": _sha(opts.calib), "eval": _sha(opts.eval), "options": opts.key_dict(), "target": tgt.name,
-            "target_file": _target_file_sha(tgt.name), "tools": tool_versions(), "source_date_epoch": epoch,
+            "target_file": _target_file_sha(tgt.name), "tools": tool_versions(), "code": code_fingerprint(), "source_date_epoch": epoch,
             "schema": SCHEMA_VERSION,
         }
         imported: ImportedModel | None = None

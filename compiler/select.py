@@ -68,6 +68,9 @@ def benchmark(runners: dict[str, Callable[[], Any]], seconds: float = 3.0, warmu
         shift = rounds % len(contenders)
         for label in contenders[shift:] + contenders[:shift]:
             fn = runners[label]
+            # Untimed settle call: the previous candidate's runtime may still hold the cores
+            # (ONNX Runtime's worker threads spin after a run), which would bias against whoever runs next.
+            fn()
             for _ in range(reps[label]):
                 t0 = clock()
                 fn()

@@ -27,6 +27,11 @@ class TensorSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
+    def fast_check(self) -> tuple[np.dtype, int, tuple[tuple[int, int], ...]]:
+        """(dtype, rank, fixed (axis, size) pairs): what the hot path compares."""
+        fixed = tuple((axis, size) for axis, size in enumerate(self.shape) if size is not None)
+        return np.dtype(self.dtype), len(self.shape), fixed
+
     def check(self, array: np.ndarray) -> None:
         if array.dtype != np.dtype(self.dtype):
             raise DataError(f"input '{self.name}' has dtype {array.dtype}; the model expects {self.dtype}")
@@ -58,6 +63,7 @@ class Model:
         self.inputs = [TensorSpec.from_dict(d) for d in self.manifest["inputs"]]
         self.outputs = [TensorSpec.from_dict(d) for d in self.manifest["outputs"]]
         self._input_by_name = {s.name: s for s in self.inputs}
+        self._fast = {s.name: s.fast_check() for s in self.inputs}
         self.load_seconds = load_seconds
         self.cold_start_ms: float | None = None
         self._started = time.perf_counter() - load_seconds
@@ -78,7 +84,32 @@ class Model:
     def precision(self) -> str:
         return self.manifest["precision"]
 
-    def validate(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    def validate(self, feeds: Mapping[str, Any]) -> Mapping[str, np.ndarray]:
+        """Check names, dtypes and shapes; raise DataError naming the first problem.
+
+        The hot path (every tensor an ndarray of the right dtype and shape) does a
+        few comparisons per input and returns ``feeds`` itself; the rest is for messages.
+        """
+        fast = self._fast
+        if len(feeds) == len(fast):
+            ok = True
+            for name, value in feeds.items():
+                want = fast.get(name)
+                if want is None or type(value) is not np.ndarray or value.dtype != want[0] or value.ndim != want[1]:
+                    ok = False
+                    break
+                shape = value.shape
+                for axis, size in want[2]:
+                    if shape[axis] != size:
+                        ok = False
+                        break
+                if not ok:
+                    break
+            if ok:
+                return feeds
+        return self._validate_slow(feeds)
+
+    def _validate_slow(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         unknown = [k for k in feeds if k not in self._input_by_name]
         if unknown:
             raise DataError(f"unknown input {unknown[0]!r}; the model's inputs are {list(self._input_by_name)}")
@@ -95,7 +126,7 @@ class Model:
     def predict(self, feeds: Mapping[str, Any], *, validate: bool = True) -> dict[str, np.ndarray]:
         if validate:
             feeds = self.validate(feeds)
-        result = self.backend.run(dict(feeds))
+        result = self.backend.run(feeds if type(feeds) is dict else dict(feeds))
         if self.cold_start_ms is None:
             self.cold_start_ms = (time.perf_counter() - self._started) * 1000.0
         return result

@@ -33,7 +33,10 @@ def test_interleaved_benchmark_reports_percentiles_and_screens_slow_candidates()
     assert result["fast"]["rounds"] >= 5 and result["fast"]["runs"] >= 5 * 50
     last_slow = max(i for i, label in enumerate(order) if label == "slow")
     rounds = order[last_slow + 1:]              # after the warm-ups: only the contenders
-    assert set(rounds) == {"fast", "mid"} and len(rounds) == result["fast"]["runs"] + result["mid"]["runs"]
+    # each candidate's block in a round starts with one untimed settle call
+    settle_calls = 2 * result["fast"]["rounds"]
+    assert set(rounds) == {"fast", "mid"}
+    assert len(rounds) == result["fast"]["runs"] + result["mid"]["runs"] + settle_calls
     # Rotated order: some rounds start with "mid", some with "fast".
     starts = {rounds[0], rounds[50]}
     assert starts == {"fast", "mid"}

@@ -38,7 +38,8 @@ def test_interleaved_benchmark_reports_percentiles_and_screens_slow_candidates()
     assert set(rounds) == {"fast", "mid"}
     assert len(rounds) == result["fast"]["runs"] + result["mid"]["runs"] + settle_calls
     # Rotated order: some rounds start with "mid", some with "fast".
-    starts = {rounds[0], rounds[50]}
+    fast_block, mid_block = 1 + 50, 1 + 25   # settle call + timed runs
+    starts = {rounds[0], rounds[fast_block + mid_block]}
     assert starts == {"fast", "mid"}
 
 

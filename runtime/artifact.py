@@ -278,14 +278,36 @@ def open_artifact(
                     fh.flush()
                     os.fsync(fh.fileno())
             (staging / MANIFEST).write_bytes(canonical_json(manifest))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging, final)
+            _install_folder(staging, final, manifest)
             fsync_dir(root)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return VerifiedArtifact(path=path, manifest=manifest, directory=final, sha256=digest, signed_by=signer)
+
+
+def _install_folder(staging: Path, final: Path, manifest: dict[str, Any]) -> None:
+    """Move a verified staging folder into place without pulling a good copy from under a reader.
+
+    Several processes may load the same artifact at once: whoever renames first
+    wins, the others discard their staging copy. Only a damaged copy is moved
+    aside (never deleted in place) before the new one takes its name.
+    """
+    for _ in range(3):
+        try:
+            os.replace(staging, final)
+            return
+        except OSError:
+            if _extracted_ok(final, manifest):
+                shutil.rmtree(staging, ignore_errors=True)
+                return
+            aside = final.with_name(f".{final.name}.damaged.{os.getpid()}")
+            try:
+                os.replace(final, aside)
+            except OSError:
+                continue
+            shutil.rmtree(aside, ignore_errors=True)
+    raise ArtifactError(f"could not install the extracted artifact into {final}")
 
 
 def _extracted_ok(folder: Path, manifest: dict[str, Any]) -> bool:

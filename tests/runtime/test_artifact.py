@@ -164,3 +164,28 @@ def test_writer_is_deterministic(tmp_path):
     a = write_artifact(tmp_path / "a.edgepkg", manifest(), {"model/model.onnx": tiny_onnx()})
     b = write_artifact(tmp_path / "b.edgepkg", manifest(), {"model/model.onnx": tiny_onnx()})
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_a_complete_copy_extracted_by_another_process_is_kept_not_replaced(good, tmp_path):
+    """Two loaders race: the second must not delete the folder the first is reading."""
+    from edgeml.runtime.artifact import _install_folder
+
+    first = open_artifact(good, cache_dir=tmp_path / "cache")
+    inode_before = first.directory.stat().st_ino
+    staging = tmp_path / "cache" / ".staging"
+    staging.mkdir()
+    for name in first.manifest["files"]:
+        (staging / name).parent.mkdir(parents=True, exist_ok=True)
+        (staging / name).write_bytes((first.directory / name).read_bytes())
+    _install_folder(staging, first.directory, first.manifest)
+    assert first.directory.stat().st_ino == inode_before   # the reader's folder is untouched
+    assert not staging.exists()
+
+
+def test_a_damaged_extracted_copy_is_replaced_on_the_next_load(good, tmp_path):
+    first = open_artifact(good, cache_dir=tmp_path / "cache")
+    member = next(iter(first.manifest["files"]))
+    (first.directory / member).write_bytes(b"damaged")
+    again = open_artifact(good, cache_dir=tmp_path / "cache")
+    assert (again.directory / member).read_bytes() != b"damaged"
+    assert again.directory == first.directory

@@ -11,7 +11,7 @@ renaming into place.
 
 from __future__ import annotations
 
-import hashlib
+
 import json
 import logging
 import os
@@ -26,6 +26,7 @@ from typing import Any
 
 from edgeml.errors import ArtifactError, FleetError
 from edgeml.runtime.fsutil import atomic_path, atomic_write_json, fsync_dir
+from edgeml.runtime.signing import file_sha256
 
 log = logging.getLogger("edgeml.fleet.store")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
@@ -188,7 +189,7 @@ def download(url: str, dest: Path, *, sha256: str, size: int, timeout: float = 3
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.exists() and dest.stat().st_size == size and _sha_file(dest) == sha256:
+    if dest.exists() and dest.stat().st_size == size and file_sha256(dest) == sha256:
         return dest
     have = part.stat().st_size if part.exists() else 0
     if have > size:
@@ -237,7 +238,7 @@ def download(url: str, dest: Path, *, sha256: str, size: int, timeout: float = 3
             part.unlink(missing_ok=True)
         raise FleetError(f"download of {url} gave {have} bytes; the manager said {size}"
                          + (" (discarded)" if bad else " (will resume)"))
-    got = _sha_file(part)
+    got = file_sha256(part)
     if got != sha256:
         part.unlink(missing_ok=True)
         raise ArtifactError(f"download of {url} has sha256 {got[:16]}..., expected {sha256[:16]}... (discarded)",
@@ -245,11 +246,3 @@ def download(url: str, dest: Path, *, sha256: str, size: int, timeout: float = 3
     os.replace(part, dest)
     fsync_dir(dest.parent)
     return dest
-
-
-def _sha_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

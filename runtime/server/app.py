@@ -52,6 +52,7 @@ class ServerConfig:
     cache_dir: str | Path | None = None
     event_loop: str = "auto"              # auto | uvloop | asyncio
     server_name: str = "edgeml"
+    grpc_port: int | None = None          # also serve the v2 gRPC protocol here (None = off, 0 = a free port)
 
 
 class ModelServer:
@@ -70,6 +71,7 @@ class ModelServer:
         self._thread: threading.Thread | None = None
         self._server: asyncio.AbstractServer | None = None
         self._address: tuple[str, int] | None = None
+        self._grpc = None                      # grpc_server.GrpcEndpoint when config.grpc_port is set
         self._ids = itertools.count(1)
         self._id_prefix = f"{os.getpid():x}-{int(time.time()) & 0xFFFFFF:x}-"
         self._api_lock = threading.RLock()
@@ -83,6 +85,11 @@ class ModelServer:
         """Bind and serve in a background thread; return the bound (host, port)."""
         if self._thread is not None:
             return self._address  # type: ignore[return-value]
+        grpc_ep = None
+        if self.config.grpc_port is not None:   # bind first: a missing package or a taken port fails early
+            from edgeml.runtime.server.grpc_server import GrpcEndpoint
+
+            grpc_ep = GrpcEndpoint(self, self.config.host, self.config.grpc_port)
         ready = concurrent.futures.Future()
 
         def main() -> None:
@@ -105,15 +112,25 @@ class ModelServer:
             self._address = ready.result(timeout=30)
         except OSError as exc:
             self._thread = None
+            if grpc_ep is not None:
+                grpc_ep.stop(0)
             raise ServeError(f"cannot listen on {self.config.host}:{self.config.port}: {exc}",
                              hint="pick another --port (0 picks a free one)") from exc
+        if grpc_ep is not None:
+            self._grpc = grpc_ep
+            grpc_ep.start()
         log.info("server started", extra={"host": self._address[0], "port": self._address[1],
+                                          "grpc_port": self.grpc_address[1] if self._grpc else None,
                                           "models": [m["name"] + ":" + m["version"] for m in self.models()]})
         return self._address
 
     @property
     def address(self) -> tuple[str, int] | None:
         return self._address
+
+    @property
+    def grpc_address(self) -> tuple[str, int] | None:
+        return self._grpc.address if self._grpc is not None else None
 
     @property
     def running(self) -> bool:
@@ -124,6 +141,7 @@ class ModelServer:
         if self._thread is None:
             self._close_models()
             return
+        grpc_done = self._grpc.stop(drain_timeout) if self._grpc is not None else None
         self._in_loop(self._begin_drain)
         deadline = time.monotonic() + drain_timeout
         while time.monotonic() < deadline and self._in_loop(lambda: self.inflight) > 0:
@@ -135,6 +153,9 @@ class ModelServer:
         while time.monotonic() < flush_deadline and self._in_loop(lambda: len(self.connections)) > 0:
             time.sleep(0.005)
         self._in_loop(self._abort_connections)
+        if grpc_done is not None:
+            grpc_done.wait(max(0.0, deadline - time.monotonic()) + 1.0)
+            self._grpc = None
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._thread = None

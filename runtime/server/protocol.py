@@ -100,6 +100,12 @@ def parse_infer_request(body: bytes, header_length: int | None, model: Any) -> I
         doc = json_loads(header)
     except (JSONDecodeError, ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    return parse_infer_doc(doc, binary, model)
+
+
+def parse_infer_doc(doc: Any, binary: Any, model: Any) -> InferRequest:
+    """Validate a decoded v2 request document; ``binary`` holds the bytes that inputs with
+    ``parameters.binary_data_size`` take in order (None when the request has none). Shared by HTTP and gRPC."""
     if not isinstance(doc, dict):
         raise BadRequest("request body must be a JSON object with an 'inputs' list")
     inputs = doc.get("inputs")

@@ -12,6 +12,7 @@ Rollout states: running -> (paused <-> running) -> completed
                                                       gets its previous artifact back)
 Per-device status in a rollout: pending -> sent -> installing -> committed | failed | timeout
                                 (| superseded: a newer desired state, e.g. the rollback, replaced it)
+Late joiners (registered or relabelled after a start) join a rollout's last wave: ``_enroll_late_devices``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ log = logging.getLogger("edgeml.fleet.manager")
 ACTIVE_STATES = ("running", "paused", "rolling_back")
 INFLIGHT = ("sent", "installing")
 FAILED = ("failed", "timeout")
+JOINABLE = ("running", "paused", "completed")   # rollouts that take in late-joining devices
 
 
 @dataclass
@@ -117,6 +119,7 @@ class Manager:
         self.base_url = (artifact_base_url or config.public_url or
                          f"http://{config.http_host}:{config.http_port}").rstrip("/")
         self.rejected: list[str] = []
+        self._changes, self._changes_done = 1, 0   # bumped when a device appears/relabels or a rollout changes state
 
     # ================================================================ messages in
     def on_connect(self) -> None:
@@ -146,8 +149,11 @@ class Manager:
         sets.update(fields)
         cols = ", ".join(f"{k} = ?" for k in sets)
         with self.db.tx() as db:
+            old = db.conn.execute("SELECT labels FROM devices WHERE device_id = ?", (msg["device_id"],)).fetchone()
             db.conn.execute("INSERT OR IGNORE INTO devices (device_id, first_seen) VALUES (?, ?)", (msg["device_id"], now))
             db.conn.execute(f"UPDATE devices SET {cols} WHERE device_id = ?", (*sets.values(), msg["device_id"]))
+        if old is None or ("labels" in sets and sets["labels"] != old["labels"]):
+            self._changes += 1
 
     def _on_presence(self, msg: dict[str, Any]) -> None:
         extra = {}
@@ -313,6 +319,7 @@ class Manager:
                 for d in ids:
                     db.conn.execute("INSERT INTO rollout_devices (rollout_id, device_id, wave, status, updated_at)"
                                     " VALUES (?,?,?,?,?)", (rid, d, w, "pending", now))
+        self._changes += 1
         self.db.audit(now, actor, "rollout.start", rid, {"target": spec, "selector": selector, "waves": waves,
                                                           "devices": len(devices), "max_failure_rate": max_failure_rate,
                                                           "bake_s": bake_s, "gates": [g.expression() for g in gate_objs]})
@@ -331,6 +338,7 @@ class Manager:
         self.db.x("UPDATE rollouts SET state = ?, reason = COALESCE(?, reason), updated_at = ? WHERE id = ?",
                   (state, reason, now, rid))
         self.db.audit(now, actor, action, rid, {"state": state, "reason": reason, **detail})
+        self._changes += 1     # e.g. devices of a finished rollout may now join a newer one
         log.info("rollout %s: %s -> %s%s", rid, action, state, f" ({reason})" if reason else "")
 
     def pause(self, rid: str, actor: str) -> dict:
@@ -369,6 +377,7 @@ class Manager:
                             (now - self.config.heartbeat_timeout_s,)).rowcount
         if expired:
             log.info("%d device(s) missed heartbeats for %.0fs: marked offline", expired, self.config.heartbeat_timeout_s)
+        self._enroll_late_devices(now)
         for row in self.db.q("SELECT id, state FROM rollouts WHERE state IN ('running', 'rolling_back') ORDER BY id"):
             try:
                 if row["state"] == "running":
@@ -388,24 +397,18 @@ class Manager:
         devs = self._wave_devices(rid, wave)
         if r["wave_started_at"] is None:
             for d in devs:
-                if d["status"] != "pending":
-                    continue
-                active = json.loads(d["active"]) if d["active"] else None
-                prev_sha = active.get("sha256") if active else None
-                def record(conn, dep, seq, d=d, active=active, prev_sha=prev_sha):
-                    conn.execute("UPDATE rollout_devices SET status = 'sent', deployment_id = ?, seq = ?, sent_at = ?,"
-                                 " updated_at = ?, prev_sha = ?, prev_name = ?, prev_version = ?"
-                                 " WHERE rollout_id = ? AND device_id = ?",
-                                 (dep, seq, now, now, prev_sha, active and active.get("name"),
-                                  active and active.get("version"), rid, d["device_id"]))
-
-                self.send_desired(d["device_id"], rollout_id=rid, kind="install", sha256=r["sha256"],
-                                  health_window_s=r["health_window_s"], record=record)
+                if d["status"] == "pending":
+                    self._send_install(r, d, now)
             self.db.x("UPDATE rollouts SET wave_started_at = ?, bake_started_at = NULL, updated_at = ? WHERE id = ?",
                       (now, now, rid))
             self.db.audit(now, "manager", "rollout.wave_start", rid, {"wave": wave + 1, "of": len(waves), "devices": len(devs)})
             log.info("rollout %s: wave %d/%d started on %d device(s)", rid, wave + 1, len(waves), len(devs))
             return
+        late = [d for d in devs if d["status"] == "pending"]   # late joiners of the (last) wave now under way
+        for d in late:
+            self._send_install(r, d, now)
+        if late:
+            devs = self._wave_devices(rid, wave)
         for d in devs:   # offline devices are pending until offline_timeout_s, then count as failed
             if d["status"] not in INFLIGHT:
                 continue
@@ -446,6 +449,74 @@ class Manager:
         else:
             self._set_state(rid, "completed", "manager", "rollout.complete", None,
                             gates=[g.to_dict() for g in results])
+
+    def _send_install(self, r: dict[str, Any], d: dict[str, Any], now: float, join=None) -> None:
+        """Send rollout ``r``'s artifact to device row ``d`` (device_id, active), remembering what it ran before
+        (``join(conn)``, if given, adds the device to the rollout in the same transaction)."""
+        rid = r["id"]
+        active = json.loads(d["active"]) if d["active"] else None
+        prev_sha = active.get("sha256") if active else None
+
+        def record(conn, dep, seq):
+            if join is not None:
+                join(conn)
+            conn.execute("UPDATE rollout_devices SET status = 'sent', deployment_id = ?, seq = ?, sent_at = ?,"
+                         " updated_at = ?, prev_sha = ?, prev_name = ?, prev_version = ?"
+                         " WHERE rollout_id = ? AND device_id = ?",
+                         (dep, seq, now, now, prev_sha, active and active.get("name"),
+                          active and active.get("version"), rid, d["device_id"]))
+
+        self.send_desired(d["device_id"], rollout_id=rid, kind="install", sha256=r["sha256"],
+                          health_window_s=r["health_window_s"], record=record)
+
+    def _enroll_late_devices(self, now: float) -> int:
+        """Late joiners (rule in docs/fleet-protocol.md): a device goes to the NEWEST running/paused/completed
+        rollout whose selector it matches, unless it is in an active rollout or one as new or newer holds it;
+        it joins the LAST wave (sent when that wave starts, at once if under way or completed)."""
+        changes = self._changes    # a full pass only when something changed since the last one, not every tick
+        if changes == self._changes_done:
+            return 0
+        rows = self.db.q("SELECT id FROM rollouts WHERE state IN (?,?,?)", JOINABLE)
+        rollouts = sorted((self._rollout(row["id"]) for row in rows), key=lambda x: int(x["id"]), reverse=True)
+        newest: dict[str, int] = {}
+        busy: set[str] = set()
+        # a device only pending/skipped in an aborted or rolled back rollout was never touched by it
+        for row in self.db.q("SELECT rd.device_id, MAX(CASE WHEN r.state IN (?,?,?) OR rd.status NOT IN ('pending', 'skipped')"
+                             " THEN CAST(rd.rollout_id AS INTEGER) END) newest,"
+                             f" MAX(r.state IN ({','.join('?' * len(ACTIVE_STATES))})) busy"
+                             " FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id GROUP BY rd.device_id",
+                             (*JOINABLE, *ACTIVE_STATES)):
+            newest[row["device_id"]] = row["newest"] or 0
+            if row["busy"]:
+                busy.add(row["device_id"])
+        joined = 0
+        for dev in self.db.q("SELECT device_id, labels, active FROM devices ORDER BY device_id"):
+            device_id = dev["device_id"]
+            if device_id in busy:
+                continue
+            labels = json.loads(dev["labels"])
+            r = next((x for x in rollouts if P.selector_matches(x["selector"], labels)), None)
+            if r is None or newest.get(device_id, 0) >= int(r["id"]):
+                continue
+            wave = len(r["waves"]) - 1
+
+            def join(conn, r=r, device_id=device_id, labels=labels, wave=wave):   # row + audit in one transaction
+                conn.execute("INSERT INTO rollout_devices (rollout_id, device_id, wave, status, updated_at)"
+                             " VALUES (?,?,?,?,?)", (r["id"], device_id, wave, "pending", now))
+                self.db.audit(now, "manager", "rollout.device_join", r["id"],
+                              {"device_id": device_id, "labels": labels, "wave": wave + 1, "rollout_state": r["state"],
+                               "target": f"{r['name']}@{r['version']}"})
+
+            if r["state"] == "completed":     # nothing left to wait for: its desired state now
+                self._send_install(r, dict(dev), now, join=join)
+            else:
+                with self.db.tx() as db:
+                    join(db.conn)
+            log.info("rollout %s (%s): late device %s joins wave %d/%d", r["id"], r["state"], device_id,
+                     wave + 1, len(r["waves"]))
+            joined += 1
+        self._changes_done = changes
+        return joined
 
     def _breach(self, r: dict[str, Any], gate, now: float) -> None:
         reason = f"gate {gate.name} breached in wave {r['wave'] + 1}: {gate.detail} (value {gate.value}, limit {gate.threshold})"

@@ -283,3 +283,107 @@ def test_schema_migration_from_v1_and_newer_schema_refused(tmp_path):
     db.close()
     with pytest.raises(FleetError, match="this edgeml knows up to"):
         FleetDB(path)
+
+
+# ---------------------------------------------------------------- late joiners
+def add_device(fleet, d, labels):
+    fleet.devices[d] = {"labels": labels, "active": None, "ev": 0}
+    fleet.heartbeat(d)
+
+
+def sent_to(link, d):
+    return [(msg["artifact"] or {}).get("version") for msg in link.sent if msg["device_id"] == d]
+
+
+def joins(m):
+    return [json.loads(row["detail"])["device_id"] for row in m.db.q(
+        "SELECT detail FROM audit WHERE action = 'rollout.device_join' ORDER BY id")]
+
+
+def test_late_device_joins_running_rollout_in_its_last_wave(env):
+    m, clock, link, _ = env
+    fleet = FakeFleet(m, 4, labels={"hw": "rpi4"})
+    r = m.start_rollout("tiny@1.0.0", selector={"hw": "rpi4"}, waves=[0.5, 1.0], max_failure_rate=0.1, bake_s=10,
+                        gates=[], actor="alice")
+    m.tick()
+    assert len(link.sent) == 2                                      # wave 1 cut from the 4 devices known at start
+    add_device(fleet, "new-1", {"hw": "rpi4"})                      # provisioned mid-rollout
+    add_device(fleet, "other", {"hw": "jetson"})                    # does not match the selector
+    m.tick()
+    s = m.rollout_status(r["id"])
+    assert s["per_wave"] == [{"sent": 2}, {"pending": 3}] and sent_to(link, "new-1") == []   # waits for its wave
+    fleet.answer(link); m.tick(); clock.advance(11); m.tick()
+    assert s["wave"] == 1 and m.rollout_status(r["id"])["wave"] == 2
+    assert sent_to(link, "new-1") == ["1.0.0"] and len(link.sent) == 5
+    fleet.answer(link); m.tick()                                    # last wave committed: baking
+    add_device(fleet, "new-2", {"hw": "rpi4"})                      # joins the last wave while it is under way
+    m.tick()
+    assert sent_to(link, "new-2") == ["1.0.0"]
+    clock.advance(11); m.tick()
+    assert m.rollout_status(r["id"])["state"] == "running"          # waits for the late device's result
+    fleet.answer(link); m.tick()
+    s = m.rollout_status(r["id"])
+    assert s["state"] == "completed" and s["per_wave"] == [{"committed": 2}, {"committed": 4}]
+    assert sent_to(link, "other") == [] and joins(m) == ["new-1", "new-2"]
+    detail = json.loads(m.db.one("SELECT detail FROM audit WHERE action = 'rollout.device_join'")["detail"])
+    assert detail["wave"] == 2 and detail["rollout_state"] == "running" and detail["target"] == "tiny@1.0.0"
+
+
+def test_late_device_after_completion_converges_via_desired_state(env):
+    m, clock, link, _ = env
+    fleet = FakeFleet(m, 3, labels={"hw": "rpi4"})
+    add_device(fleet, "relabelled", {"hw": "jetson"})
+    r = m.start_rollout("tiny@1.0.0", selector={"hw": "rpi4"}, waves=[1.0], max_failure_rate=0.1, bake_s=0,
+                        gates=[], actor="alice")
+    m.tick(); fleet.answer(link); m.tick(); m.tick()
+    assert m.rollout_status(r["id"])["state"] == "completed"
+    add_device(fleet, "new-1", {"hw": "rpi4"})
+    fleet.devices["relabelled"]["labels"] = {"hw": "rpi4"}          # starts matching the selector
+    fleet.heartbeat("relabelled")
+    m.tick()
+    assert sent_to(link, "new-1") == ["1.0.0"] and sent_to(link, "relabelled") == ["1.0.0"]
+    desired = json.loads(m.db.one("SELECT payload FROM desired WHERE device_id = 'new-1'")["payload"])
+    assert desired["artifact"]["version"] == "1.0.0" and desired["rollout_id"] == r["id"]   # retained: converges when online
+    fleet.answer(link)
+    m.tick(); m.tick()
+    assert len(link.sent) == 5                                      # once, not every tick
+    s = m.rollout_status(r["id"])
+    assert s["state"] == "completed" and s["per_wave"] == [{"committed": 5}]
+    assert versions(fleet) == ["1.0.0"] and sorted(joins(m)) == ["new-1", "relabelled"]
+
+
+def test_late_device_after_rollback_or_abort_does_not_get_that_version(env):
+    m, clock, link, _ = env
+    fleet = FakeFleet(m, 4)
+    m.start_rollout("tiny@1.0.0", selector={}, waves=[1.0], max_failure_rate=0.1, bake_s=0, gates=[], actor="a")
+    m.tick(); fleet.answer(link); m.tick(); m.tick()
+    r = m.start_rollout("tiny@3.0.0", selector={}, waves=[0.5, 1.0], max_failure_rate=0.1, bake_s=0, gates=[], actor="a")
+    m.tick()
+    fleet.answer(link, fail=set(fleet.devices))                     # the bad version fails: breach, rolling back
+    m.tick()
+    assert m.rollout_status(r["id"])["state"] == "rolling_back"
+    add_device(fleet, "new-1", {"hw": "x"})                         # arrives while it rolls back
+    m.tick(); fleet.answer(link); m.tick()
+    assert m.rollout_status(r["id"])["state"] == "rolled_back"
+    add_device(fleet, "new-2", {"hw": "x"})                         # arrives after
+    m.tick(); fleet.answer(link); m.tick()
+    assert "3.0.0" not in sent_to(link, "new-1") + sent_to(link, "new-2")
+    # they get what the fleet runs: the last completed rollout's version
+    assert sent_to(link, "new-1") == ["1.0.0"] and sent_to(link, "new-2") == ["1.0.0"]
+    assert versions(fleet) == ["1.0.0"]
+    assert m.db.one("SELECT COUNT(*) FROM rollout_devices WHERE rollout_id = ? AND device_id LIKE 'new-%'",
+                    (r["id"],))[0] == 0
+    # an aborted rollout pulls nobody in either: the late device gets the last completed rollout's version
+    r3 = m.start_rollout("tiny@2.0.0", selector={}, waves=[0.25, 1.0], max_failure_rate=0.1, bake_s=0, gates=[],
+                         actor="a")
+    m.tick()
+    add_device(fleet, "new-3", {"hw": "x"})                         # joins r3's last wave, not started yet
+    m.tick()
+    assert m.rollout_status(r3["id"])["per_wave"] == [{"sent": 2}, {"pending": 5}] and sent_to(link, "new-3") == []
+    m.abort(r3["id"], "bob")
+    add_device(fleet, "new-4", {"hw": "x"})
+    m.tick(); m.tick()
+    assert sent_to(link, "new-3") == ["1.0.0"] and sent_to(link, "new-4") == ["1.0.0"]
+    assert m.db.one("SELECT COUNT(*) FROM rollout_devices WHERE rollout_id = ? AND device_id = 'new-4'",
+                    (r3["id"],))[0] == 0
+    assert joins(m) == ["new-1", "new-2", "new-3", "new-3", "new-4"]   # r1, r1, r3, then r1 once r3 was aborted

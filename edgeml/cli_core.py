@@ -86,9 +86,11 @@ def _describe(m: dict, signer: str | None) -> str:
         lines.append(f"quantization: {m['quantization']}")
     for c in m.get("candidates", []):
         lat = c.get("latency_ms") or {}
+        label = c.get("label") or f"{c.get('backend')}/{c.get('precision')}"
+        acc_text = "-" if c.get("accuracy") is None else f"{c['accuracy']:.2f}"
         lines.append(
-            f"  {'>' if c.get('selected') else ' '} {c.get('backend')}/{c.get('precision')}  "
-            f"p50={lat.get('p50', '-')} ms  acc={c.get('accuracy', '-')}  {c.get('status', '')} {c.get('reason') or ''}"
+            f"  {'>' if c.get('selected') else ' '} {label:<55} p50={lat.get('p50', '-')} ms  "
+            f"acc={acc_text}  {c.get('status', '')} {c.get('reason') or ''}".rstrip()
         )
     lines.append(f"signed by: {signer}" if signer else "signature: " + ("present (not checked: no trusted key given)" if m.get("signed") else "none"))
     return "\n".join(lines)

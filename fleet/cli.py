@@ -88,7 +88,7 @@ def agent_cmd(device_id, labels, state_dir, trusted_keys, allow_unsigned, http_h
     """Run the device agent: reconcile the desired model, serve it, report."""
     from edgeml.errors import UsageError
     from edgeml.fleet.agent import Agent, AgentConfig
-    from edgeml.fleet.manager import parse_duration
+    from edgeml.fleet.waves import parse_duration
     from edgeml.fleet.protocol import check_device_id, parse_labels
     from edgeml.fleet.serving import make_serving
 
@@ -142,7 +142,8 @@ def fleet_group() -> None:
 def manager_cmd(db, store_dir, http_host, http_port, public_url, sign_key, heartbeat_timeout, offline_timeout,
                 health_window, log_level, as_json, **kw):
     """Run the fleet manager (long-running)."""
-    from edgeml.fleet.manager import ManagerConfig, parse_duration
+    from edgeml.fleet.manager import ManagerConfig
+    from edgeml.fleet.waves import parse_duration
     from edgeml.fleet.service import ManagerService
 
     _setup_logging(log_level)
@@ -251,7 +252,7 @@ def _status_text(s: dict) -> str:
 def rollout_start_cmd(target, db, selector, waves, max_failure_rate, bake, gates, health_window, as_json):
     """Roll NAME@VERSION out in waves (the running manager executes it)."""
     from edgeml.fleet.gates import parse_gate
-    from edgeml.fleet.manager import parse_duration, parse_rate, parse_waves
+    from edgeml.fleet.waves import parse_duration, parse_rate, parse_waves
     from edgeml.fleet.protocol import parse_labels
     from edgeml.fleet.service import CommandClient
 
@@ -358,7 +359,7 @@ def telemetry_cmd(db, device, as_json):
 def demo_cmd(broker_kind, workdir, bake, as_json):
     """Broker + manager + 3 agents on this machine: v1, canary v2, telemetry, broken v3 rolled back."""
     from edgeml.fleet.demo import run_demo
-    from edgeml.fleet.manager import parse_duration
+    from edgeml.fleet.waves import parse_duration
 
     summary = run_demo(broker_kind=broker_kind, workdir=workdir, bake_s=parse_duration(bake),
                        echo=(lambda s: None) if as_json else click.echo)
@@ -376,7 +377,7 @@ def demo_cmd(broker_kind, workdir, bake, as_json):
 @handle_errors
 def simulate_cmd(devices, fail_rate, waves, bake, workdir, as_json):
     """Roll v1 then a partly failing v2 over simulated devices; print how long each took."""
-    from edgeml.fleet.manager import parse_duration, parse_rate, parse_waves
+    from edgeml.fleet.waves import parse_duration, parse_rate, parse_waves
     from edgeml.fleet.simulator import run_simulation
 
     out = run_simulation(devices=devices, fail_fraction=parse_rate(fail_rate), waves=parse_waves(waves),

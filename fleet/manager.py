@@ -17,10 +17,8 @@ Late joiners (registered or relabelled after a start) join a rollout's last wave
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ from edgeml.fleet.db import FleetDB, row_dict
 from edgeml.fleet.gates import GateContext, VersionStats, build_gates, evaluate_all, gate_from_dict, gate_to_dict
 from edgeml.fleet.metrics import merge
 from edgeml.fleet.store import ArtifactStore
+from edgeml.fleet.waves import assign_waves
 
 log = logging.getLogger("edgeml.fleet.manager")
 ACTIVE_STATES = ("running", "paused", "rolling_back")
@@ -57,55 +56,6 @@ class ManagerConfig:
 
     def store_path(self) -> Path:
         return Path(self.store_dir) if self.store_dir else Path(self.db).with_name(Path(self.db).stem + "-store")
-
-
-def parse_waves(text: str) -> list[float]:
-    try:
-        waves = [float(p.strip().rstrip("%")) / 100.0 for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise UsageError(f"--waves {text!r} must be percentages like 5%,25%,100%") from None
-    if not waves or any(not 0 < w <= 1 for w in waves) or waves != sorted(waves) or waves[-1] != 1.0:
-        raise UsageError(f"--waves {text!r} must be increasing percentages in (0, 100] ending at 100%",
-                         hint="e.g. --waves 5%,25%,100%")
-    return waves
-
-
-def parse_rate(text: str | float) -> float:
-    if isinstance(text, (int, float)):
-        return float(text)
-    s = text.strip()
-    try:
-        return float(s[:-1]) / 100.0 if s.endswith("%") else float(s)
-    except ValueError:
-        raise UsageError(f"{text!r} is not a rate like 10% or 0.1") from None
-
-
-def parse_duration(text: str | float) -> float:
-    if isinstance(text, (int, float)):
-        return float(text)
-    s = text.strip().lower()
-    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
-    for unit in ("ms", "s", "m", "h"):
-        if s.endswith(unit):
-            try:
-                return float(s[: -len(unit)]) * units[unit]
-            except ValueError:
-                break
-    try:
-        return float(s)
-    except ValueError:
-        raise UsageError(f"duration {text!r} must look like 60s, 5m or 1h") from None
-
-
-def assign_waves(rollout_id: str, device_ids: list[str], waves: list[float]) -> list[list[str]]:
-    """Stable pseudo-random order (hash of rollout id + device id), cut at the cumulative percentages."""
-    order = sorted(device_ids, key=lambda d: hashlib.sha256(f"{rollout_id}:{d}".encode()).hexdigest())
-    n, out, start = len(order), [], 0
-    for i, frac in enumerate(waves):
-        end = n if i == len(waves) - 1 else max(start + (1 if start < n else 0), math.ceil(frac * n))
-        out.append(order[start:end])
-        start = end
-    return out
 
 
 class Manager:

@@ -9,7 +9,7 @@ import pytest
 from edgeml.errors import MessageRejected, UsageError
 from edgeml.fleet import protocol as P
 from edgeml.fleet.gates import GateContext, VersionStats, build_gates, evaluate_all, parse_gate
-from edgeml.fleet.manager import assign_waves, parse_duration, parse_rate, parse_waves
+from edgeml.fleet.waves import assign_waves, parse_duration, parse_rate, parse_waves
 from edgeml.fleet.metrics import Histogram, merge, quantile
 
 ART = {"name": "tiny", "version": "1", "url": "http://h/artifacts/" + "a" * 64, "sha256": "a" * 64, "size": 10}

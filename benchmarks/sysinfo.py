@@ -83,15 +83,6 @@ def system_info() -> dict[str, Any]:
 
 def peak_rss_mb() -> float | None:
     """Peak resident memory of this process so far (VmHWM on Linux), MiB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    try:
-        import resource
+    from edgeml.runtime.model import peak_resident_memory_mb
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    except Exception:  # pragma: no cover
-        return None
+    return peak_resident_memory_mb()

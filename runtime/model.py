@@ -168,17 +168,27 @@ def _batch_of(inputs: Mapping[str, np.ndarray]) -> int:
     return int(first.shape[0]) if first is not None and first.ndim else 1
 
 
-def resident_memory_mb() -> float:
-    """Current resident set size of this process (Linux), in MiB."""
+def _proc_status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (Linux) in MiB; elsewhere the peak from getrusage."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024.0
     except OSError:
         pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def resident_memory_mb() -> float:
+    """Current resident set size of this process, in MiB."""
+    return _proc_status_mb("VmRSS")
+
+
+def peak_resident_memory_mb() -> float:
+    """Peak resident set size of this process so far, in MiB."""
+    return _proc_status_mb("VmHWM")
 
 
 def load(

@@ -40,3 +40,29 @@ def x86_artifact(tmp_path_factory, tiny_onnx) -> Path:
     out = tmp_path_factory.mktemp("tvm-x86") / "tiny-x86.edgepkg"
     return build_tvm_artifact(tiny_onnx, best_host_target().name, out, workdir=out.parent / "work")
 
+
+
+@pytest.fixture
+def require_cross_compiler():
+    """``require_cross_compiler(target)`` skips the test when the target's cross toolchain is missing here."""
+    return _require_cross_compiler
+
+
+def _require_cross_compiler(target_name: str) -> None:
+    """Skip (with the reason printed in pytest's summary) when the target needs a cross toolchain this host lacks.
+
+    `bash .ci/run` installs it; `bash setup.sh` installs it too when it runs as root with apt-get.
+    """
+    import shutil
+
+    from edgeml.targets import get_target
+
+    compiler = get_target(target_name).cross_compiler
+    if not compiler:
+        return
+    if shutil.which(compiler) is None:
+        pytest.skip(f"target {target_name} needs the cross compiler {compiler}, not installed here "
+                    "(apt-get install gcc-aarch64-linux-gnu libc6-dev-arm64-cross)")
+    if compiler.startswith("aarch64-linux-gnu") and not Path("/usr/aarch64-linux-gnu/lib/crti.o").exists():
+        pytest.skip(f"target {target_name}: {compiler} cannot link without the arm64 C library "
+                    "(apt-get install libc6-dev-arm64-cross)")

@@ -65,7 +65,8 @@ def test_device_side_imports_only_the_tvm_runtime(x86_artifact, tmp_path):
                      "env_left": False}
 
 
-def test_compiling_after_a_runtime_only_load_says_what_to_do(x86_artifact, tiny_onnx, tmp_path):
+def test_compiling_after_a_runtime_only_load_says_what_to_do(x86_artifact, tiny_onnx, tmp_path, require_cross_compiler):
+    require_cross_compiler("aarch64-a72")
     code = (
         "import sys, edgeml\n"
         f"edgeml.load({str(x86_artifact)!r}, cache_dir={str(tmp_path / 'c')!r})\n"
@@ -93,11 +94,12 @@ def test_compiling_after_a_runtime_only_load_says_what_to_do(x86_artifact, tiny_
         ("mali-opencl", "aarch64", b"__kernel"),
     ],
 )
-def test_cross_and_gpu_artifacts_build_without_the_device(tiny_onnx, tmp_path, target, arch, marker):
+def test_cross_and_gpu_artifacts_build_without_the_device(tiny_onnx, tmp_path, target, arch, marker, require_cross_compiler):
     from tvm_artifacts import build_tvm_artifact
 
     from edgeml.runtime.artifact import read_manifest
 
+    require_cross_compiler(target)
     path = build_tvm_artifact(tiny_onnx, target, tmp_path / f"{target}.edgepkg")
     manifest = read_manifest(path)
     assert manifest["target"] == target and manifest["arch"] == arch
@@ -114,13 +116,14 @@ def test_cross_and_gpu_artifacts_build_without_the_device(tiny_onnx, tmp_path, t
     assert ("DLight" in notes) == (target != "aarch64-a72")
 
 
-def test_aarch64_artifact_is_refused_on_x86(tiny_onnx, tmp_path):
+def test_aarch64_artifact_is_refused_on_x86(tiny_onnx, tmp_path, require_cross_compiler):
     import edgeml
     from edgeml.targets import host_arch
     from tvm_artifacts import build_tvm_artifact
 
     if host_arch() != "x86_64":
         pytest.skip(f"this check needs an x86_64 host; this one is {host_arch()}")
+    require_cross_compiler("aarch64-a72")
     path = build_tvm_artifact(tiny_onnx, "aarch64-a72", tmp_path / "arm.edgepkg")
     with pytest.raises(UnsupportedHost, match="aarch64"):
         edgeml.load(path, cache_dir=tmp_path / "c")

@@ -6,6 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
+# Debian packages the tests use (mosquitto, the aarch64 cross toolchain and emulator): installed when this
+# runs as root with apt-get; otherwise the script says what is missing and those tests skip with the reason.
+bash scripts/system_packages.sh
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

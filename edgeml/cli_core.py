@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from edgeml.cli import emit, handle_errors, json_option
+from edgeml.cli import check_output_file, emit, handle_errors, json_option
+from edgeml.errors import DataError, UsageError
 
 
 @click.command("targets")
@@ -35,15 +36,18 @@ def targets_cmd(host_only: bool, as_json: bool) -> None:
 
 
 @click.command("keygen")
-@click.argument("key", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("key", type=str)
 @click.option("--force", is_flag=True, help="Overwrite an existing key.")
 @json_option
 @handle_errors
-def keygen_cmd(key: Path, force: bool, as_json: bool) -> None:
-    """Create an Ed25519 signing key KEY and its public half KEY.pub."""
+def keygen_cmd(key: str, force: bool, as_json: bool) -> None:
+    """Create an Ed25519 signing key KEY and its public half KEY.pub (the folder must exist)."""
     from edgeml.runtime.signing import generate_keypair, key_id_of, load_public_key
 
-    private, public = generate_keypair(key, overwrite=force)
+    # Both halves are checked before either is written, so a refusal leaves nothing behind.
+    private_path = check_output_file(key, "KEY", overwrite=force)
+    check_output_file(f"{private_path}.pub", "KEY.pub", overwrite=force)
+    private, public = generate_keypair(private_path, overwrite=force)
     kid = key_id_of(load_public_key(public))
     emit({"private_key": str(private), "public_key": str(public), "key_id": kid}, as_json,
          lambda r: f"wrote {r['private_key']} (keep secret) and {r['public_key']} (key id {r['key_id']})")
@@ -99,11 +103,11 @@ def _describe(m: dict, signer: str | None) -> str:
 @click.command("run")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--input", "input_path", required=True, type=click.Path(path_type=Path), help=".npz keyed by input name.")
-@click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path), help="Write outputs to this .npz.")
+@click.option("--output", "output_text", type=str, help="Write outputs to this .npz (its folder must exist).")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path))
 @json_option
 @handle_errors
-def run_cmd(artifact: Path, input_path: Path, output_path: Path | None, trusted_keys: tuple[Path, ...], as_json: bool) -> None:
+def run_cmd(artifact: Path, input_path: Path, output_text: str | None, trusted_keys: tuple[Path, ...], as_json: bool) -> None:
     """Run ARTIFACT on the arrays in --input."""
     import numpy as np
 
@@ -111,14 +115,18 @@ def run_cmd(artifact: Path, input_path: Path, output_path: Path | None, trusted_
     from edgeml.compiler_data import load_npz_inputs
     from edgeml.runtime.fsutil import atomic_path
 
+    # refuse a bad --output before any work, not after it
+    output_path = None if output_text is None else check_output_file(output_text, "--output")
     model = edgeml.load(artifact, trusted_keys=list(trusted_keys))
-    feeds = load_npz_inputs(input_path, [s.name for s in model.inputs])
-    feeds = {k: v.astype(model._input_by_name[k].dtype, copy=False) for k, v in feeds.items()}
+    feeds = _cast_feeds(load_npz_inputs(input_path, [s.name for s in model.inputs]), model, input_path)
     outputs = model.predict(feeds)
     if output_path:
-        with atomic_path(output_path) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **outputs)
+        try:
+            with atomic_path(output_path) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, **outputs)
+        except OSError as exc:  # e.g. disk full: the temp file is gone, the target untouched
+            raise UsageError(f"--output: cannot write {output_path}: {exc.strerror or exc}") from None
     summary = {name: {"shape": list(v.shape), "dtype": str(v.dtype)} for name, v in outputs.items()}
     if as_json:
         emit({"outputs": summary, "output_file": str(output_path) if output_path else None,
@@ -130,3 +138,16 @@ def run_cmd(artifact: Path, input_path: Path, output_path: Path | None, trusted_
                 click.echo(np.array2string(v, threshold=50))
         if output_path:
             click.echo(f"wrote {output_path}")
+
+
+def _cast_feeds(feeds: dict, model, input_path: Path) -> dict:
+    """Cast each array to its input's dtype; an array that cannot be (strings, objects) is a DataError."""
+    out = {}
+    for name, value in feeds.items():
+        want = model._input_by_name[name].dtype
+        try:
+            out[name] = value.astype(want, copy=False)
+        except (ValueError, TypeError) as exc:
+            raise DataError(f"input file {input_path}: array {name!r} ({value.dtype}) cannot be read as {want}: {exc}",
+                            hint="save the arrays with the dtype the model expects (edgeml inspect shows it)") from None
+    return out

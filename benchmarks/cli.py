@@ -107,7 +107,7 @@ def summary_text(result: dict) -> str:
                  f"cold start {cs.get('cold_start_ms', float('nan')):.1f} ms; peak RSS {mem.get('peak_rss_mb')} MiB")
     if result.get("qps_search"):
         lines.append(f"  peak QPS under p99 <= {result['qps_search']['latency_bound_ms']:g} ms: {result['qps_search']['peak_qps']}")
-    for kind, path in (result.get("report_files") or {}).items():
+    for path in (result.get("report_files") or {}).values():
         lines.append(f"  wrote {path}")
     return "\n".join(lines)
 

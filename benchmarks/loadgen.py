@@ -300,13 +300,14 @@ def find_peak_qps(target: BenchTarget, settings: BenchSettings, clock: Clock, rn
                        "p99_ms": lat["p99"], "valid": run.verdict.valid, "reasons": run.verdict.reasons})
         return run.verdict.valid
 
-    lo, hi, best = 0.0, max(1.0, 1.2 * capacity_qps), None
+    lo, best = 0.0, None
+    top = max(1.0, 1.2 * capacity_qps)
+    hi: float | None = None  # the lowest QPS that failed, once one did
     for _ in range(3):  # bracket: grow while the top still holds
-        if not probe(hi):
+        if not probe(top):
+            hi = top
             break
-        lo, best, hi = hi, hi, hi * 2
-    else:
-        hi = None  # never failed
+        lo, best, top = top, top, top * 2
     if hi is not None:
         for _ in range(settings.search_steps):
             mid = (lo + hi) / 2 if lo > 0 else hi / 2
@@ -373,7 +374,8 @@ def run_benchmark(model: str | Path | BenchTarget, settings: BenchSettings | Non
     system = system if system is not None else system_info()
     rng = np.random.default_rng(settings.seed)
     own = not isinstance(model, BenchTarget)
-    target = open_target(model, threads=settings.threads, clock=clock.now, rng=rng, **open_kw) if own else model
+    target = model if isinstance(model, BenchTarget) else open_target(
+        model, threads=settings.threads, clock=clock.now, rng=rng, **open_kw)
     try:
         origin = clock.now()
         say(f"warm-up ({settings.warmup_s:g}s / {settings.warmup_queries} queries)")

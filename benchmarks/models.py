@@ -48,15 +48,9 @@ def _check(name: str) -> None:
 # ------------------------------------------------------------------ architectures
 
 
-def _nn():
+def resnet18(num_classes: int = 1000):
     import torch
     from torch import nn
-
-    return torch, nn
-
-
-def resnet18(num_classes: int = 1000):
-    torch, nn = _nn()
 
     class BasicBlock(nn.Module):
         def __init__(self, cin: int, cout: int, stride: int):
@@ -95,7 +89,8 @@ def resnet18(num_classes: int = 1000):
 
 
 def mobilenetv2(num_classes: int = 1000):
-    torch, nn = _nn()
+    import torch
+    from torch import nn
 
     def cbr(cin, cout, k=3, stride=1, groups=1):
         return nn.Sequential(nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
@@ -139,7 +134,8 @@ def mobilenetv2(num_classes: int = 1000):
 
 def _init(model):
     """torchvision's initialization, from the fixed seed; eval mode."""
-    torch, nn = _nn()
+    import torch
+    from torch import nn
     gen = torch.Generator().manual_seed(SEED)
     with torch.no_grad():
         for m in model.modules():
@@ -174,14 +170,15 @@ def _breast_cancer() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def _mlp_module():
-    _, nn = _nn()
+    from torch import nn
     return nn.Sequential(nn.Linear(30, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 2))
 
 
 @lru_cache(maxsize=1)
 def _mlp_state() -> dict:
     """Train the tabular MLP once per process (full-batch Adam, 300 steps, one thread: deterministic, ~1 s)."""
-    torch, nn = _nn()
+    import torch
+    from torch import nn
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -264,9 +261,10 @@ def export_onnx(name: str, path: str | Path, batch: int | str = 1) -> Path:
         else:
             _fix_batch(DIGITS_DIR / "digits.onnx", path, int(batch))
         return path
-    torch, _ = _nn()
+    import torch
+
     model = build(name)
-    dummy = torch.zeros((1 if batch == "dynamic" else batch, *INPUT_SHAPES[name]))
+    dummy = torch.zeros((1 if batch == "dynamic" else int(batch), *INPUT_SHAPES[name]))
     dynamic = {"input": {0: "batch"}, "logits": {0: "batch"}} if batch == "dynamic" else None
     tmp = path.with_name(path.name + ".tmp")
     with warnings.catch_warnings(), torch.no_grad():
@@ -300,10 +298,10 @@ def data(name: str, n_calib: int = 64, n_eval: int = 64) -> tuple[dict[str, np.n
     """
     _check(name)
     if name == "digits":
-        calib = dict(np.load(DIGITS_DIR / "calib.npz"))
-        ev = dict(np.load(DIGITS_DIR / "eval.npz"))
-        return ({"input": calib["input"][:n_calib]},
-                {"input": ev["input"][:n_eval], "labels": ev["labels"][:n_eval]})
+        calib_file = dict(np.load(DIGITS_DIR / "calib.npz"))
+        eval_file = dict(np.load(DIGITS_DIR / "eval.npz"))
+        return ({"input": calib_file["input"][:n_calib]},
+                {"input": eval_file["input"][:n_eval], "labels": eval_file["labels"][:n_eval]})
     if name == "mlp":
         s = _breast_cancer()
         return ({"input": s["calib"][0][:n_calib]}, {"input": s["eval"][0][:n_eval], "labels": s["eval"][1][:n_eval]})
@@ -319,8 +317,8 @@ def write_data(name: str, folder: str | Path, n_calib: int = 64, n_eval: int = 6
     folder.mkdir(parents=True, exist_ok=True)
     calib, ev = data(name, n_calib, n_eval)
     paths = {"calib": folder / f"{name}_calib.npz", "eval": folder / f"{name}_eval.npz"}
-    np.savez(paths["calib"], **calib)
-    np.savez(paths["eval"], **ev)
+    np.savez(paths["calib"], **dict[str, Any](calib))
+    np.savez(paths["eval"], **dict[str, Any](ev))
     return paths
 
 

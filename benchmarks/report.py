@@ -278,7 +278,8 @@ def _md_to_html(md: str) -> str:
     """Just enough Markdown (headings, tables, bullets, bold, code) for our own reports."""
     import re
 
-    out, table = [], []
+    out: list[str] = []
+    table: list[str] = []
 
     def inline(text: str) -> str:
         text = html.escape(text)
@@ -397,7 +398,7 @@ def write_compare_report(cmp: dict, results: Sequence[dict], directory: str | Pa
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     pngs = {"latency_cdf": plot_cdf([(lab, r["latency_cdf"]) for lab, r in zip(cmp["labels"], results)])}
-    sweeps = [(lab, r.get("concurrency_sweep")) for lab, r in zip(cmp["labels"], results) if r.get("concurrency_sweep")]
+    sweeps = [(lab, r["concurrency_sweep"]) for lab, r in zip(cmp["labels"], results) if r.get("concurrency_sweep")]
     if sweeps:
         pngs["throughput_vs_concurrency"] = plot_sweep(sweeps)
     files = {}

@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"loadgen: {'wrk -t1 (own process)' if use_wrk else 'python asyncio keep-alive client (own process)'}, "
               f"{args.duration:g}s per run, model: {what}, {os.cpu_count()} CPUs", flush=True)
-        results: dict[str, dict[int, dict | None]] = {"edgeml": {}, "mlserver": {}}
+        results: dict[str, dict[int, dict]] = {"edgeml": {}, "mlserver": {}}
         # The machine may be shared: measure the upper bound before and after, compare with the better one.
         alone_before = backend_alone(onnx_path, rows, args.duration, threads)
         port = free_port()
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     print(head)
     print("-" * len(head))
     for c in levels:
-        e, m = results["edgeml"].get(c), results["mlserver"].get(c)
+        e, m = results["edgeml"][c], results["mlserver"].get(c)
         ratio = f"{e['rps'] / m['rps']:5.1f}x" if e and m else "   -"
         print(f"{c:>5} | {fmt(e):>40} | {fmt(m):>40} | {ratio:>6} | {e['rps'] / alone['rps'] * 100:9.0f}%")
     for label, r in (("before", alone_before), ("after", alone_after)):

@@ -58,8 +58,8 @@ class SuiteConfig:
 
     @classmethod
     def quick_config(cls, **kw) -> "SuiteConfig":
-        base = dict(quick=True, backends=["onnxruntime", "openvino"], duration="1s", repeats=3, min_queries=16,
-                    bapp_models=["mobilenetv2"], bapp_rounds=12, bapp_seconds=2)
+        base: dict[str, Any] = dict(quick=True, backends=["onnxruntime", "openvino"], duration="1s", repeats=3,
+                                    min_queries=16, bapp_models=["mobilenetv2"], bapp_rounds=12, bapp_seconds=2)
         base.update(kw)
         return cls(**base)
 
@@ -105,7 +105,7 @@ def onnx_inputs(path: Path, batch: int = 1) -> dict[str, tuple[tuple[int, ...], 
 def make_calib(onnx_path: Path, out: Path, samples: int = 32) -> Path:
     """Random calibration data keyed by input name (performance runs do not judge accuracy)."""
     rng = np.random.default_rng(0)
-    arrays = {}
+    arrays: dict[str, Any] = {}
     for name, (shape, dtype) in onnx_inputs(onnx_path).items():
         full = (samples, *shape[1:]) if shape else (samples,)
         arrays[name] = (rng.standard_normal(full) if np.dtype(dtype).kind == "f" else rng.integers(0, 10, full)).astype(dtype)
@@ -224,7 +224,7 @@ def side_by_side(cfg: SuiteConfig, name: str, onnx_path: Path, work: Path) -> di
     """edgeml bench and benchmark_app on the same IR, same hint (LATENCY), same sync single-stream loop."""
     xml, pkg = openvino_ir_package(onnx_path, work / "ov-ir")
     seconds = max(1, int(round(cfg.bapp_seconds)))
-    rounds = []
+    rounds: list[dict[str, Any]] = []
     bapp = benchmark_app_bin(cfg.python)
     # benchmark_app only takes -nthreads with -hint none; a config file keeps the LATENCY hint on both sides.
     ov_config = work / "ov_config.json"
@@ -247,7 +247,7 @@ def side_by_side(cfg: SuiteConfig, name: str, onnx_path: Path, work: Path) -> di
                 "throughput_fps": res["metrics"]["samples_per_s"], "iterations": lat["count"]}
         rounds.append({"load_average_1min": round(os.getloadavg()[0], 2), "edgeml": mine, "benchmark_app": ba})
     med = lambda side, key: statistics.median(x[side][key] for x in rounds)  # noqa: E731
-    rows = {}
+    rows: dict[str, Any] = {}
     for key in ("median_ms", "average_ms", "throughput_fps"):
         e, b = med("edgeml", key), med("benchmark_app", key)
         ratio = e / b if b else float("nan")
@@ -298,7 +298,7 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
             summary["skipped"].append({"model": name, "variant": "*", "stage": "export", "reason": str(exc)})
             continue
         entry: dict[str, Any] = {"name": name, "onnx_sha256": _sha(onnx_path), "variants": []}
-        variants: list[tuple[str, Path | None, str | None]] = [("onnx (ORT defaults)", onnx_path, None)]
+        variants: list[tuple[str, Path, str | None]] = [("onnx (ORT defaults)", onnx_path, None)]
         calib = folder / f"{name}_calib.npz"  # real calibration data from the models module, when it wrote some
         if not calib.exists():
             calib = make_calib(onnx_path, folder / "calib.npz")

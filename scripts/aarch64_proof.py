@@ -281,7 +281,7 @@ def run(args) -> int:
         t = time.time()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
         log(f"qemu: finished in {time.time() - t:.0f}s (exit {proc.returncode})")
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")), None)
+        line = next((text for text in proc.stdout.splitlines() if text.startswith("RESULTS ")), None)
         if proc.returncode != 0 or line is None:
             log(proc.stdout[-3000:])
             log(proc.stderr[-3000:])

@@ -158,7 +158,7 @@ def check_host_supports(name: str, required_features: list[str], arch: str) -> N
     if arch != host_arch():
         raise UnsupportedHost(
             f"artifact for target '{name}' needs a {arch} CPU; this host is {host_arch()}",
-            hint=f"compile for a target this host runs (edgeml targets --host)",
+            hint="compile for a target this host runs (edgeml targets --host)",
         )
     missing = [f for f in required_features if f not in host_features()]
     if missing:

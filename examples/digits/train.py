@@ -148,7 +148,6 @@ def int8_check(onnx_path: Path, x_calib: np.ndarray, x_eval: np.ndarray, y_eval:
     """Reference INT8 accuracies (not what the compiler ships, a sanity check of the net)."""
     out: dict[str, float | str] = {}
     try:
-        import onnxruntime as ort
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
         class Reader(CalibrationDataReader):

@@ -16,9 +16,7 @@ with a failed report after ``max_attempts``.
 from __future__ import annotations
 
 import logging
-import os
 import random
-import signal
 import threading
 import time
 import uuid
@@ -29,12 +27,12 @@ from typing import Any, Callable, Protocol
 from edgeml.errors import EdgemlError, MessageRejected
 from edgeml.fleet import protocol as P
 from edgeml.fleet.serving import Serving
-from edgeml.fleet.slots import Journal, Slots
+from edgeml.fleet.slots import Journal, Slots, slot_problem
+from edgeml.fleet.states import FailureCode, InstallState
 from edgeml.fleet.store import download
 
 log = logging.getLogger("edgeml.fleet.agent")
 AGENT_VERSION = "0.1.0"
-CRASH_ENV = "EDGEML_AGENT_CRASH_AT"   # test hook "STATE[@VERSION]": SIGKILL itself once, right after journaling STATE
 
 
 class Link(Protocol):
@@ -65,14 +63,15 @@ class AgentConfig:
 
 
 class InstallFailed(Exception):
-    def __init__(self, reason: str, *, after_swap: bool = False):
+    def __init__(self, reason: str, code: FailureCode, *, after_swap: bool = False):
         super().__init__(reason)
         self.reason = reason
+        self.code = code
         self.after_swap = after_swap
 
 
 class Superseded(Exception):
-    pass
+    code = FailureCode.SUPERSEDED
 
 
 class Interrupted(Exception):
@@ -102,21 +101,13 @@ class AgentCore:
         self.refusals: list[str] = []
         self._cpu_mark = (time.monotonic(), time.process_time())
         self._req_mark: tuple[float, int] | None = None
+        self._serving_ok = True
 
     # ------------------------------------------------------------------ lifecycle
     def restore(self) -> None:
-        """Serve the committed slot, then queue any interrupted install (resume or give up)."""
+        """Serve the committed slot (re-verified), then queue any interrupted install (resume or give up)."""
+        self._restore_slot()
         j = self.journal.data
-        committed = j["committed"]
-        if committed and committed.get("slot"):
-            try:
-                self.serving.activate(Path(committed["slot"]), committed["name"], committed["version"])
-                log.info("serving committed %s %s (seq %s)", committed["name"], committed["version"], committed["seq"])
-            except (EdgemlError, OSError) as exc:  # the committed slot itself is broken: try the previous one
-                log.error("committed slot cannot be served (%s); falling back to the previous slot", exc)
-                prev = j["previous"]
-                if prev and prev.get("slot"):
-                    self.serving.activate(Path(prev["slot"]), prev["name"], prev["version"])
         pending = j["pending"]
         if pending:
             attempt = pending["attempt"] + 1
@@ -125,12 +116,82 @@ class AgentCore:
                 log.error("deployment %s: giving up after %d attempts", desired["deployment_id"], pending["attempt"])
                 self._finish_failed(desired, pending["attempt"],
                                     f"gave up after {pending['attempt']} attempts (agent restarted during '{pending['state']}')",
-                                    state="failed")
+                                    state="failed", code=FailureCode.GAVE_UP)
             else:
                 log.warning("resuming deployment %s interrupted in '%s' (attempt %d)",
                             desired["deployment_id"], pending["state"], attempt)
                 with self._lock:
                     self._wanted = dict(desired, _attempt=attempt)
+
+    def _restore_slot(self) -> None:
+        """Re-verify the committed slot before serving it (sha256 against the journal, and the signature when
+        trusted keys are configured): a file swapped while the agent was down is refused and reported, and
+        the previous good slot is served instead, or nothing."""
+        j = self.journal.data
+        for which in ("committed", "previous"):
+            rec = j[which]
+            if not rec:
+                continue
+            if not rec.get("slot"):          # a committed "serve nothing"
+                break
+            problem = slot_problem(rec, self.config.trusted_keys, self.config.require_signed)
+            if problem is None:
+                try:
+                    self.serving.activate(Path(rec["slot"]), rec["name"], rec["version"])
+                except (EdgemlError, OSError) as exc:
+                    problem = f"cannot be served: {getattr(exc, 'message', None) or exc}"
+            if problem is None:
+                log.info("serving %s %s %s (seq %s)", which, rec["name"], rec["version"], rec["seq"])
+                if which == "previous":
+                    with self._lock:
+                        j["committed"], j["previous"] = rec, None
+                        self.journal.save()
+                return
+            self._refuse_slot(which, rec, problem)
+        with self._lock:    # nothing verifiable left: serve nothing, and say so (active: null)
+            if j["committed"] and j["committed"].get("slot"):
+                j["committed"] = None
+                self.journal.save()
+
+    def _refuse_slot(self, which: str, rec: dict[str, Any], problem: str) -> None:
+        log.error("refusing the %s slot %s@%s: %s", which, rec.get("name"), rec.get("version"), problem)
+        with self._lock:
+            j = self.journal.data
+            if which == "committed":
+                j["committed"] = None
+            else:
+                j["previous"] = None
+            j["last_failed"] = {"deployment_id": rec["deployment_id"], "seq": rec["seq"], "reason": problem,
+                                "code": FailureCode.SLOT_INVALID.value, "at": self.clock()}
+            ev = self.journal.next_event_seq()
+            self.journal.save()
+        self._event(_record_as_desired(rec), 1, InstallState.FAILED, problem, seq=ev, code=FailureCode.SLOT_INVALID)
+
+    def check_serving(self) -> None:
+        """Is the committed model really answering (the serving side's readiness, e.g. the embedded server's
+        ``/ready``, not only our journal)? Report a change as an event + heartbeat state, and try to bring it
+        back once by re-activating the (re-verified) committed slot."""
+        with self._lock:
+            c = self.journal.data["committed"]
+            if self.state not in (InstallState.IDLE, InstallState.NOT_SERVING) or not c or not c.get("slot"):
+                return
+        ok = self.serving.ready()
+        if ok and self.state == InstallState.NOT_SERVING:
+            self.state, self._serving_ok = InstallState.IDLE, True
+            self._event(_record_as_desired(c), 1, InstallState.SERVING, "the committed model answers again")
+        elif not ok and self.state == InstallState.IDLE:
+            self.state, self._serving_ok = InstallState.NOT_SERVING, False
+            why = f"{c['name']}@{c['version']} stopped serving on this device"
+            log.error("%s; re-activating the committed slot", why)
+            self._event(_record_as_desired(c), 1, InstallState.NOT_SERVING, why, code=FailureCode.NOT_READY)
+            problem = slot_problem(c, self.config.trusted_keys, self.config.require_signed)
+            if problem is None:
+                try:
+                    self.serving.activate(Path(c["slot"]), c["name"], c["version"])
+                except (EdgemlError, OSError) as exc:
+                    log.error("re-activation failed: %s", exc)
+            else:
+                log.error("not re-activating: %s", problem)
 
     def start(self, threads: bool = True) -> None:
         self.restore()
@@ -190,7 +251,8 @@ class AgentCore:
             dropped, self._wanted = self._wanted, dict(desired, _attempt=1)
             self._wake.notify_all()
         if dropped is not None:   # queued but never started: tell the manager it will not happen
-            self._event(dropped, dropped.get("_attempt", 1), "failed", f"superseded by deployment {dep}")
+            self._event(dropped, dropped.get("_attempt", 1), "failed", f"superseded by deployment {dep}",
+                        code=FailureCode.SUPERSEDED)
 
     # ------------------------------------------------------------------ publishing
     def _publish(self, kind: str, msg: dict[str, Any], qos: int, retain: bool = False) -> None:
@@ -209,6 +271,7 @@ class AgentCore:
     def presence_message(self, online: bool) -> dict[str, Any]:
         return P.presence(self.config.device_id, online, labels=self.config.labels,
                           active=self.active() if online else None, agent_version=AGENT_VERSION,
+                          serving=self._serving_ok if online else None,
                           reason=None if online else "connection lost (Last Will)",
                           endpoint=self.config.endpoint if online else None)
 
@@ -231,7 +294,7 @@ class AgentCore:
                "committed_seq": j["committed"]["seq"] if j["committed"] else -1,
                "deployment_id": pending["desired"]["deployment_id"] if pending else None,
                "interval_s": self.config.heartbeat_s, "refused": self.refused,
-               "last_failed": {k: j["last_failed"][k] for k in ("deployment_id", "seq", "reason")} if j["last_failed"] else None}
+               "last_failed": _failure_summary(j["last_failed"]), "serving": self._serving_ok}
         self._publish("heartbeat", msg, 0)
 
     def telemetry_message(self) -> dict[str, Any]:
@@ -249,7 +312,7 @@ class AgentCore:
         self._req_mark = (now_m, total)
         msg = {"schema_version": P.SCHEMA_VERSION, "type": "telemetry", "device_id": self.config.device_id,
                "ts": self.clock(), "interval_s": round(interval, 3),
-               "models": [{k: v for k, v in m.items() if k in P._MODEL_FIELDS} for m in models],
+               "models": [{k: v for k, v in m.items() if k in P.MODEL_FIELDS} for m in models],
                "active": self.active(), "cpu_percent": round(100.0 * (now_cpu - last_cpu) / interval, 2),
                "memory_mb": round(resident_memory_mb(), 1), "throughput_rps": round(rps, 3)}
         if getattr(self.serving, "stubbed", False):
@@ -260,7 +323,7 @@ class AgentCore:
         self._publish("telemetry", self.telemetry_message(), 0)
 
     def _event(self, desired: dict[str, Any], attempt: int, state: str, reason: str | None = None,
-               seq: int | None = None) -> None:
+               seq: int | None = None, code: FailureCode | None = None) -> None:
         """Publish an install event. ``seq`` was reserved in the caller's journal write (one fsync, not two)."""
         art = desired.get("artifact") or {}
         if seq is None:
@@ -271,7 +334,7 @@ class AgentCore:
                "ts": self.clock(), "event_seq": seq, "deployment_id": desired["deployment_id"],
                "deploy_seq": desired["seq"], "attempt": attempt, "state": state,
                "rollout_id": desired.get("rollout_id"), "name": art.get("name"), "version": art.get("version"),
-               "reason": reason, "active": self.active()}
+               "reason": reason, "code": code.value if code else None, "active": self.active()}
         log.info("%s: deployment %s %s%s", self.config.device_id, desired["deployment_id"], state,
                  f" ({reason})" if reason else "")
         self._publish("events", msg, 1)
@@ -282,6 +345,7 @@ class AgentCore:
         while not self._stop.is_set():
             now = time.monotonic()
             if now >= next_hb:
+                self.check_serving()
                 self.publish_heartbeat()
                 next_hb = now + self.config.heartbeat_s
             if now >= next_tel:
@@ -321,13 +385,6 @@ class AgentCore:
             self.journal.save()
             self.state = state
             self._event(desired, attempt, state, seq=ev)   # under the lock: a heartbeat never overtakes it
-        hook, _, hook_version = os.environ.get(CRASH_ENV, "").partition("@")
-        if hook == state and (not hook_version or hook_version == (desired.get("artifact") or {}).get("version")):
-            marker = self.state_dir / f"crashed-at-{state}"
-            if not marker.exists():
-                marker.write_text(str(self.clock()))
-                log.error("test hook %s=%s: killing this agent with SIGKILL", CRASH_ENV, state)
-                os.kill(os.getpid(), signal.SIGKILL)
 
     def install(self, desired: dict[str, Any]) -> None:
         attempt = int(desired.pop("_attempt", 1))
@@ -336,7 +393,7 @@ class AgentCore:
         if stale and stale["desired"]["deployment_id"] != desired["deployment_id"]:
             # an install interrupted by a restart, replaced by a newer desired state meanwhile
             self._event(stale["desired"], stale["attempt"], "failed",
-                        f"superseded by deployment {desired['deployment_id']}")
+                        f"superseded by deployment {desired['deployment_id']}", code=FailureCode.SUPERSEDED)
         try:
             self._journal_state(desired, attempt, "received")
             art = desired["artifact"]
@@ -357,13 +414,13 @@ class AgentCore:
             result = self.serving.selftest(path, trusted_keys=self.config.trusted_keys,
                                            require_signature=self.config.require_signed)
             if not result.passed:
-                raise InstallFailed(f"self-test failed: {result.reason}")
+                raise InstallFailed(f"self-test failed: {result.reason}", FailureCode.SELFTEST)
             self._journal_state(desired, attempt, "swapped", slot=str(path))
             swapped = True
             try:
                 self.serving.activate(path, art["name"], art["version"])
             except (EdgemlError, OSError) as exc:
-                raise InstallFailed(f"hot swap failed: {exc}", after_swap=True) from None
+                raise InstallFailed(f"hot swap failed: {exc}", FailureCode.SWAP, after_swap=True) from None
             self._journal_state(desired, attempt, "health", slot=str(path))
             self._health_window(desired)
             self._commit(desired, attempt, slot=str(path))
@@ -372,16 +429,18 @@ class AgentCore:
                         desired["deployment_id"])
         except Superseded as exc:
             self._rollback_serving() if swapped else None
-            self._finish_failed(desired, attempt, str(exc), state="rolled_back" if swapped else "failed")
+            self._finish_failed(desired, attempt, str(exc), state="rolled_back" if swapped else "failed",
+                                code=exc.code)
         except InstallFailed as exc:
             if swapped or exc.after_swap:
                 self._rollback_serving()
-            self._finish_failed(desired, attempt, exc.reason, state="rolled_back" if swapped else "failed")
+            self._finish_failed(desired, attempt, exc.reason, state="rolled_back" if swapped else "failed",
+                                code=exc.code)
         except (EdgemlError, OSError) as exc:
             if swapped:
                 self._rollback_serving()
             self._finish_failed(desired, attempt, getattr(exc, "message", None) or str(exc),
-                                state="rolled_back" if swapped else "failed")
+                                state="rolled_back" if swapped else "failed", code=FailureCode.ERROR)
 
     def _stage_artifact(self, desired: dict[str, Any], attempt: int) -> Path:
         art = desired["artifact"]
@@ -400,14 +459,15 @@ class AgentCore:
         while True:
             try:
                 return self.downloader(art["url"], path, sha256=art["sha256"], size=art["size"])
-            except ArtifactError as exc:
-                raise InstallFailed(f"download failed: {exc.message}") from None
+            except ArtifactError as exc:   # wrong content, HTTP 4xx, wrong size: retrying cannot help
+                raise InstallFailed(f"download failed: {exc.message}", FailureCode.DOWNLOAD) from None
             except EdgemlError as exc:
                 i += 1
                 if self._stop.is_set():
                     raise Interrupted() from None
                 if time.monotonic() >= deadline:
-                    raise InstallFailed(f"download failed after {i} attempts: {exc.message}") from None
+                    raise InstallFailed(f"download failed after {i} attempts: {exc.message}",
+                                        FailureCode.DOWNLOAD) from None
                 log.warning("download attempt %d failed (will retry): %s", i, exc.message)
                 with self._lock:
                     if self._wanted is not None and self._wanted["seq"] > desired["seq"]:
@@ -423,15 +483,15 @@ class AgentCore:
             manifest, _, signer, _ = verify_zip(path, trusted_keys=self.config.trusted_keys,
                                                 require_signature=self.config.require_signed)
         except EdgemlError as exc:
-            raise InstallFailed(f"verification failed: {exc.message}") from None
+            raise InstallFailed(f"verification failed: {exc.message}", FailureCode.VERIFICATION) from None
         if manifest["name"] != art["name"] or manifest["version"] != art["version"]:
             raise InstallFailed(f"artifact is {manifest['name']}@{manifest['version']}, the manager said"
-                                f" {art['name']}@{art['version']}")
+                                f" {art['name']}@{art['version']}", FailureCode.VERIFICATION)
         if self.config.check_host:
             try:
                 check_host_supports(manifest["target"], manifest["required_features"], manifest["arch"])
             except UnsupportedHost as exc:
-                raise InstallFailed(f"target check failed: {exc.message}") from None
+                raise InstallFailed(f"target check failed: {exc.message}", FailureCode.TARGET) from None
 
     def _health_window(self, desired: dict[str, Any]) -> None:
         from edgeml.fleet.metrics import quantile
@@ -459,10 +519,12 @@ class AgentCore:
             self._stop.wait(self.config.health_probe_s)
         rate = errors / max(probes, 1)
         if rate > self.config.health_max_error_rate:
-            raise InstallFailed(f"health window: {errors}/{probes} probes failed (last: {last_error})", after_swap=True)
+            raise InstallFailed(f"health window: {errors}/{probes} probes failed (last: {last_error})",
+                                FailureCode.HEALTH, after_swap=True)
         p95 = quantile(hist.cumulative(), 0.95)
         if self.config.health_max_p95_ms is not None and p95 is not None and p95 > self.config.health_max_p95_ms:
-            raise InstallFailed(f"health window: p95 {p95} ms over {self.config.health_max_p95_ms} ms", after_swap=True)
+            raise InstallFailed(f"health window: p95 {p95} ms over {self.config.health_max_p95_ms} ms",
+                                FailureCode.HEALTH, after_swap=True)
 
     def _rollback_serving(self) -> None:
         c = self.journal.data["committed"]
@@ -496,18 +558,32 @@ class AgentCore:
         self.publish_presence(True)
         self.publish_heartbeat()
 
-    def _finish_failed(self, desired: dict[str, Any], attempt: int, reason: str, *, state: str) -> None:
+    def _finish_failed(self, desired: dict[str, Any], attempt: int, reason: str, *, state: str,
+                       code: FailureCode) -> None:
         with self._lock:
             j = self.journal.data
             j["pending"] = None
             j["last_failed"] = {"deployment_id": desired["deployment_id"], "seq": desired["seq"], "reason": reason,
-                                "at": self.clock()}
+                                "code": code.value, "at": self.clock()}
             j["highest_seq"] = max(j["highest_seq"], desired["seq"])
             ev = self.journal.next_event_seq()
             self.journal.save()
             self.state = "idle"
-            self._event(desired, attempt, state, reason, seq=ev)
+            self._event(desired, attempt, state, reason, seq=ev, code=code)
         self.publish_heartbeat()
+
+
+def _failure_summary(last_failed: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not last_failed:
+        return None
+    return {"deployment_id": last_failed["deployment_id"], "seq": last_failed["seq"],
+            "reason": last_failed.get("reason"), "code": last_failed.get("code")}
+
+
+def _record_as_desired(rec: dict[str, Any]) -> dict[str, Any]:
+    """A journal deployment record in the shape ``_event`` reads (events about the committed model)."""
+    return {"deployment_id": rec["deployment_id"], "seq": rec["seq"], "rollout_id": rec.get("rollout_id"),
+            "artifact": {"name": rec.get("name"), "version": rec.get("version")}}
 
 
 def new_deployment_id() -> str:

@@ -30,14 +30,46 @@ from edgeml.fleet import protocol as P
 from edgeml.fleet.db import FleetDB, row_dict
 from edgeml.fleet.gates import GateContext, VersionStats, build_gates, evaluate_all, gate_from_dict, gate_to_dict
 from edgeml.fleet.metrics import merge
+from edgeml.fleet.states import FINAL_FAILURES, DeviceStatus, FailureCode, InstallState, RolloutState
 from edgeml.fleet.store import ArtifactStore
 from edgeml.fleet.waves import assign_waves
 
 log = logging.getLogger("edgeml.fleet.manager")
-ACTIVE_STATES = ("running", "paused", "rolling_back")
-INFLIGHT = ("sent", "installing")
-FAILED = ("failed", "timeout")
-JOINABLE = ("running", "paused", "completed")   # rollouts that take in late-joining devices
+ACTIVE_STATES = (RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.ROLLING_BACK)
+INFLIGHT = (DeviceStatus.SENT, DeviceStatus.INSTALLING)
+FAILED = (DeviceStatus.FAILED, DeviceStatus.TIMEOUT)
+JOINABLE = (RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.COMPLETED)   # rollouts that take in late joiners
+
+
+def _failure_status(code: str | None) -> DeviceStatus:
+    """A device's failed / rolled_back report: replaced by a newer desired state (e.g. this rollout's rollback)
+    is not a failure. Decided by the protocol's ``code``, never by the wording of ``reason``."""
+    return DeviceStatus.SUPERSEDED if code == FailureCode.SUPERSEDED else DeviceStatus.FAILED
+
+
+class RateLimitedLog:
+    """At most one line per key (topic, rollout) every ``every_s``; says how many were held back."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 10.0, max_keys: int = 4096):
+        self.logger, self.every_s, self.max_keys = logger, every_s, max_keys
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def _emit(self, level: int, key: str, fmt: str, *args: Any) -> None:
+        now = time.monotonic()
+        last, held = self._last.get(key, (-1e18, 0))
+        if now - last < self.every_s:
+            self._last[key] = (last, held + 1)
+            return
+        if len(self._last) >= self.max_keys:
+            self._last.clear()
+        self._last[key] = (now, 0)
+        self.logger.log(level, fmt + (f" ({held} more like this held back)" if held else ""), *args)
+
+    def warning(self, key: str, fmt: str, *args: Any) -> None:
+        self._emit(logging.WARNING, key, fmt, *args)
+
+    def error(self, key: str, fmt: str, *args: Any) -> None:
+        self._emit(logging.ERROR, key, fmt, *args)
 
 
 @dataclass
@@ -69,6 +101,7 @@ class Manager:
         self.base_url = (artifact_base_url or config.public_url or
                          f"http://{config.http_host}:{config.http_port}").rstrip("/")
         self.rejected: list[str] = []
+        self._log = RateLimitedLog(log)
         self._changes, self._changes_done = 1, 0   # bumped when a device appears/relabels or a rollout changes state
 
     # ================================================================ messages in
@@ -78,6 +111,7 @@ class Manager:
             self._publish(P.topic(row["device_id"], "desired"), bytes(row["payload"]))
 
     def on_message(self, topic: str, payload: bytes, retained: bool = False) -> None:
+        """One device's message: validated at the edge; whatever it holds, it cannot raise out of here."""
         try:
             device_id, kind, msg = P.validate(topic, payload)
             if kind == "desired":
@@ -86,8 +120,10 @@ class Manager:
                        "telemetry": self._on_telemetry}[kind]
             handler(msg)
         except MessageRejected as exc:
-            self.rejected = (self.rejected + [f"{topic}: {exc.message}"])[-50:]
-            log.warning("refused message on %s: %s", topic, exc.message)
+            self.rejected = (self.rejected + [f"{topic}: {exc.message}"[:500]])[-50:]
+            self._log.warning(topic, "refused message on %s: %s", topic, exc.message[:500])
+        except Exception as exc:  # noqa: BLE001 - a bug or odd data of one device must not stop the others
+            self._log.error(topic, "dropped message on %s: %s: %s", topic, type(exc).__name__, str(exc)[:300])
 
     def _touch_device(self, msg: dict[str, Any], *, online: bool | None = None, **fields: Any) -> None:
         now = self.clock()
@@ -137,8 +173,7 @@ class Manager:
             self._apply_status(active["deployment_id"], "committed", None)
         lf = msg.get("last_failed")
         if lf and lf.get("deployment_id"):
-            superseded = (lf.get("reason") or "").startswith("superseded")
-            self._apply_status(lf["deployment_id"], "superseded" if superseded else "failed", lf.get("reason"))
+            self._apply_status(lf["deployment_id"], _failure_status(lf.get("code")), lf.get("reason"))
 
     def _on_event(self, msg: dict[str, Any]) -> None:
         cur = self.db.x("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?,?,?,?)",
@@ -146,12 +181,15 @@ class Manager:
                          msg["state"], msg.get("reason"), msg["ts"], self.clock()))
         if cur.rowcount == 0:
             return   # redelivered QoS 1 duplicate: already applied
-        state = msg["state"]
-        status = "committed" if state == "committed" else "failed" if state in ("failed", "rolled_back", "refused") else "installing"
-        if status == "failed" and (msg.get("reason") or "").startswith("superseded"):
-            status = "superseded"   # replaced by a newer desired state (e.g. this rollout's rollback): not a failure
+        state = InstallState(msg["state"])
+        if state in (InstallState.NOT_SERVING, InstallState.SERVING):   # about the committed model, not an install
+            self._touch_device(msg, online=True, state=state.value if state is InstallState.NOT_SERVING else "idle")
+            log.warning("device %s: %s %s", msg["device_id"], state.value, msg.get("reason") or "")
+            return
+        status = (DeviceStatus.COMMITTED if state is InstallState.COMMITTED
+                  else _failure_status(msg.get("code")) if state in FINAL_FAILURES else DeviceStatus.INSTALLING)
         self._apply_status(msg["deployment_id"], status, msg.get("reason"), event_seq=msg["event_seq"])
-        fields = {"state": state if status == "installing" else "idle"}
+        fields = {"state": state.value if status == DeviceStatus.INSTALLING else "idle"}
         if status == "committed" and msg["deploy_seq"] >= self._known_seq(msg["device_id"]):
             fields["active"] = json.dumps(msg.get("active")) if msg.get("active") else None
             fields["committed_seq"] = msg["deploy_seq"]
@@ -321,21 +359,31 @@ class Manager:
 
     # ================================================================ the loop
     def tick(self) -> None:
-        self.process_commands()
+        """One round. Each step and each rollout is isolated: one bad record (a device's odd telemetry, a
+        hand-edited row) is logged (rate-limited) and skipped; it never stops the other rollouts advancing or
+        rolling back."""
+        self._guarded("commands", self.process_commands)
         now = self.clock()
+        self._guarded("expiry", self._expire_devices, now)
+        self._guarded("late devices", self._enroll_late_devices, now)
+        for row in self.db.q("SELECT id, state FROM rollouts WHERE state IN (?, ?) ORDER BY id",
+                             (RolloutState.RUNNING, RolloutState.ROLLING_BACK)):
+            step = self._advance if row["state"] == RolloutState.RUNNING else self._advance_rollback
+            self._guarded(f"rollout {row['id']}", lambda rid=row["id"], step=step: step(self._rollout(rid), now))
+
+    def _guarded(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            fn(*args)
+        except EdgemlError as exc:
+            self._log.error(what, "%s: %s", what, exc.message)
+        except Exception as exc:  # noqa: BLE001 - see tick()
+            self._log.error(what, "%s failed: %s: %s", what, type(exc).__name__, str(exc)[:300])
+
+    def _expire_devices(self, now: float) -> None:
         expired = self.db.x("UPDATE devices SET online = 0 WHERE online = 1 AND last_seen < ?",
                             (now - self.config.heartbeat_timeout_s,)).rowcount
         if expired:
             log.info("%d device(s) missed heartbeats for %.0fs: marked offline", expired, self.config.heartbeat_timeout_s)
-        self._enroll_late_devices(now)
-        for row in self.db.q("SELECT id, state FROM rollouts WHERE state IN ('running', 'rolling_back') ORDER BY id"):
-            try:
-                if row["state"] == "running":
-                    self._advance(self._rollout(row["id"]), now)
-                else:
-                    self._advance_rollback(self._rollout(row["id"]), now)
-            except EdgemlError as exc:
-                log.error("rollout %s: %s", row["id"], exc)
 
     def _wave_devices(self, rid: str, wave: int) -> list[dict[str, Any]]:
         return [dict(r) for r in self.db.q(

@@ -11,7 +11,7 @@ import math
 import threading
 from typing import Iterable, Mapping
 
-from edgeml.fleet.protocol import LATENCY_BUCKETS_MS
+from edgeml.fleet.protocol import BUCKET_KEYS, LATENCY_BUCKETS_MS
 
 
 def _key(le: float) -> str:
@@ -47,24 +47,24 @@ class Histogram:
 
 
 def merge(histograms: Iterable[Mapping[str, int]]) -> dict[str, int]:
-    """Add cumulative histograms bucket by bucket."""
+    """Add cumulative histograms bucket by bucket.
+
+    Input was validated at the protocol edge; rows stored before that check (or
+    edited by hand) may still hold junk, so a bucket that is not a fixed edge with
+    a non-negative int count is skipped here rather than stopping a rollout.
+    """
     total: dict[str, int] = {}
     for h in histograms:
+        if not isinstance(h, Mapping):
+            continue
         for le, c in h.items():
-            total[le] = total.get(le, 0) + int(c)
+            if le in BUCKET_KEYS and isinstance(c, int) and not isinstance(c, bool) and c >= 0:
+                total[le] = total.get(le, 0) + c
     return dict(sorted(total.items(), key=lambda kv: _le(kv[0])))
-
-
-def subtract(now: Mapping[str, int], before: Mapping[str, int]) -> dict[str, int]:
-    return {le: max(0, int(c) - int(before.get(le, 0))) for le, c in now.items()}
 
 
 def _le(key: str) -> float:
     return math.inf if key in ("+Inf", "inf", "Inf") else float(key)
-
-
-def count_of(h: Mapping[str, int]) -> int:
-    return max((int(c) for c in h.values()), default=0)
 
 
 def quantile(h: Mapping[str, int], q: float) -> float | None:

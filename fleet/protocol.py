@@ -20,12 +20,14 @@ its ``sig`` field.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from edgeml.errors import MessageRejected, SignatureError
+from edgeml.fleet.states import FailureCode, InstallState
 
 SCHEMA_VERSION = 1
 PREFIX = "edgeml/v1"
@@ -37,10 +39,10 @@ KINDS = ("desired", "presence", "heartbeat", "events", "telemetry")
 # manager can add histograms from many devices (never average percentiles).
 LATENCY_BUCKETS_MS = (0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
-# install states reported in events, in order
-INSTALL_STATES = ("received", "downloading", "verifying", "staged", "selftest", "swapped", "health", "committed")
-FINAL_STATES = ("committed", "failed", "rolled_back", "refused")
-EVENT_STATES = INSTALL_STATES + ("failed", "rolled_back", "refused")
+# install states reported in events (str Enums in fleet/states.py)
+EVENT_STATES = tuple(s.value for s in InstallState if s is not InstallState.IDLE)
+AGENT_STATES = tuple(s.value for s in InstallState)     # heartbeat.state
+FAILURE_CODES = tuple(c.value for c in FailureCode)
 
 
 def topic(device_id: str, kind: str) -> str:
@@ -96,6 +98,9 @@ def selector_matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> 
 # field -> (type or tuple of types, required)
 _STR, _INT, _NUM, _BOOL, _DICT, _LIST = str, int, (int, float), bool, dict, list
 _NULL = type(None)
+MAX_DEPTH = 16                 # nesting of any received JSON (the deepest real message has 4)
+MAX_INT = 2 ** 53              # counters, seqs, sizes: exact in a float, fits SQLite's INTEGER
+MAX_MODELS = 64                # telemetry rows per message
 SCHEMAS: dict[str, dict[str, tuple[Any, bool]]] = {
     "desired": {
         "device_id": (_STR, True), "deployment_id": (_STR, True), "seq": (_INT, True),
@@ -105,18 +110,19 @@ SCHEMAS: dict[str, dict[str, tuple[Any, bool]]] = {
     "presence": {
         "device_id": (_STR, True), "online": (_BOOL, True), "ts": (_NUM, True), "labels": (_DICT, False),
         "agent_version": (_STR, False), "active": ((_DICT, _NULL), False), "reason": (_STR, False),
-        "endpoint": (_STR, False),
+        "endpoint": (_STR, False), "serving": (_BOOL, False),
     },
     "heartbeat": {
         "device_id": (_STR, True), "ts": (_NUM, True), "labels": (_DICT, True), "state": (_STR, True),
         "active": ((_DICT, _NULL), True), "committed_seq": (_INT, True), "deployment_id": ((_STR, _NULL), False),
         "interval_s": (_NUM, False), "last_failed": ((_DICT, _NULL), False), "refused": (_INT, False),
+        "serving": (_BOOL, False),
     },
     "event": {
         "device_id": (_STR, True), "ts": (_NUM, True), "event_seq": (_INT, True), "deployment_id": (_STR, True),
         "deploy_seq": (_INT, True), "attempt": (_INT, True), "state": (_STR, True), "rollout_id": ((_STR, _NULL), False),
         "name": ((_STR, _NULL), False), "version": ((_STR, _NULL), False), "reason": ((_STR, _NULL), False),
-        "active": ((_DICT, _NULL), False),
+        "active": ((_DICT, _NULL), False), "code": ((_STR, _NULL), False),
     },
     "telemetry": {
         "device_id": (_STR, True), "ts": (_NUM, True), "interval_s": (_NUM, True), "models": (_LIST, True),
@@ -124,10 +130,25 @@ SCHEMAS: dict[str, dict[str, tuple[Any, bool]]] = {
         "throughput_rps": (_NUM, False), "stubbed": (_BOOL, False),
     },
 }
+# numbers that can never be negative (besides every counter inside telemetry models)
+_NON_NEGATIVE = {"seq", "deploy_seq", "event_seq", "attempt", "refused", "interval_s", "health_window_s",
+                 "cpu_percent", "memory_mb", "throughput_rps"}
 TYPE_FOR_KIND = {"desired": "desired", "presence": "presence", "heartbeat": "heartbeat", "events": "event", "telemetry": "telemetry"}
 _ARTIFACT_FIELDS = {"name": _STR, "version": _STR, "url": _STR, "sha256": _STR, "size": _INT}
-_MODEL_FIELDS = {"name": _STR, "version": _STR, "requests": _INT, "failures": _INT, "latency_buckets_ms": _DICT,
-                 "latency_sum_ms": _NUM}
+MODEL_FIELDS = {"name": _STR, "version": _STR, "requests": _INT, "failures": _INT, "latency_buckets_ms": _DICT,
+                "latency_sum_ms": _NUM}
+# the deployment record in presence / heartbeat / event / telemetry ``active``
+_ACTIVE_FIELDS = {"name": (_STR, _NULL), "version": (_STR, _NULL), "seq": _INT, "deployment_id": (_STR, _NULL),
+                  "sha256": (_STR, _NULL)}
+_LAST_FAILED_FIELDS = {"deployment_id": _STR, "seq": _INT, "reason": (_STR, _NULL), "code": (_STR, _NULL)}
+
+
+def bucket_keys() -> tuple[str, ...]:
+    """The fixed histogram keys on the wire: ``"0.25"``, ..., ``"5000"``, ``"+Inf"``."""
+    return tuple(str(int(e)) if float(e).is_integer() else str(e) for e in LATENCY_BUCKETS_MS) + ("+Inf",)
+
+
+BUCKET_KEYS = bucket_keys()
 
 
 def _typecheck(where: str, value: Any, want: Any) -> None:
@@ -136,6 +157,33 @@ def _typecheck(where: str, value: Any, want: Any) -> None:
         ok = False
     if not ok:
         raise MessageRejected(f"{where} has type {type(value).__name__}; expected {_tname(want)}")
+    _check_number(where, value)
+
+
+def _check_number(where: str, value: Any, *, non_negative: bool = False) -> None:
+    """Ints within +-MAX_INT, floats finite (json.loads already refuses NaN/Infinity here: belt and braces)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise MessageRejected(f"{where} is {value}; expected a finite number")
+    if abs(value) > MAX_INT:
+        raise MessageRejected(f"{where} is {value}; the limit is {MAX_INT}")
+    if non_negative and value < 0:
+        raise MessageRejected(f"{where} is {value}; expected >= 0")
+
+
+def _check_fields(where: str, obj: Any, fields: Mapping[str, Any], *, required: bool) -> None:
+    if not isinstance(obj, dict):
+        raise MessageRejected(f"{where} is not an object")
+    for name, want in fields.items():
+        if name not in obj:
+            if required:
+                raise MessageRejected(f"{where}.{name} is missing")
+            continue
+        _typecheck(f"{where}.{name}", obj[name], want)
+    unknown = set(obj) - set(fields)
+    if unknown:
+        raise MessageRejected(f"{where}: unknown fields {sorted(unknown)[:8]}")
 
 
 def _tname(want: Any) -> str:
@@ -151,13 +199,33 @@ def encode(message: Mapping[str, Any]) -> bytes:
     return data
 
 
+_STRING_RE = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKET_RE = re.compile(rb"[\[\]{}]")
+
+
+def json_depth(payload: bytes) -> int:
+    """Deepest bracket nesting outside string literals: a linear scan, no recursion (json.loads recurses)."""
+    depth = deepest = 0
+    for m in _BRACKET_RE.finditer(_STRING_RE.sub(b'""', payload)):
+        depth += 1 if m.group() in (b"[", b"{") else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def decode(payload: bytes, where: str = "message") -> dict[str, Any]:
     if len(payload) > MAX_MESSAGE_BYTES:
         raise MessageRejected(f"{where}: {len(payload)} bytes is over the {MAX_MESSAGE_BYTES}-byte limit")
+    depth = json_depth(bytes(payload))
+    if depth > MAX_DEPTH:
+        raise MessageRejected(f"{where}: JSON nested {depth} deep; the limit is {MAX_DEPTH}")
     try:
-        obj = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MessageRejected(f"{where}: not valid UTF-8 JSON ({exc})") from None
+        obj = json.loads(payload.decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise MessageRejected(f"{where}: not valid UTF-8 JSON ({str(exc)[:200]})") from None
     if not isinstance(obj, dict):
         raise MessageRejected(f"{where}: must be a JSON object, got {type(obj).__name__}")
     return obj
@@ -187,34 +255,81 @@ def validate_message(msg: Mapping[str, Any], mtype: str, where: str = "message")
                 raise MessageRejected(f"{where}: required field '{field}' is missing")
             continue
         _typecheck(f"{where}: field '{field}'", msg[field], want)
+        if field in _NON_NEGATIVE:
+            _check_number(f"{where}: field '{field}'", msg[field], non_negative=True)
     unknown = set(msg) - set(schema) - {"schema_version", "type"}
     if unknown:
-        raise MessageRejected(f"{where}: unknown fields {sorted(unknown)}")
+        raise MessageRejected(f"{where}: unknown fields {sorted(unknown)[:8]}")
     check_device_id(msg["device_id"])
+    _check_common(msg, where)
     if mtype == "desired":
-        if msg["seq"] < 0:
-            raise MessageRejected(f"{where}: seq must be >= 0")
-        art = msg["artifact"]
-        if art is not None:
-            for field, want in _ARTIFACT_FIELDS.items():
-                if field not in art:
-                    raise MessageRejected(f"{where}: artifact.{field} is missing")
-                _typecheck(f"{where}: artifact.{field}", art[field], want)
-            if not re.fullmatch(r"[0-9a-f]{64}", art["sha256"]):
-                raise MessageRejected(f"{where}: artifact.sha256 is not 64 lowercase hex digits")
-            if not art["url"].startswith(("http://", "https://")):
-                raise MessageRejected(f"{where}: artifact.url must be http(s)")
+        _check_desired(msg, where)
     elif mtype == "event":
         if msg["state"] not in EVENT_STATES:
-            raise MessageRejected(f"{where}: unknown state {msg['state']!r}")
+            raise MessageRejected(f"{where}: unknown state {str(msg['state'])[:40]!r}")
+    elif mtype == "heartbeat":
+        if msg["state"] not in AGENT_STATES:
+            raise MessageRejected(f"{where}: unknown state {str(msg['state'])[:40]!r}")
+        if msg["committed_seq"] < -1:
+            raise MessageRejected(f"{where}: committed_seq must be >= -1")
     elif mtype == "telemetry":
-        for i, model in enumerate(msg["models"]):
-            if not isinstance(model, dict):
-                raise MessageRejected(f"{where}: models[{i}] is not an object")
-            for field, want in _MODEL_FIELDS.items():
-                if field not in model:
-                    raise MessageRejected(f"{where}: models[{i}].{field} is missing")
-                _typecheck(f"{where}: models[{i}].{field}", model[field], want)
+        _check_telemetry(msg, where)
+
+
+def _check_common(msg: Mapping[str, Any], where: str) -> None:
+    """Sub-objects every kind may carry: labels, active, last_failed, code."""
+    labels = msg.get("labels")
+    if labels is not None:
+        if len(labels) > 64 or not all(isinstance(k, str) and isinstance(v, str) and len(k) <= 63 and len(v) <= 63
+                                       for k, v in labels.items()):
+            raise MessageRejected(f"{where}: labels must be at most 64 string pairs of <= 63 characters")
+    if msg.get("active") is not None:
+        _check_fields(f"{where}: active", msg["active"], _ACTIVE_FIELDS, required=False)
+        _check_number(f"{where}: active.seq", msg["active"].get("seq", 0), non_negative=True)
+    if msg.get("last_failed") is not None:
+        _check_fields(f"{where}: last_failed", msg["last_failed"], _LAST_FAILED_FIELDS, required=False)
+        _check_code(f"{where}: last_failed.code", msg["last_failed"].get("code"))
+    _check_code(f"{where}: code", msg.get("code"))
+
+
+def _check_code(where: str, code: Any) -> None:
+    if code is not None and code not in FAILURE_CODES:
+        raise MessageRejected(f"{where} {str(code)[:40]!r} is not one of {', '.join(FAILURE_CODES)}")
+
+
+def _check_desired(msg: Mapping[str, Any], where: str) -> None:
+    art = msg["artifact"]
+    if art is None:
+        return
+    _check_fields(f"{where}: artifact", art, _ARTIFACT_FIELDS, required=True)
+    if not re.fullmatch(r"[0-9a-f]{64}", art["sha256"]):
+        raise MessageRejected(f"{where}: artifact.sha256 is not 64 lowercase hex digits")
+    if not art["url"].startswith(("http://", "https://")):
+        raise MessageRejected(f"{where}: artifact.url must be http(s)")
+    _check_number(f"{where}: artifact.size", art["size"], non_negative=True)
+
+
+def _check_telemetry(msg: Mapping[str, Any], where: str) -> None:
+    models = msg["models"]
+    if len(models) > MAX_MODELS:
+        raise MessageRejected(f"{where}: {len(models)} models; the limit is {MAX_MODELS}")
+    for i, model in enumerate(models):
+        at = f"{where}: models[{i}]"
+        _check_fields(at, model, MODEL_FIELDS, required=True)
+        for name in ("requests", "failures", "latency_sum_ms"):
+            _check_number(f"{at}.{name}", model[name], non_negative=True)
+        if model["failures"] > model["requests"]:
+            raise MessageRejected(f"{at}: failures {model['failures']} > requests {model['requests']}")
+        buckets = model["latency_buckets_ms"]
+        unknown = set(buckets) - set(BUCKET_KEYS)
+        if unknown:
+            raise MessageRejected(f"{at}.latency_buckets_ms: keys {sorted(unknown)[:4]} are not the fixed bucket"
+                                  f" edges {', '.join(BUCKET_KEYS)}")
+        for key, count in buckets.items():
+            if isinstance(count, bool) or not isinstance(count, int):
+                raise MessageRejected(f"{at}.latency_buckets_ms[{key!r}] has type {type(count).__name__};"
+                                      " expected int")
+            _check_number(f"{at}.latency_buckets_ms[{key!r}]", count, non_negative=True)
 
 
 # ---------------------------------------------------------------- builders
@@ -235,8 +350,11 @@ def desired(device_id: str, *, deployment_id: str, seq: int, artifact: Mapping[s
 
 
 def presence(device_id: str, online: bool, *, labels=None, active=None, reason: str | None = None,
-             agent_version: str | None = None, endpoint: str | None = None) -> dict[str, Any]:
+             agent_version: str | None = None, endpoint: str | None = None,
+             serving: bool | None = None) -> dict[str, Any]:
     msg = {"schema_version": SCHEMA_VERSION, "type": "presence", "device_id": device_id, "online": online, "ts": now()}
+    if serving is not None:
+        msg["serving"] = serving
     if endpoint:
         msg["endpoint"] = endpoint
     if labels is not None:
@@ -248,10 +366,6 @@ def presence(device_id: str, online: bool, *, labels=None, active=None, reason: 
     if agent_version:
         msg["agent_version"] = agent_version
     return msg
-
-
-def _kind(mtype: str) -> str:
-    return {v: k for k, v in TYPE_FOR_KIND.items()}[mtype]
 
 
 # ---------------------------------------------------------------- signing
@@ -284,9 +398,3 @@ def verify(msg: Mapping[str, Any], trusted_keys: list[Path], *, required: bool, 
         return verify_bytes(signed_bytes(msg), dict(sig), list(trusted_keys))
     except (SignatureError, TypeError, ValueError) as exc:
         raise MessageRejected(f"{where}: bad signature ({getattr(exc, 'message', exc)})") from None
-
-
-def log_rejection(logger, t: str, exc: Exception, counter: Callable[[], None] | None = None) -> None:
-    logger.warning("refused message on %s: %s", t, getattr(exc, "message", exc))
-    if counter:
-        counter()

@@ -42,6 +42,7 @@ class Serving(Protocol):
     def probe(self) -> float: ...
     def stats(self) -> list[dict[str, Any]]: ...
     def active(self) -> dict[str, str] | None: ...
+    def ready(self) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -93,15 +94,11 @@ class LocalServing:
     # --------------------------------------------------------------- serving
     def activate(self, path: Path, name: str, version: str) -> None:
         import edgeml
-        from edgeml.runtime.artifact import read_golden
 
         model = edgeml.load(path, check_host=self.check_host, cache_dir=self.cache_dir)
-        golden = None
-        spec = model.manifest.get("selftest")
-        if spec:
-            golden, _ = read_golden(model.artifact.member(spec["file"]))
+        golden = golden_inputs(model)
         with self._lock:
-            old, old_active = self._model, self._active
+            old = self._model
             self._model, self._golden, self._active = model, golden, {"name": name, "version": version}
             self._counters.setdefault((name, version), _Counters(name, version))
         if old is not None:
@@ -116,6 +113,9 @@ class LocalServing:
 
     def active(self) -> dict[str, str] | None:
         return dict(self._active) if self._active else None
+
+    def ready(self) -> bool:
+        return self._model is not None
 
     def predict(self, feeds: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
@@ -158,13 +158,15 @@ class HttpServing:
 
     stubbed = False
 
-    def __init__(self, cache_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, check_host: bool = True):
-        from edgeml.runtime.server import ModelServer, ServerConfig
+    def __init__(self, cache_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, check_host: bool = True,
+                 admin_token: str | None = None):
+        from edgeml.runtime.server import ModelServer
 
         self.cache_dir = Path(cache_dir)
         self.check_host = check_host
         self._local = LocalServing(cache_dir, check_host=check_host)   # for the self-test only
-        self.server = ModelServer(ServerConfig(host=host, port=port, cache_dir=self.cache_dir, check_host=check_host))
+        self.server = ModelServer(server_config(host=host, port=port, cache_dir=self.cache_dir, check_host=check_host,
+                                                admin_token=admin_token))
         self.address = self.server.start()
         self._active: dict[str, str] | None = None
         self._golden: dict[str, Any] | None = None
@@ -175,8 +177,8 @@ class HttpServing:
         return self._local.selftest(path, trusted_keys=trusted_keys, require_signature=require_signature)
 
     def activate(self, path: Path, name: str, version: str) -> None:
-        golden = _golden_inputs(path)
-        self.server.load(path, name=name, version=version, warmup=True, make_default=True)
+        lm = self.server.load(path, name=name, version=version, warmup=True, make_default=True)
+        golden = golden_inputs(lm.model)   # read from the verified, extracted artifact
         old, self._active, self._golden = self._active, {"name": name, "version": version}, golden
         if old and old != self._active:
             self._snapshot(old)
@@ -197,6 +199,22 @@ class HttpServing:
     def active(self) -> dict[str, str] | None:
         return dict(self._active) if self._active else None
 
+    def ready(self) -> bool:
+        """The embedded server's own answer (``GET .../ready``): a model unloaded behind the agent's back
+        (e.g. through the repository API) is not ready, whatever the agent believes it serves."""
+        import urllib.error
+        import urllib.request
+
+        if self._active is None:
+            return False
+        url = (f"http://{self.address[0]}:{self.address[1]}/v2/models/{self._active['name']}"
+               f"/versions/{self._active['version']}/ready")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
     def probe(self) -> float:
         import json as _json
         import urllib.request
@@ -207,9 +225,9 @@ class HttpServing:
             raise FleetError("no model is active")
         if not self._golden:
             return 0.0
-        dt = {"float32": "FP32", "float64": "FP64", "int64": "INT64", "int32": "INT32", "uint8": "UINT8",
-              "int8": "INT8", "float16": "FP16", "bool": "BOOL"}
-        body = {"inputs": [{"name": k, "shape": list(v.shape), "datatype": dt.get(str(v.dtype), "FP32"),
+        from edgeml.runtime.dtypes import datatype_of
+
+        body = {"inputs": [{"name": k, "shape": list(v.shape), "datatype": datatype_of(v.dtype),
                             "data": np.asarray(v).ravel().tolist()} for k, v in self._golden.items()]}
         url = (f"http://{self.address[0]}:{self.address[1]}/v2/models/{self._active['name']}"
                f"/versions/{self._active['version']}/infer")
@@ -226,12 +244,11 @@ class HttpServing:
             pass
 
     def _row(self, which: dict[str, str]) -> dict[str, Any]:
-        from edgeml.fleet.protocol import LATENCY_BUCKETS_MS
-        from edgeml.fleet.metrics import _key
+        from edgeml.fleet.protocol import BUCKET_KEYS
 
         s = self.server.stats(which["name"], which["version"])
         buckets = {str(k): int(v) for k, v in s.get("latency_buckets_ms", {}).items()}
-        wanted = [_key(e) for e in LATENCY_BUCKETS_MS] + ["+Inf"]
+        wanted = BUCKET_KEYS
         # the server's edges are a superset of the protocol's: project, never re-bucket
         return {"name": which["name"], "version": which["version"], "requests": int(s.get("requests", 0)),
                 "failures": int(s.get("failures", 0)), "latency_buckets_ms": {k: buckets[k] for k in wanted if k in buckets},
@@ -250,26 +267,37 @@ class HttpServing:
         self.server.stop(drain_timeout=2)
 
 
-def _golden_inputs(path: Path) -> dict[str, Any] | None:
-    import io
-    import json as _json
-    import zipfile
+def golden_inputs(model: Any) -> dict[str, Any] | None:
+    """The golden inputs of a loaded (so verified) model, read by the runtime's one golden-data reader."""
+    from edgeml.runtime.artifact import read_golden
 
-    import numpy as np
-
-    with zipfile.ZipFile(path) as zf:
-        spec = _json.loads(zf.read("manifest.json")).get("selftest")
-        if not spec:
-            return None
-        data = np.load(io.BytesIO(zf.read(spec["file"])), allow_pickle=False)
-        return {k[3:]: data[k] for k in data.files if k.startswith("in:")}
+    spec = model.manifest.get("selftest")
+    if not spec:
+        return None
+    inputs, _ = read_golden(model.artifact.member(spec["file"]))
+    return inputs
 
 
-def make_serving(cache_dir: Path, *, http_host: str = "127.0.0.1", http_port: int | None = 8000):
+def server_config(*, admin_token: str | None, **kw: Any) -> Any:
+    """The embedded server's config. Its repository API (load/unload over HTTP) stays off (403) unless the
+    user gave the agent ``--admin-token``: a local client must not be able to unload the device's model."""
+    import dataclasses
+
+    from edgeml.runtime.server import ServerConfig
+
+    if "admin_token" in {f.name for f in dataclasses.fields(ServerConfig)}:
+        kw["admin_token"] = admin_token
+    elif admin_token is not None:
+        raise FleetError("this edgeml's model server has no admin token support; drop --admin-token")
+    return ServerConfig(**kw)
+
+
+def make_serving(cache_dir: Path, *, http_host: str = "127.0.0.1", http_port: int | None = 8000,
+                 admin_token: str | None = None):
     """HttpServing when a port is given and edgeml.runtime.server is installed, else LocalServing."""
     if http_port is not None:
         try:
-            return HttpServing(cache_dir, host=http_host, port=http_port)
+            return HttpServing(cache_dir, host=http_host, port=http_port, admin_token=admin_token)
         except ImportError as exc:
             log.warning("edgeml.runtime.server is not available (%s); serving in process only, no HTTP", exc)
     return LocalServing(cache_dir)
@@ -306,6 +334,9 @@ class StubServing:
 
     def active(self) -> dict[str, str] | None:
         return dict(self._active) if self._active else None
+
+    def ready(self) -> bool:
+        return self._active is not None
 
     def probe(self) -> float:
         if self._active is None:

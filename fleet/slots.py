@@ -10,7 +10,6 @@ every step, so a kill -9 leaves either the old or the new file, never half.
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from pathlib import Path
@@ -45,6 +44,30 @@ class Slots:
         return removed
 
 
+def slot_problem(rec: dict[str, Any], trusted_keys: list[Path], require_signed: bool) -> str | None:
+    """Why the slot of journal record ``rec`` must not be served (None: it is what was committed).
+
+    The sha256 the journal recorded at commit is checked against the file; with
+    trusted keys the artifact is verified again (members, signature)."""
+    from edgeml.errors import EdgemlError
+    from edgeml.runtime.artifact import verify_zip
+    from edgeml.runtime.signing import file_sha256
+
+    path = Path(rec["slot"])
+    try:
+        got = file_sha256(path)
+    except OSError as exc:
+        return f"slot file {path} cannot be read ({exc.strerror or exc})"
+    if got != rec.get("sha256"):
+        return f"slot file {path} has sha256 {got[:16]}..., the journal recorded {str(rec.get('sha256'))[:16]}..."
+    if trusted_keys:
+        try:
+            verify_zip(path, trusted_keys=trusted_keys, require_signature=require_signed)
+        except EdgemlError as exc:
+            return f"slot file {path} fails verification: {exc.message}"
+    return None
+
+
 def _empty() -> dict[str, Any]:
     return {"schema_version": JOURNAL_VERSION, "committed": None, "previous": None, "pending": None,
             "highest_seq": -1, "event_seq": 0, "last_failed": None}
@@ -76,9 +99,6 @@ class Journal:
 
     def save(self) -> None:
         atomic_write_json(self.path, self.data)
-
-    def snapshot(self) -> dict[str, Any]:
-        return copy.deepcopy(self.data)
 
     def next_event_seq(self) -> int:
         self.data["event_seq"] += 1

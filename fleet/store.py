@@ -204,6 +204,10 @@ def download(url: str, dest: Path, *, sha256: str, size: int, timeout: float = 3
         except urllib.error.HTTPError as exc:
             if exc.code == 416 and have:
                 part.unlink(missing_ok=True)
+            if 400 <= exc.code < 500 and exc.code not in (408, 416, 429):
+                # the server answered, and the answer is "no": retrying cannot help
+                raise ArtifactError(f"download of {url} failed: HTTP {exc.code} {exc.reason}",
+                                    hint="check that the artifact is published in the manager's store") from None
             raise FleetError(f"download of {url} failed: HTTP {exc.code} {exc.reason}") from None
         except (urllib.error.URLError, OSError) as exc:
             raise FleetError(f"download of {url} failed: {getattr(exc, 'reason', exc)}",
@@ -211,6 +215,10 @@ def download(url: str, dest: Path, *, sha256: str, size: int, timeout: float = 3
         with resp:
             if have and resp.status != 206:   # server ignored Range: start over
                 have = 0
+            total = _announced_total(resp, have)
+            if total is not None and total != size:
+                raise ArtifactError(f"download of {url}: the server has {total} bytes; the manager said {size}",
+                                    hint="the desired message's artifact.size is wrong, or the URL names another file")
             mode = "ab" if have else "wb"
             fetched = 0
             with open(part, mode, buffering=0) as fh:   # unbuffered: a kill -9 keeps what arrived
@@ -232,12 +240,11 @@ def download(url: str, dest: Path, *, sha256: str, size: int, timeout: float = 3
         have = part.stat().st_size
         if max_bytes is not None and have < size:
             raise FleetError(f"download of {url} stopped after {have} of {size} bytes (limit)")
-    if have != size:
-        bad = have > size
-        if bad:
-            part.unlink(missing_ok=True)
-        raise FleetError(f"download of {url} gave {have} bytes; the manager said {size}"
-                         + (" (discarded)" if bad else " (will resume)"))
+    if have > size:
+        part.unlink(missing_ok=True)
+        raise ArtifactError(f"download of {url} gave {have} bytes; the manager said {size} (discarded)")
+    if have < size:
+        raise FleetError(f"download of {url} gave {have} bytes of {size} (will resume)")
     got = file_sha256(part)
     if got != sha256:
         part.unlink(missing_ok=True)
@@ -246,3 +253,13 @@ def download(url: str, dest: Path, *, sha256: str, size: int, timeout: float = 3
     os.replace(part, dest)
     fsync_dir(dest.parent)
     return dest
+
+
+def _announced_total(resp, have: int) -> int | None:
+    """The full size the server announces (Content-Range total on 206, else have + Content-Length)."""
+    rng = resp.headers.get("Content-Range") or ""
+    if resp.status == 206 and "/" in rng:
+        total = rng.rsplit("/", 1)[1].strip()
+        return int(total) if total.isdigit() else None
+    length = resp.headers.get("Content-Length")
+    return have + int(length) if length and length.isdigit() else None

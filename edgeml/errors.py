@@ -24,6 +24,8 @@ message (never a traceback) and exits with its ``exit_code``.
 
 from __future__ import annotations
 
+from typing import Iterable
+
 
 class EdgemlError(Exception):
     """Root of every edgeml error. ``hint`` tells the user what to do next."""
@@ -106,6 +108,19 @@ class FleetError(EdgemlError):
 
 class MessageRejected(FleetError):
     exit_code = 10
+
+
+def summarize_names(names: "Iterable[object]", limit: int = 10) -> str:
+    """``'a', 'b', ... and N more``: an error lists at most ``limit`` names, never 200,000."""
+    shown: list[str] = []
+    total = 0
+    for name in names:
+        total += 1
+        if len(shown) < limit:
+            text = repr(name)
+            shown.append(text if len(text) <= 120 else text[:117] + "...")
+    more = total - len(shown)
+    return ", ".join(shown) + (f" and {more} more" if more else "")
 
 
 def require(module: str, extra: str = "compiler", *, feature: str | None = None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,9 +10,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from edgeml.errors import DataError, EdgemlError
-from edgeml.runtime.artifact import VerifiedArtifact, open_artifact, read_golden
+from edgeml.errors import ArtifactError, DataError, EdgemlError, UsageError
+from edgeml.runtime.artifact import VerifiedArtifact, open_artifact
 from edgeml.runtime.backends import RuntimeBackend, open_backend
+from edgeml.runtime.manifest import MAX_THREADS, Manifest, TensorDecl
 
 
 @dataclass(frozen=True)
@@ -21,8 +23,15 @@ class TensorSpec:
     shape: tuple[int | None, ...]    # None = dynamic axis
 
     @classmethod
+    def from_decl(cls, decl: TensorDecl) -> "TensorSpec":
+        return cls(decl.name, decl.dtype, decl.shape)
+
+    @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TensorSpec":
-        return cls(d["name"], d["dtype"], tuple(None if (s is None or isinstance(s, str) or s < 0) else int(s) for s in d["shape"]))
+        """Strict: the manifest schema's rules (known dtype, integer or null dims)."""
+        from edgeml.runtime.manifest import TensorDecl, _Field
+
+        return cls.from_decl(TensorDecl.parse(d, _Field("tensor spec")))
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
@@ -58,10 +67,11 @@ class Model:
 
     def __init__(self, artifact: VerifiedArtifact, backend: RuntimeBackend, load_seconds: float):
         self.artifact = artifact
-        self.manifest = artifact.manifest
+        self.spec: Manifest = artifact.typed
+        self.manifest = artifact.manifest     # validated plain dict, for readers not yet on ``spec``
         self.backend = backend
-        self.inputs = [TensorSpec.from_dict(d) for d in self.manifest["inputs"]]
-        self.outputs = [TensorSpec.from_dict(d) for d in self.manifest["outputs"]]
+        self.inputs = [TensorSpec.from_decl(d) for d in self.spec.inputs]
+        self.outputs = [TensorSpec.from_decl(d) for d in self.spec.outputs]
         self._input_by_name = {s.name: s for s in self.inputs}
         self._fast = {s.name: s.fast_check() for s in self.inputs}
         self.load_seconds = load_seconds
@@ -70,19 +80,19 @@ class Model:
 
     @property
     def name(self) -> str:
-        return self.manifest["name"]
+        return self.spec.name
 
     @property
     def version(self) -> str:
-        return self.manifest["version"]
+        return self.spec.version
 
     @property
     def backend_name(self) -> str:
-        return self.manifest["backend"]["name"]
+        return self.spec.backend.name
 
     @property
     def precision(self) -> str:
-        return self.manifest["precision"]
+        return self.spec.precision
 
     def validate(self, feeds: Mapping[str, Any]) -> Mapping[str, np.ndarray]:
         """Check names, dtypes and shapes; raise DataError naming the first problem.
@@ -135,10 +145,15 @@ class Model:
 
     def selftest(self, latency_budget_ms: float | None = None) -> SelfTestResult:
         """Run the golden inputs stored in the artifact and compare outputs."""
-        spec = self.manifest.get("selftest")
-        if not spec:
+        spec = self.spec.selftest
+        if spec is None:
             return SelfTestResult(True, 0.0, 0.0, "artifact has no golden data; load-only check")
-        inputs, expected = read_golden(self.artifact.member(spec["file"]))
+        try:
+            golden = self.artifact.golden()
+        except ArtifactError as exc:
+            return SelfTestResult(False, float("inf"), 0.0, f"golden data refused: {exc.message}")
+        assert golden is not None
+        inputs, expected = golden
         start = time.perf_counter()
         try:
             got = self.predict(inputs)
@@ -152,15 +167,18 @@ class Model:
                 return SelfTestResult(False, float("inf"), latency, f"output '{name}' has shape {have.shape}, golden {want.shape}")
             err = float(np.max(np.abs(have.astype(np.float64) - want.astype(np.float64)))) if want.size else 0.0
             worst = max(worst, err)
-            if not np.allclose(have, want, rtol=spec.get("rtol", 1e-3), atol=spec.get("atol", 1e-4)):
+            if not np.allclose(have, want, rtol=spec.rtol, atol=spec.atol):
                 return SelfTestResult(False, worst, latency, f"output '{name}' differs from the golden output (max abs error {err:.3g})")
-        budget = latency_budget_ms if latency_budget_ms is not None else spec.get("latency_budget_ms")
+        budget = latency_budget_ms if latency_budget_ms is not None else spec.latency_budget_ms
         if budget is not None and latency > budget:
             return SelfTestResult(False, worst, latency, f"latency {latency:.2f} ms per sample is over the budget {budget} ms")
         return SelfTestResult(True, worst, latency)
 
     def close(self) -> None:
-        self.backend.close()
+        try:
+            self.backend.close()
+        finally:
+            self.artifact.release()
 
 
 def _batch_of(inputs: Mapping[str, np.ndarray]) -> int:
@@ -191,6 +209,17 @@ def peak_resident_memory_mb() -> float:
     return _proc_status_mb("VmHWM")
 
 
+def host_threads(requested: object, where: str = "threads") -> int | None:
+    """A thread count clamped to this host's CPUs; None/0 = all cores. Negative or absurd is refused."""
+    if requested is None:
+        return None
+    if isinstance(requested, bool) or not isinstance(requested, int) or not 0 <= requested <= MAX_THREADS:
+        raise UsageError(f"{where} must be an integer from 0 (all cores) to {MAX_THREADS}, got {requested!r}")
+    if requested == 0:
+        return None
+    return min(requested, os.cpu_count() or 1)
+
+
 def load(
     path: str | Path,
     *,
@@ -200,20 +229,30 @@ def load(
     check_host: bool = True,
     cache_dir: str | Path | None = None,
 ) -> Model:
-    """Load and verify an ``.edgepkg``: hashes, signature (when keys given), CPU features."""
-    from edgeml.targets import check_host_supports
-
+    """Load and verify an ``.edgepkg``: CPU features (before extracting), signature, hashes, member paths."""
     start = time.perf_counter()
+    wanted_threads = host_threads(threads)
     artifact = open_artifact(
         Path(path),
         trusted_keys=[Path(k) for k in trusted_keys or []],
         require_signature=require_signature,
         cache_dir=Path(cache_dir) if cache_dir else None,
+        precheck=_check_host if check_host else None,
     )
-    manifest = artifact.manifest
-    if check_host:
-        check_host_supports(manifest["target"], manifest["required_features"], manifest["arch"])
-    runtime = manifest.get("runtime", {})
-    backend = open_backend(manifest["backend"]["name"], artifact.directory, manifest,
-                           threads=threads if threads is not None else runtime.get("threads") or None)
+    try:
+        spec = artifact.typed
+        for member in spec.members():
+            artifact.member(member)          # confined: a listed regular file inside the verified folder
+        if threads is None and spec.runtime is not None:
+            wanted_threads = host_threads(spec.runtime.threads, "manifest field 'runtime.threads'")
+        backend = open_backend(spec.backend.name, artifact.directory, artifact.manifest, threads=wanted_threads)
+    except BaseException:
+        artifact.release()
+        raise
     return Model(artifact, backend, time.perf_counter() - start)
+
+
+def _check_host(spec: Manifest) -> None:
+    from edgeml.targets import check_host_supports
+
+    check_host_supports(spec.target, list(spec.required_features), spec.arch)

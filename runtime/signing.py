@@ -83,10 +83,33 @@ def sign_bytes(data: bytes, private_key_path: Path) -> dict:
     }
 
 
+_SIGNATURE_KEYS = ("algorithm", "key_id", "signature")
+
+
+def parse_signature(raw: bytes, where: str) -> dict[str, str]:
+    """A ``manifest.sig`` as ``{algorithm, key_id, signature}`` strings; ArtifactError naming the field."""
+    from edgeml.errors import ArtifactError
+    from edgeml.runtime.manifest import parse_json
+
+    obj = parse_json(raw, where)
+    if not isinstance(obj, dict):
+        raise ArtifactError(f"{where}: expected a JSON object {{algorithm, key_id, signature}}, got "
+                            f"{type(obj).__name__}", hint="re-sign the artifact with edgeml")
+    for key in _SIGNATURE_KEYS:
+        value = obj.get(key)
+        if not isinstance(value, str) or not value or len(value) > 4096:
+            raise ArtifactError(f"{where} field '{key}': expected a non-empty string, got {value!r:.60}",
+                                hint="re-sign the artifact with edgeml")
+    return {k: obj[k] for k in _SIGNATURE_KEYS}
+
+
 def verify_bytes(data: bytes, signature: dict, trusted_keys: list[Path]) -> str:
     """Verify ``signature`` over ``data`` with one of ``trusted_keys``; return the key id."""
     from cryptography.exceptions import InvalidSignature
 
+    if not isinstance(signature, dict):
+        raise SignatureError(f"a signature must be an object {{algorithm, key_id, signature}}, not "
+                             f"{type(signature).__name__}")
     if signature.get("algorithm") != "ed25519":
         raise SignatureError(f"unsupported signature algorithm {signature.get('algorithm')!r}")
     keys = {key_id_of(k): k for k in (load_public_key(p) for p in trusted_keys)}
@@ -97,8 +120,8 @@ def verify_bytes(data: bytes, signature: dict, trusted_keys: list[Path]) -> str:
             hint="add the signer's public key to the trusted keys, or sign with a trusted key",
         )
     try:
-        key.verify(base64.b64decode(signature["signature"]), data)
-    except (InvalidSignature, ValueError, KeyError) as exc:
+        key.verify(base64.b64decode(signature["signature"], validate=True), data)
+    except (InvalidSignature, ValueError, KeyError, TypeError) as exc:
         raise SignatureError("signature does not match the signed content (tampered or wrong key)") from exc
     return signature["key_id"]
 

@@ -102,7 +102,7 @@ def test_path_traversing_members_are_refused_and_nothing_is_written(good, tmp_pa
         for info in zin.infolist():
             zout.writestr(info, zin.read(info.filename))
         zout.writestr(zipfile.ZipInfo(member), b"owned")
-    with pytest.raises(ArtifactError, match="unsafe path|escapes the artifact folder"):
+    with pytest.raises(ArtifactError, match="escapes the artifact folder|absolute path|backslash"):
         open_artifact(bad, cache_dir=dest)
     assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "dest" / "escape.txt").exists()
     assert not Path("/tmp/edgeml-abs-escape.txt").exists()
@@ -177,7 +177,7 @@ def test_a_complete_copy_extracted_by_another_process_is_kept_not_replaced(good,
     for name in first.manifest["files"]:
         (staging / name).parent.mkdir(parents=True, exist_ok=True)
         (staging / name).write_bytes((first.directory / name).read_bytes())
-    _install_folder(staging, first.directory, first.manifest)
+    _install_folder(staging, first.directory, first.typed.files)
     assert first.directory.stat().st_ino == inode_before   # the reader's folder is untouched
     assert not staging.exists()
 

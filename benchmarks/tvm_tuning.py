@@ -112,7 +112,7 @@ def run(args) -> dict[str, Any]:
     untuned, rows["untuned_build_s"] = build(onnx_path, target, work / "untuned.edgepkg", {}, args.builder)
     rows["tvm_untuned_ms"] = bench_artifact(untuned, feeds, threads, max(3, args.runs // 4), 1, work / "c")
     if args.budget:
-        from edgeml.compiler.backends.tvm import parse_budget
+        from edgeml.backends.tvm import parse_budget
 
         rows["budget_s"] = parse_budget(args.budget)
         options = {"tune_budget": args.budget, "tuning_db": args.db}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from edgeml.backends import backend_names
 from edgeml.cli import emit, handle_errors, json_option
 
 
@@ -68,7 +69,8 @@ def _parse_backend_option(values: tuple[str, ...]) -> dict:
 @click.option("-t", "--target", required=True, help="Target name (edgeml targets).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact to write (.edgepkg).")
 @click.option("--precision", default="auto", type=click.Choice(["auto", "fp32", "fp16", "int8"]), show_default=True)
-@click.option("--backend", default="auto", type=click.Choice(["auto", "onnxruntime", "openvino", "tvm"]), show_default=True)
+@click.option("--backend", default="auto", type=click.Choice(["auto", *backend_names()]), show_default=True,
+              help="auto: every backend the target lists (the null test double only by name).")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration .npz keyed by input name.")
 @click.option("--eval", "eval_path", type=click.Path(path_type=Path), help="Eval .npz (+ labels or reference_<output>).")
 @click.option("--max-accuracy-drop", default=1.0, type=float, show_default=True, help="Allowed drop in points.")

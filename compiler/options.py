@@ -1,16 +1,21 @@
-"""Compile options: one dataclass, validated before any work starts."""
+"""Compile options: one dataclass, validated before any work starts.
+
+Keywords that are not compile options must be some backend's typed option
+(``edgeml.backends.<name>.Options``); anything else is refused with the valid
+names and a "did you mean" (``tune_budjet`` -> ``tune_budget``).
+"""
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from edgeml.errors import UsageError
 
 PRECISIONS = ("fp32", "fp16", "int8")
-BACKENDS = ("onnxruntime", "openvino", "tvm")
+EVAL_BUDGET_S = 120.0   # per candidate; a slower one is scored on the samples it ran in that time
 # Semantic Versioning 2.0.0 (https://semver.org), the official regular expression.
 _SEMVER = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
@@ -69,13 +74,31 @@ class CompileOptions:
     benchmark: bool = True
     benchmark_seconds: float = 3.0
     progress: Callable[[str], None] | None = None
-    backend_options: dict[str, Any] = field(default_factory=dict)
+    eval_budget_s: float = EVAL_BUDGET_S
+    backend_options: dict[str, Any] = field(default_factory=dict)   # as given (cache key, provenance)
+    # backend name -> its typed Options, filled by validate()
+    typed_options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_keywords(cls, model: Any, output: Any, keywords: dict[str, Any]) -> "CompileOptions":
+        """Split ``compile(...)`` keywords into compile options and backend options, then validate."""
+        own = {k: v for k, v in keywords.items() if k in COMPILE_KEYWORDS}
+        rest = {k: v for k, v in keywords.items() if k not in COMPILE_KEYWORDS}
+        label = str(model) if isinstance(model, (str, Path)) else f"<{type(model).__name__}>"
+        return cls(model=label, target="", output=Path(output), backend_options=rest, **own).validate()
+
+    def options_for(self, backend: str) -> Any:
+        """The typed options of ``backend`` (its schema's defaults for keys not given)."""
+        if backend not in self.typed_options:
+            from edgeml.backends import get_backend
+
+            self.typed_options[backend] = get_backend(backend).parse_options(self.backend_options)
+        return self.typed_options[backend]
 
     def validate(self) -> "CompileOptions":
         if self.precision not in ("auto", *PRECISIONS):
             raise UsageError(f"unknown precision {self.precision!r}", hint="choose auto, fp32, fp16 or int8")
-        if self.backend not in ("auto", *BACKENDS):
-            raise UsageError(f"unknown backend {self.backend!r}", hint="choose auto, onnxruntime, openvino or tvm")
+        self._validate_backend_options()
         if not _SEMVER.match(str(self.version)):
             raise UsageError(f"version {self.version!r} is not a semantic version", hint="use MAJOR.MINOR.PATCH, e.g. 1.0.0")
         if self.name is not None and not _NAME.match(self.name):
@@ -102,13 +125,38 @@ class CompileOptions:
             raise UsageError(f"signing key {self.sign_key} does not exist", hint="create one with: edgeml keygen KEY")
         return self
 
+    def _validate_backend_options(self) -> None:
+        from edgeml.backends import all_option_names, backend_names
+
+        if self.backend not in ("auto", *backend_names()):
+            raise UsageError(f"unknown backend {self.backend!r}",
+                             hint=f"choose auto, {', '.join(backend_names())}")
+        owners = all_option_names()
+        for key in self.backend_options:
+            if key not in owners:
+                from edgeml.backends.options import unknown_option_error
+
+                raise unknown_option_error(key, [*COMPILE_KEYWORDS, *owners])
+        for backend in sorted(set(owners.values())):  # check every given value now, not minutes later
+            self.options_for(backend)
+        try:
+            self.eval_budget_s = float(self.eval_budget_s)
+        except (TypeError, ValueError):
+            raise UsageError(f"eval_budget_s {self.eval_budget_s!r} is not a number of seconds") from None
+
     def key_dict(self) -> dict[str, Any]:
         """The options that affect the artifact's bytes (for the cache key and provenance)."""
         d = asdict(self)
-        for k in ("model", "output", "calib", "eval", "sign_key", "cache_dir", "use_cache", "progress", "target"):
+        for k in ("model", "output", "calib", "eval", "sign_key", "cache_dir", "use_cache", "progress", "target",
+                  "typed_options"):
             d.pop(k, None)
+        if self.eval_budget_s == EVAL_BUDGET_S:  # keep the keys of earlier compiles (no new field unless set)
+            d.pop("eval_budget_s")
+        else:  # it was a backend option before it became a compile option
+            d.pop("eval_budget_s")
+            d["backend_options"] = {**self.backend_options, "eval_budget_s": self.eval_budget_s}
         d["input_shape"] = {k: list(v) for k, v in sorted(self.input_shape.items())}
-        d["backend_options"] = {k: _jsonable(v) for k, v in sorted(self.backend_options.items())}
+        d["backend_options"] = {k: _jsonable(v) for k, v in sorted(d["backend_options"].items())}
         return d
 
 
@@ -120,3 +168,8 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return str(value)
+
+
+# The keyword names edgeml.compile() accepts besides backend options (the CLI's long options, with underscores).
+COMPILE_KEYWORDS = tuple(f.name for f in fields(CompileOptions)
+                         if f.name not in ("model", "target", "output", "backend_options", "typed_options"))

@@ -1,275 +1,144 @@
 """The compile pipeline: import, build candidates, verify, benchmark, select, package.
 
-Every candidate is loaded through the *runtime* backend (the code a device
+Every candidate is loaded through its backend's *runtime* side (the code a device
 runs) from a folder laid out like an extracted artifact, evaluated against the
 FP32 reference, benchmarked when this host executes the target, and recorded
-in ``manifest["candidates"]`` whatever its fate.
+in ``manifest["candidates"]`` whatever its fate. The steps below each take the
+``CompileSession`` (edgeml.compiler.session) and do one thing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgeml.backends import REFERENCE_BACKEND, get_backend, open_backend
+from edgeml.backends.base import BuildContext, CandidateSkipped, CandidateSpec
 from edgeml.compiler import evaluate as ev
-from edgeml.compiler.backends import COMPILER_BACKENDS, BuildContext, BuiltCandidate, CandidateSpec
 from edgeml.compiler.cache import CompileCache, cache_key, code_fingerprint
 from edgeml.compiler.importers import ImportedModel, fingerprint, import_model, is_factory_spec
 from edgeml.compiler.manifest import (GOLDEN_SAMPLES, created_timestamp, host_info, latency_budget_ms,
                                       selftest_tolerance, source_date_epoch, tool_versions)
-from edgeml.compiler.options import CompileOptions
-from edgeml.compiler.select import CandidateSkipped, benchmark as run_benchmark, select
-from edgeml.errors import (AccuracyError, ArtifactError, CompileError, EdgemlError, MissingDependency, RegistryError,
-                           UnsupportedOp, UsageError)
+from edgeml.compiler.options import EVAL_BUDGET_S, CompileOptions
+from edgeml.compiler.select import benchmark as run_benchmark, select
+from edgeml.compiler.session import Candidate, CompileResult, CompileSession, Reference
+from edgeml.errors import (AccuracyError, ArtifactError, CompileError, DataError, EdgemlError, MissingDependency,
+                           RegistryError, UnsupportedOp, UsageError)
 from edgeml.runtime.artifact import (SCHEMA_VERSION, SELFTEST_FILE, canonical_json, golden_npz_bytes,
                                      verify_zip, write_artifact)
-from edgeml.runtime.backends import RuntimeBackend, open_backend
+
+__all__ = ["EVAL_BUDGET_S", "Candidate", "CompileResult", "compile_with_report"]
 
 
-EVAL_BUDGET_S = 120.0   # per candidate; a slower one is scored on the samples it ran in that time
+def compile_with_report(model: Any, *, target: Any, output: Any, **options: Any) -> CompileResult:
+    """Compile ``model`` for ``target`` into ``output``; keywords are compile options or backend options."""
+    session = _open_session(CompileOptions.from_keywords(model, output, options), target)
+    try:
+        return _compile(session, model)
+    finally:
+        session.close()
 
 
-@dataclass
-class Candidate:
-    index: int
-    spec: CandidateSpec
-    status: str = "pending"       # selected | passed | rejected | failed | unverified | skipped
-    reason: str | None = None
-    built: BuiltCandidate | None = None
-    runtime: RuntimeBackend | None = None
-    backend_version: str = ""
-    score: ev.Score | None = None
-    drop: float | None = None
-    latency: dict[str, float] | None = None
-    error: EdgemlError | None = None
-    eval_samples: int | None = None  # set when evaluated on fewer than all eval samples
-
-    @property
-    def recipe(self) -> dict[str, Any]:
-        return self.built.recipe if self.built else dict(self.spec.recipe)
-
-    def to_dict(self, reproducible: bool) -> dict[str, Any]:
-        return {
-            "label": self.spec.label or f"{self.spec.backend}/{self.spec.precision}",
-            "backend": self.spec.backend,
-            "backend_version": self.backend_version,
-            "precision": self.spec.precision,
-            "recipe": self.recipe,
-            "status": self.status,
-            "selected": self.status == "selected",
-            "reason": self.reason,
-            "accuracy": None if self.score is None else round(self.score.value, 4),
-            "accuracy_drop": None if self.drop is None else round(self.drop, 4),
-            "max_abs_error": None if self.score is None else float(f"{self.score.max_abs_error:.4g}"),
-            "eval_samples": self.eval_samples,
-            "latency_ms": None if reproducible else self.latency,
-            "build_seconds": None if (reproducible or not self.built) else round(self.built.build_seconds, 3),
-            "notes": list(self.built.notes) if self.built else [],
-        }
+def _compile(s: CompileSession, model: Any) -> CompileResult:
+    cache = CompileCache(s.opts.cache_dir) if s.opts.use_cache else None
+    key = _cache_key(s, model, cache)
+    if cache is not None:
+        hit = _from_cache(s, cache, key)
+        if hit is not None:
+            return hit
+    if s.imported is None:
+        s.imported = import_model(model, s.opts.input_shape, s.workdir / "import", progress=s.say)
+    s.say(f"model: {len(s.model.inputs)} input(s) {[t.to_dict() for t in s.model.inputs]}")
+    s.ref = _measure_reference(s)
+    _build_candidates(s)
+    passing = _passing_candidates(s)
+    measured = _benchmark(s, passing)
+    chosen, selection = select(passing, measured=measured, backend_order=list(s.target.backends),
+                               verified=passing[0].status != "unverified")
+    chosen.status = "selected"
+    selection["host_runs_target"] = s.target.runs_on_host()
+    s.say(f"selected {chosen.spec.label}: {selection['reason']}")
+    return _package(s, chosen, selection, cache, key)
 
 
-@dataclass
-class CompileResult:
-    path: Path
-    manifest: dict[str, Any]
-    cache: str                    # hit | miss | disabled
-    cache_key: str
-    seconds: float
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def candidates(self) -> list[dict[str, Any]]:
-        return self.manifest.get("candidates", [])
-
-    @property
-    def selected(self) -> dict[str, Any] | None:
-        return next((c for c in self.candidates if c.get("selected")), None)
-
-    def to_dict(self) -> dict[str, Any]:
-        m = self.manifest
-        return {"output": str(self.path), "cache": self.cache, "cache_key": self.cache_key,
-                "seconds": round(self.seconds, 3), "name": m["name"], "version": m["version"],
-                "target": m["target"], "backend": m["backend"], "precision": m["precision"],
-                "quantization": m.get("quantization"), "accuracy": m.get("accuracy"),
-                "selection": m.get("selection"), "selected": self.selected, "candidates": self.candidates,
-                "notes": self.notes}
+# ------------------------------------------------------------------ session and cache
 
 
-def compile_with_report(model: Any, *, target: Any, output: Any, precision: str = "auto", backend: str = "auto",
-                        calib: Any = None, eval: Any = None, max_accuracy_drop: float = 1.0,  # noqa: A002
-                        input_shape: Any = None, name: str | None = None, version: str = "0.1.0",
-                        sign_key: Any = None, cache_dir: Any = None, use_cache: bool = True,
-                        benchmark: bool = True, benchmark_seconds: float = 3.0, progress: Any = None,
-                        **backend_options: Any) -> CompileResult:
-    from edgeml.compiler.options import parse_input_shapes
+def _open_session(opts: CompileOptions, target: Any) -> CompileSession:
+    """Check everything that can be checked before minutes of work, then make the scratch folder."""
     from edgeml.targets import Target, get_target
 
-    start = time.perf_counter()
-    opts = CompileOptions(
-        model=str(model) if isinstance(model, (str, Path)) else f"<{type(model).__name__}>", target="",
-        output=Path(output), precision=precision, backend=backend, calib=calib, eval=eval,
-        max_accuracy_drop=max_accuracy_drop, input_shape=parse_input_shapes(input_shape), name=name,
-        version=version, sign_key=sign_key, cache_dir=cache_dir, use_cache=use_cache, benchmark=benchmark,
-        benchmark_seconds=benchmark_seconds, progress=progress, backend_options=dict(backend_options),
-    ).validate()
     tgt = target if isinstance(target, Target) else get_target(str(target))
     opts.target = tgt.name
-    say = opts.progress or (lambda message: None)
-    epoch = source_date_epoch()
-    precisions = _precisions(opts, tgt)
-    backends = _backend_names(opts, tgt)
+    _precisions(opts, tgt)
+    _backend_names(opts, tgt)
     if opts.sign_key is not None:  # a bad key should fail before minutes of work, not after
         from edgeml.runtime.signing import load_private_key
 
         load_private_key(opts.sign_key)
     for path, what in ((opts.calib, "calibration"), (opts.eval, "eval")):
         if path is not None and not path.is_file():
-            from edgeml.errors import DataError
-
             raise DataError(f"{what} file {path} does not exist")
     workdir = Path(tempfile.mkdtemp(prefix="edgeml-compile-"))
-    cands: list[Candidate] = []
+    return CompileSession(opts=opts, target=tgt, workdir=workdir, epoch=source_date_epoch(),
+                          say=opts.progress or (lambda message: None))
+
+
+def _cache_key(s: CompileSession, model: Any, cache: CompileCache | None) -> str:
+    """The key of every input that affects the artifact's bytes (imports the model when it cannot be hashed)."""
+    model_sha = fingerprint(model) if cache is not None else None
+    if model_sha is None:
+        s.imported = import_model(model, s.opts.input_shape, s.workdir / "import", progress=s.say)
+        model_sha = s.imported.sha256
+    return cache_key({
+        "model": model_sha, "calib": _sha(s.opts.calib), "eval": _sha(s.opts.eval), "options": s.opts.key_dict(),
+        "target": s.target.name, "target_file": _target_file_sha(s.target.name), "tools": tool_versions(),
+        "code": code_fingerprint(), "source_date_epoch": s.epoch, "schema": SCHEMA_VERSION,
+    })
+
+
+def _from_cache(s: CompileSession, cache: CompileCache, key: str) -> CompileResult | None:
+    hit = cache.get(key)
+    if hit is None:
+        return None
     try:
-        cache = CompileCache(opts.cache_dir) if opts.use_cache else None
-        key_parts = {
-            "calib": _sha(opts.calib), "eval": _sha(opts.eval), "options": opts.key_dict(), "target": tgt.name,
-            "target_file": _target_file_sha(tgt.name), "tools": tool_versions(), "code": code_fingerprint(), "source_date_epoch": epoch,
-            "schema": SCHEMA_VERSION,
-        }
-        imported: ImportedModel | None = None
-        model_sha = fingerprint(model) if cache is not None else None
-        if model_sha is None:
-            imported = import_model(model, opts.input_shape, workdir / "import", progress=say)
-            model_sha = imported.sha256
-        key = cache_key({"model": model_sha, **key_parts})
-        if cache is not None:
-            hit = cache.get(key)
-            if hit is not None:
-                try:
-                    manifest = _emit_from_cache(hit[0], opts)
-                except ArtifactError as exc:  # a damaged cache entry: compile again
-                    say(f"ignoring a damaged cache entry: {exc.message}")
-                else:
-                    say("cache hit: reused the artifact compiled earlier from the same inputs")
-                    return CompileResult(opts.output, manifest, "hit", key, time.perf_counter() - start,
-                                         hit[1].get("notes", []))
-        if imported is None:
-            imported = import_model(model, opts.input_shape, workdir / "import", progress=say)
-        say(f"model: {len(imported.inputs)} input(s) {[s.to_dict() for s in imported.inputs]}")
-        calib_set, eval_set = _datasets(opts, imported)
-        batch = ev.fixed_batch(imported.inputs)
-        say(f"FP32 reference on {eval_set.n} {eval_set.source} samples")
-        fp32_out = _reference_outputs(imported, eval_set, batch)
-        names_out = [s.name for s in imported.outputs]
-        metric = ev.choose_metric(eval_set, fp32_out, names_out)
-        fp32_score = ev.score(metric, fp32_out, fp32_out, eval_set, names_out)
-        ctx = BuildContext(onnx_path=imported.onnx_path, target=tgt, inputs=imported.inputs,
-                           outputs=imported.outputs, workdir=workdir / "build",
-                           calib=calib_set.inputs if calib_set else None,
-                           options={**opts.backend_options, "max_accuracy_drop": opts.max_accuracy_drop,
-                                    "eval_data": eval_set, "metric": metric, "fp32_score": fp32_score.value},
-                           progress=say)
-        ctx.workdir.mkdir()
-        threads = tgt.default_threads or None
+        manifest = _emit_from_cache(hit[0], s.opts)
+    except ArtifactError as exc:  # a damaged cache entry: compile again
+        s.say(f"ignoring a damaged cache entry: {exc.message}")
+        return None
+    s.say("cache hit: reused the artifact compiled earlier from the same inputs")
+    return CompileResult(s.opts.output, manifest, "hit", key, s.elapsed(), hit[1].get("notes", []))
 
-        def evaluate_files(files_dir: Path, fragment: dict[str, Any]) -> float:
-            manifest = _provisional_manifest(tgt, imported, fragment["backend"], fragment.get("precision", "int8"))
-            rt = open_backend(fragment["backend"]["name"], Path(files_dir), manifest, threads=threads)
-            try:
-                return ev.score(metric, ev.run_batched(rt.run, eval_set.inputs, batch), fp32_out, eval_set,
-                                names_out).value
-            finally:
-                rt.close()
 
-        ctx.evaluate = evaluate_files
-        skipped = _collect_candidates(backends, precisions, ctx, cands, opts, calib_set is not None)
-        for c in cands:
-            _build_and_check(c, ctx, workdir, imported, threads, eval_set, batch, fp32_out, fp32_score,
-                             metric, names_out, opts.max_accuracy_drop, say,
-                             float(opts.backend_options.get("eval_budget_s", EVAL_BUDGET_S)))
-        passing = [c for c in cands if c.status == "passed"]
-        if not passing:
-            unverified = [c for c in cands if c.status == "unverified"]
-            if not (unverified and not tgt.runs_on_host()):
-                raise _no_candidate_error(cands, skipped, opts.max_accuracy_drop)
-            # Nothing for this target runs here (e.g. an OpenCL GPU): ship the static-order choice, marked
-            # unverified; its self-test compares the device's outputs with the FP32 reference.
-            say("no candidate runs on this host: choosing by the static order, accuracy unverified")
-            passing = unverified
-        measured = tgt.runs_on_host() and opts.benchmark
-        if measured:
-            feeds = {k: v[: (batch or 1)] for k, v in eval_set.inputs.items()}
-            say(f"benchmarking {len(passing)} candidate(s) at batch {batch or 1} (~{opts.benchmark_seconds:g} s)")
-            timings = run_benchmark({str(c.index): (lambda rt=c.runtime: rt.run(feeds)) for c in passing},
-                                    seconds=opts.benchmark_seconds)
-            for c in passing:
-                c.latency = timings[str(c.index)]
-        chosen, selection = select(passing, measured=measured, backend_order=list(tgt.backends),
-                                   verified=passing[0].status != "unverified")
-        chosen.status = "selected"
-        selection["host_runs_target"] = tgt.runs_on_host()
-        say(f"selected {chosen.spec.label}: {selection['reason']}")
-        manifest, golden = _manifest(opts, tgt, imported, chosen, cands, skipped, selection, eval_set, calib_set,
-                                     fp32_out, fp32_score, metric, batch, epoch)
-        files: dict[str, Any] = dict(chosen.built.files)
-        files[SELFTEST_FILE] = golden
-        unsigned = workdir / "unsigned.edgepkg"
-        write_artifact(unsigned, dict(manifest), files)
-        if cache is not None:
-            cache.put(key, unsigned, {"notes": imported.notes, "manifest_name": manifest["name"]})
-        manifest = _emit_from_cache(unsigned, opts)
-        say(f"wrote {opts.output}")
-        return CompileResult(opts.output, manifest, "miss" if cache is not None else "disabled", key,
-                             time.perf_counter() - start, imported.notes)
+# ------------------------------------------------------------------ the FP32 reference
+
+
+def _measure_reference(s: CompileSession) -> Reference:
+    calib_set, eval_set = _datasets(s.opts, s.model)
+    batch = ev.fixed_batch(s.model.inputs)
+    s.say(f"FP32 reference on {eval_set.n} {eval_set.source} samples")
+    outputs = _reference_outputs(s, eval_set, batch)
+    names = [t.name for t in s.model.outputs]
+    metric = ev.choose_metric(eval_set, outputs, names)
+    score = ev.score(metric, outputs, outputs, eval_set, names)
+    return Reference(eval_set, calib_set, outputs, names, metric, score, batch)
+
+
+def _reference_outputs(s: CompileSession, eval_set: ev.Dataset, batch: int | None) -> dict[str, np.ndarray]:
+    """The imported FP32 ONNX model run by the reference backend (errors mapped by that backend's table)."""
+    onnx_path = s.model.onnx_path
+    backend = {"name": REFERENCE_BACKEND, "version": "", "entrypoint": onnx_path.name,
+               "options": {"graph_optimization_level": "all", "providers": ["CPUExecutionProvider"]}}
+    runtime = open_backend(REFERENCE_BACKEND, onnx_path.parent, _provisional_manifest(s, backend, "fp32"))
+    try:
+        return ev.run_batched(runtime.run, eval_set.inputs, batch)
     finally:
-        for c in cands:
-            if c.runtime is not None:
-                try:
-                    c.runtime.close()
-                except Exception:  # closing is best effort
-                    pass
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-# ------------------------------------------------------------------ steps
-
-
-def _precisions(opts: CompileOptions, tgt) -> list[str]:
-    allowed = list(tgt.precisions)
-    if opts.precision == "auto":
-        return allowed
-    if opts.precision not in allowed:
-        raise UsageError(f"target '{tgt.name}' does not support precision {opts.precision}",
-                         hint=f"choose one of {allowed} or --precision auto")
-    if opts.precision == "int8" and opts.calib is None:
-        raise UsageError("--precision int8 needs calibration data", hint="pass --calib CALIB.npz")
-    return [opts.precision]
-
-
-def _backend_names(opts: CompileOptions, tgt) -> list[str]:
-    if opts.backend == "auto":
-        return list(tgt.backends)
-    if opts.backend not in tgt.backends:
-        raise UsageError(f"target '{tgt.name}' is not served by backend {opts.backend}",
-                         hint=f"choose one of {list(tgt.backends)} or --backend auto")
-    return [opts.backend]
-
-
-def _sha(path: Path | None) -> str | None:
-    return ev.file_sha256(path) if path is not None else None
-
-
-def _target_file_sha(name: str) -> str:
-    from edgeml.targets import TARGET_DIR
-
-    path = TARGET_DIR / f"{name}.toml"
-    return ev.file_sha256(path) if path.is_file() else name
+        runtime.close()
 
 
 def _datasets(opts: CompileOptions, imported: ImportedModel) -> tuple[ev.Dataset | None, ev.Dataset]:
@@ -284,69 +153,86 @@ def _datasets(opts: CompileOptions, imported: ImportedModel) -> tuple[ev.Dataset
         eval_set = ev.synthetic_dataset(imported.inputs)
     batch = ev.fixed_batch(imported.inputs)
     if batch and eval_set.n < batch:
-        from edgeml.errors import DataError
-
         raise DataError(f"the model has a fixed batch of {batch}; the eval data has only {eval_set.n} samples")
     return calib, eval_set
 
 
-def _reference_outputs(imported: ImportedModel, eval_set: ev.Dataset, batch: int | None) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
-
-    from edgeml.compiler.backends.onnxruntime import ort_error
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    try:
-        sess = ort.InferenceSession(str(imported.onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise ort_error(exc, "run the FP32 reference model") from exc
-    names = [s.name for s in imported.outputs]
-
-    def run(feeds):
-        try:
-            return dict(zip(names, sess.run(names, feeds)))
-        except Exception as exc:
-            raise ort_error(exc, "run the FP32 reference model on the eval data") from exc
-
-    return ev.run_batched(run, eval_set.inputs, batch)
+# ------------------------------------------------------------------ candidates
 
 
-def _collect_candidates(backends: list[str], precisions: list[str], ctx: BuildContext, cands: list[Candidate],
-                        opts: CompileOptions, have_calib: bool) -> list[dict[str, Any]]:
-    skipped: list[dict[str, Any]] = []
-    wanted = list(precisions)
-    if "int8" in wanted and not have_calib:
+def _build_candidates(s: CompileSession) -> None:
+    contexts = _collect_candidates(s)
+    for c in s.candidates:
+        _build_and_check(s, c, contexts[c.spec.backend])
+
+
+def _collect_candidates(s: CompileSession) -> dict[str, BuildContext]:
+    """Ask each backend for its candidates; returns the build context of each backend that offered some."""
+    wanted = _precisions(s.opts, s.target)
+    if "int8" in wanted and s.reference.calib_set is None:
         wanted.remove("int8")
-        skipped.append({"label": "*/int8", "backend": None, "precision": "int8", "status": "skipped",
-                        "selected": False, "reason": "no calibration data (pass --calib to try int8)"})
-    for name in backends:
-        try:
-            impl = COMPILER_BACKENDS.get(name)()
-        except (ImportError, AttributeError, RegistryError) as exc:
-            skipped.append(_skip(name, f"backend module unavailable: {exc}"))
+        s.skipped.append({"label": "*/int8", "backend": None, "precision": "int8", "status": "skipped",
+                          "selected": False, "reason": "no calibration data (pass --calib to try int8)"})
+    base = _build_context(s)
+    contexts: dict[str, BuildContext] = {}
+    for name in _backend_names(s.opts, s.target):
+        ctx = dataclasses.replace(base, options=s.opts.options_for(name))
+        offered = _offered_candidates(s, name, ctx, wanted)
+        if offered is None:
             continue
-        why = impl.unavailable_reason()
-        if why:
-            if opts.backend == name:
-                raise MissingDependency(f"backend {name} is unavailable: {why}", hint="pip install 'edgeml[compiler]'")
-            skipped.append(_skip(name, why))
-            continue
-        try:
-            specs = impl.candidates(ctx, wanted)
-            version = impl.version()
-        except EdgemlError:
-            raise
-        except Exception as exc:  # a broken optional backend must not stop the others
-            skipped.append(_skip(name, f"{type(exc).__name__}: {exc}"))
-            continue
+        specs, version = offered
         if not specs:
-            skipped.append(_skip(name, f"offers no candidate for target {ctx.target.name} among {wanted}"))
+            s.skipped.append(_skip(name, f"offers no candidate for target {s.target.name} among {wanted}"))
         for spec in specs:
             if not spec.label:
                 spec = CandidateSpec(spec.backend, spec.precision, spec.recipe, f"{spec.backend}/{spec.precision}")
-            cands.append(Candidate(len(cands), spec, backend_version=version))
-    return skipped
+            s.candidates.append(Candidate(len(s.candidates), spec, backend_version=version))
+        contexts[name] = ctx
+    return contexts
+
+
+def _offered_candidates(s: CompileSession, name: str, ctx: BuildContext,
+                        wanted: list[str]) -> tuple[list[CandidateSpec], str] | None:
+    """(specs, backend version), or None when the backend is unavailable here (recorded as skipped)."""
+    try:
+        impl = get_backend(name).compiler()
+    except (ImportError, AttributeError, RegistryError) as exc:
+        s.skipped.append(_skip(name, f"backend module unavailable: {exc}"))
+        return None
+    why = impl.unavailable_reason()
+    if why:
+        if s.opts.backend == name:
+            raise MissingDependency(f"backend {name} is unavailable: {why}", hint="pip install 'edgeml[compiler]'")
+        s.skipped.append(_skip(name, why))
+        return None
+    try:
+        return impl.candidates(ctx, wanted), impl.version()
+    except EdgemlError:
+        raise
+    except Exception as exc:  # a broken optional backend must not stop the others
+        s.skipped.append(_skip(name, f"{type(exc).__name__}: {exc}"))
+        return None
+
+
+def _build_context(s: CompileSession) -> BuildContext:
+    ref = s.reference
+    ctx = BuildContext(onnx_path=s.model.onnx_path, target=s.target, inputs=s.model.inputs,
+                       outputs=s.model.outputs, workdir=s.workdir / "build",
+                       calib=ref.calib_set.inputs if ref.calib_set else None,
+                       reference=ref.for_builders(s.opts.max_accuracy_drop), progress=s.say)
+    ctx.workdir.mkdir()
+
+    def evaluate_files(files_dir: Path, fragment: dict[str, Any]) -> float:
+        """The pipeline's own measurement, for backends that search (accuracy-aware int8)."""
+        manifest = _provisional_manifest(s, fragment["backend"], fragment.get("precision", "int8"))
+        rt = open_backend(fragment["backend"]["name"], Path(files_dir), manifest, threads=s.threads)
+        try:
+            return ref.score_of(ev.run_batched(rt.run, ref.eval_set.inputs, ref.batch)).value
+        finally:
+            rt.close()
+
+    ctx.evaluate = evaluate_files
+    return ctx
 
 
 def _skip(backend: str, reason: str) -> dict[str, Any]:
@@ -354,31 +240,50 @@ def _skip(backend: str, reason: str) -> dict[str, Any]:
             "selected": False, "reason": reason}
 
 
-def _provisional_manifest(tgt, imported: ImportedModel, backend: dict[str, Any], precision: str) -> dict[str, Any]:
+def _provisional_manifest(s: CompileSession, backend: dict[str, Any], precision: str) -> dict[str, Any]:
+    tgt = s.target
     return {"schema_version": SCHEMA_VERSION, "name": "candidate", "version": "0.0.0", "target": tgt.name,
             "required_features": list(tgt.required_features), "arch": tgt.arch, "backend": backend,
-            "precision": precision, "inputs": [s.to_dict() for s in imported.inputs],
-            "outputs": [s.to_dict() for s in imported.outputs], "files": {}}
+            "precision": precision, "inputs": [t.to_dict() for t in s.model.inputs],
+            "outputs": [t.to_dict() for t in s.model.outputs], "files": {}}
 
 
-def _build_and_check(c: Candidate, ctx: BuildContext, workdir: Path, imported: ImportedModel, threads, eval_set,
-                     batch, fp32_out, fp32_score, metric, names_out, tolerance: float, say,
-                     eval_budget_s: float | None = None) -> None:
-    impl = COMPILER_BACKENDS.get(c.spec.backend)()
-    say(f"building {c.spec.label}")
+def _build_and_check(s: CompileSession, c: Candidate, ctx: BuildContext) -> None:
+    if not _build(s, c, ctx):
+        return
+    assert c.built is not None
+    folder = _lay_out(s, c)
+    backend = {"name": c.spec.backend, "version": c.backend_version, "entrypoint": c.built.entrypoint,
+               "options": c.built.backend_options}
+    manifest = _provisional_manifest(s, backend, c.spec.precision)
+    (folder / "manifest.json").write_bytes(canonical_json(manifest))
+    outputs = _run_on_eval(s, c, folder, manifest)
+    if outputs is not None:
+        _judge(s, c, outputs)
+
+
+def _build(s: CompileSession, c: Candidate, ctx: BuildContext) -> bool:
+    """Build one candidate; False when it was skipped or failed (status and reason recorded)."""
+    s.say(f"building {c.spec.label}")
     try:
-        c.built = impl.build(c.spec, ctx)
+        c.built = get_backend(c.spec.backend).compiler().build(c.spec, ctx)
     except CandidateSkipped as exc:
         c.status, c.reason = "skipped", str(exc)
-        say(f"  {c.spec.label}: skipped ({exc})")
-        return
+        s.say(f"  {c.spec.label}: skipped ({exc})")
+        return False
     except EdgemlError as exc:
         c.status, c.reason, c.error = "failed", f"build failed: {exc.message}", exc
-        return
-    except Exception as exc:  # backend libraries raise their own types
+        return False
+    except Exception as exc:  # a library error the backend's table did not map
         c.status, c.reason = "failed", f"build failed: {type(exc).__name__}: {str(exc)[:400]}"
-        return
-    folder = workdir / "candidates" / str(c.index)
+        return False
+    return True
+
+
+def _lay_out(s: CompileSession, c: Candidate) -> Path:
+    """Copy the built members into a folder laid out like an extracted artifact."""
+    assert c.built is not None
+    folder = s.workdir / "candidates" / str(c.index)
     for member, src in c.built.files.items():
         dest = folder / member
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -386,40 +291,77 @@ def _build_and_check(c: Candidate, ctx: BuildContext, workdir: Path, imported: I
             dest.write_bytes(src)
         else:
             shutil.copyfile(src, dest)
-    backend = {"name": c.spec.backend, "version": c.backend_version, "entrypoint": c.built.entrypoint,
-               "options": c.built.backend_options}
-    manifest = _provisional_manifest(ctx.target, imported, backend, c.spec.precision)
-    (folder / "manifest.json").write_bytes(canonical_json(manifest))
+    return folder
+
+
+def _run_on_eval(s: CompileSession, c: Candidate, folder: Path,
+                 manifest: dict[str, Any]) -> dict[str, np.ndarray] | None:
+    """Load through the runtime side and run the eval split; None when it cannot (failed / unverified)."""
+    ref = s.reference
     try:
-        c.runtime = open_backend(c.spec.backend, folder, manifest, threads=threads)
-        out = ev.run_batched(c.runtime.run, eval_set.inputs, batch, budget_s=eval_budget_s)
+        c.runtime = open_backend(c.spec.backend, folder, manifest, threads=s.threads)
+        return ev.run_batched(c.runtime.run, ref.eval_set.inputs, ref.batch, budget_s=s.opts.eval_budget_s)
     except Exception as exc:  # EdgemlError or a backend's own
         message = getattr(exc, "message", None) or f"{type(exc).__name__}: {str(exc)[:300]}"
-        if not ctx.target.runs_on_host():
+        if not s.target.runs_on_host():
             c.status, c.reason = "unverified", f"cannot run on this host to measure accuracy: {message}"
         else:
             c.status, c.reason = "failed", f"runtime check failed: {message}"
             c.error = exc if isinstance(exc, EdgemlError) else None
-        if c.runtime is not None:
-            c.runtime.close()
-            c.runtime = None
-        return
-    c.score = ev.score(metric, out, fp32_out, eval_set, names_out)
-    done = len(out[names_out[0]])
-    if done < eval_set.n:  # too slow for the whole eval split: compare with FP32 on the same samples
+        c.close_runtime()
+        return None
+
+
+def _judge(s: CompileSession, c: Candidate, out: dict[str, np.ndarray]) -> None:
+    """Score against FP32 (on the samples it ran) and pass or reject by the tolerance."""
+    ref, tolerance = s.reference, s.opts.max_accuracy_drop
+    assert c.built is not None
+    c.score = ref.score_of(out)
+    fp32_score = ref.score
+    done = len(out[ref.output_names[0]])
+    if done < ref.eval_set.n:  # too slow for the whole eval split: compare with FP32 on the same samples
         c.eval_samples = done
-        c.built.notes.append(f"evaluated on the first {done} of {eval_set.n} eval samples "
-                             f"(eval budget {eval_budget_s:g} s; option eval_budget_s)")
-        fp32_score = ev.score(metric, {k: v[:done] for k, v in fp32_out.items()}, fp32_out, eval_set, names_out)
+        c.built.notes.append(f"evaluated on the first {done} of {ref.eval_set.n} eval samples "
+                             f"(eval budget {s.opts.eval_budget_s:g} s; option eval_budget_s)")
+        fp32_score = ref.score_of({k: v[:done] for k, v in ref.outputs.items()})
     c.drop = fp32_score.value - c.score.value
     if c.drop > tolerance + 1e-9:
         c.status = "rejected"
-        c.reason = f"{metric} drops {c.drop:.2f} points (> {tolerance:g} allowed)"
-        c.runtime.close()
-        c.runtime = None
+        c.reason = f"{ref.metric} drops {c.drop:.2f} points (> {tolerance:g} allowed)"
+        c.close_runtime()
     else:
         c.status = "passed"
-    say(f"  {c.spec.label}: {metric} {c.score.value:.2f} (FP32 {fp32_score.value:.2f}) -> {c.status}")
+    s.say(f"  {c.spec.label}: {ref.metric} {c.score.value:.2f} (FP32 {fp32_score.value:.2f}) -> {c.status}")
+
+
+# ------------------------------------------------------------------ selection
+
+
+def _passing_candidates(s: CompileSession) -> list[Candidate]:
+    passing = [c for c in s.candidates if c.status == "passed"]
+    if passing:
+        return passing
+    unverified = [c for c in s.candidates if c.status == "unverified"]
+    if not (unverified and not s.target.runs_on_host()):
+        raise _no_candidate_error(s.candidates, s.skipped, s.opts.max_accuracy_drop)
+    # Nothing for this target runs here (e.g. an OpenCL GPU): ship the static-order choice, marked
+    # unverified; its self-test compares the device's outputs with the FP32 reference.
+    s.say("no candidate runs on this host: choosing by the static order, accuracy unverified")
+    return unverified
+
+
+def _benchmark(s: CompileSession, passing: list[Candidate]) -> bool:
+    """Time the passing candidates when this host runs the target; True when it did."""
+    if not (s.target.runs_on_host() and s.opts.benchmark):
+        return False
+    ref = s.reference
+    feeds = {k: v[: (ref.batch or 1)] for k, v in ref.eval_set.inputs.items()}
+    s.say(f"benchmarking {len(passing)} candidate(s) at batch {ref.batch or 1} (~{s.opts.benchmark_seconds:g} s)")
+    runners = {str(c.index): (lambda rt=c.runtime: rt.run(feeds)) for c in passing}
+    timings = run_benchmark(runners, seconds=s.opts.benchmark_seconds)
+    for c in passing:
+        c.latency = timings[str(c.index)]
+    return True
 
 
 def _no_candidate_error(cands: list[Candidate], skipped: list[dict[str, Any]], tolerance: float) -> EdgemlError:
@@ -439,18 +381,84 @@ def _no_candidate_error(cands: list[Candidate], skipped: list[dict[str, Any]], t
     return CompileError(f"no candidate could be built: {detail}")
 
 
-def _manifest(opts: CompileOptions, tgt, imported: ImportedModel, chosen: Candidate, cands: list[Candidate],
-              skipped: list[dict[str, Any]], selection: dict[str, Any], eval_set: ev.Dataset,
-              calib_set: ev.Dataset | None, fp32_out, fp32_score: ev.Score, metric: str, batch: int | None,
-              epoch: int | None) -> tuple[dict[str, Any], bytes]:
-    reproducible = epoch is not None
-    k = batch or min(GOLDEN_SAMPLES, eval_set.n)
-    golden_in = {n: np.ascontiguousarray(a[:k]) for n, a in eval_set.inputs.items()}
+def _precisions(opts: CompileOptions, tgt: Any) -> list[str]:
+    allowed = list(tgt.precisions)
+    if opts.precision == "auto":
+        return allowed
+    if opts.precision not in allowed:
+        raise UsageError(f"target '{tgt.name}' does not support precision {opts.precision}",
+                         hint=f"choose one of {allowed} or --precision auto")
+    if opts.precision == "int8" and opts.calib is None:
+        raise UsageError("--precision int8 needs calibration data", hint="pass --calib CALIB.npz")
+    return [opts.precision]
+
+
+def _backend_names(opts: CompileOptions, tgt: Any) -> list[str]:
+    """``auto``: the target's backends that take part in auto; a name: that backend, if it serves the target."""
+    if opts.backend == "auto":
+        return [name for name in tgt.backends if get_backend(name).auto]
+    if opts.backend not in tgt.backends and not get_backend(opts.backend).any_target:
+        raise UsageError(f"target '{tgt.name}' is not served by backend {opts.backend}",
+                         hint=f"choose one of {list(tgt.backends)} or --backend auto")
+    return [opts.backend]
+
+
+def _sha(path: Path | None) -> str | None:
+    return ev.file_sha256(path) if path is not None else None
+
+
+def _target_file_sha(name: str) -> str:
+    from edgeml.targets import TARGET_DIR
+
+    path = TARGET_DIR / f"{name}.toml"
+    return ev.file_sha256(path) if path.is_file() else name
+
+
+# ------------------------------------------------------------------ packaging
+
+
+def _package(s: CompileSession, chosen: Candidate, selection: dict[str, Any], cache: CompileCache | None,
+             key: str) -> CompileResult:
+    assert chosen.built is not None
+    manifest, golden = _manifest(s, chosen, selection)
+    files: dict[str, Any] = dict(chosen.built.files)
+    files[SELFTEST_FILE] = golden
+    unsigned = s.workdir / "unsigned.edgepkg"
+    write_artifact(unsigned, dict(manifest), files)
+    if cache is not None:
+        cache.put(key, unsigned, {"notes": s.model.notes, "manifest_name": manifest["name"]})
+    manifest = _emit_from_cache(unsigned, s.opts)
+    s.say(f"wrote {s.opts.output}")
+    return CompileResult(s.opts.output, manifest, "miss" if cache is not None else "disabled", key, s.elapsed(),
+                         s.model.notes)
+
+
+def _golden(s: CompileSession, chosen: Candidate) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Self-test inputs and the outputs the device must reproduce (the compiled model's, or FP32's)."""
+    ref = s.reference
+    k = ref.batch or min(GOLDEN_SAMPLES, ref.eval_set.n)
+    golden_in = {n: np.ascontiguousarray(a[:k]) for n, a in ref.eval_set.inputs.items()}
+    if chosen.runtime is not None:
+        return golden_in, chosen.runtime.run(golden_in)
+    return golden_in, {n: np.ascontiguousarray(a[:k]) for n, a in ref.outputs.items()}
+
+
+def _accuracy(s: CompileSession, chosen: Candidate, verified: bool) -> dict[str, Any]:
+    ref = s.reference
+    score = chosen.score if verified else None
+    return {"metric": ref.metric, "fp32": round(ref.score.value, 4), "verified": verified,
+            "compiled": round(score.value, 4) if score else None,
+            "drop": round(chosen.drop, 4) if verified and chosen.drop is not None else None,
+            "max_drop": s.opts.max_accuracy_drop, "data": ref.eval_set.source, "samples": ref.eval_set.n,
+            "max_abs_error": float(f"{score.max_abs_error:.4g}") if score else None}
+
+
+def _manifest(s: CompileSession, chosen: Candidate, selection: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+    assert chosen.built is not None
+    ref, tgt, opts, imported = s.reference, s.target, s.opts, s.model
+    reproducible = s.epoch is not None
     verified = chosen.runtime is not None
-    if verified:
-        golden_out = chosen.runtime.run(golden_in)
-    else:
-        golden_out = {n: np.ascontiguousarray(a[:k]) for n, a in fp32_out.items()}
+    golden_in, golden_out = _golden(s, chosen)
     rtol, atol = selftest_tolerance(chosen.spec.precision, golden_out)
     p90 = chosen.latency["p90"] if chosen.latency else None
     precision = chosen.spec.precision
@@ -466,31 +474,27 @@ def _manifest(opts: CompileOptions, tgt, imported: ImportedModel, chosen: Candid
                     "entrypoint": chosen.built.entrypoint, "options": chosen.built.backend_options},
         "precision": precision,
         "quantization": None if precision == "fp32" else chosen.recipe,
-        "inputs": [s.to_dict() for s in imported.inputs],
-        "outputs": [s.to_dict() for s in imported.outputs],
-        "candidates": [c.to_dict(reproducible) for c in cands] + skipped,
+        "inputs": [t.to_dict() for t in imported.inputs],
+        "outputs": [t.to_dict() for t in imported.outputs],
+        "candidates": [c.to_dict(reproducible) for c in s.candidates] + s.skipped,
         "selection": selection,
-        "accuracy": {"metric": metric, "fp32": round(fp32_score.value, 4), "verified": verified,
-                     "compiled": round(chosen.score.value, 4) if verified else None,
-                     "drop": round(chosen.drop, 4) if verified else None, "max_drop": opts.max_accuracy_drop,
-                     "data": eval_set.source, "samples": eval_set.n,
-                     "max_abs_error": float(f"{chosen.score.max_abs_error:.4g}") if verified else None},
+        "accuracy": _accuracy(s, chosen, verified),
         "provenance": {
             "source_model": imported.source,
-            "calibration": calib_set.describe() if calib_set else None,
-            "eval": eval_set.describe(),
+            "calibration": ref.calib_set.describe() if ref.calib_set else None,
+            "eval": ref.eval_set.describe(),
             "tools": tool_versions(),
             "options": opts.key_dict(),
-            "created": created_timestamp(epoch),
+            "created": created_timestamp(s.epoch),
             "reproducible": reproducible,
             "host": host_info(),
             "import_notes": imported.notes,
         },
         "runtime": {"threads": tgt.default_threads or None},
-        "selftest": {"file": SELFTEST_FILE, "samples": k, "rtol": rtol, "atol": atol,
-                     "reference": "compiled" if verified else "fp32",
+        "selftest": {"file": SELFTEST_FILE, "samples": len(next(iter(golden_in.values()))), "rtol": rtol,
+                     "atol": atol, "reference": "compiled" if verified else "fp32",
                      "latency_budget_ms": None if reproducible else latency_budget_ms(p90)},
-        "drift_profile": ev.drift_profile(fp32_out, eval_set.inputs),
+        "drift_profile": ev.drift_profile(ref.outputs, ref.eval_set.inputs),
     }
     return manifest, golden_npz_bytes(golden_in, golden_out)
 

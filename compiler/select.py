@@ -21,8 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-class CandidateSkipped(Exception):
-    """Raised by a backend's build when a candidate turns out to be unnecessary (recorded as skipped)."""
+from edgeml.backends.base import CandidateSkipped  # noqa: F401 - re-exported for callers of the old place
 
 
 PRECISION_RANK = {"int8": 0, "fp16": 1, "fp32": 2}

@@ -101,8 +101,8 @@ def build_tvm_artifact(onnx_path: Path, target_name: str, output: Path, *, workd
                        options: dict[str, Any] | None = None,
                        progress: Callable[[str], None] = lambda m: None) -> Path:
     """TvmCompiler.build for ``target_name`` -> ``output`` (.edgepkg)."""
-    from edgeml.compiler.backends import BuildContext
-    from edgeml.compiler.backends.tvm import TvmCompiler
+    from edgeml.backends.base import BuildContext
+    from edgeml.backends.tvm.build import TvmCompiler
     from edgeml.runtime.artifact import write_artifact
     from edgeml.targets import get_target
 

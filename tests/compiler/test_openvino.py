@@ -10,10 +10,10 @@ import pytest
 
 pytest.importorskip("openvino", reason="openvino is not installed (pip install 'edgeml[compiler]')")
 
-from edgeml.compiler.backends import BuildContext, CandidateSpec  # noqa: E402
-from edgeml.compiler.backends.openvino import OpenVinoCompiler  # noqa: E402
+from edgeml.backends.base import BuildContext, CandidateSpec, Reference  # noqa: E402
+from edgeml.backends.openvino.build import OpenVinoCompiler  # noqa: E402
 from edgeml.errors import BackendError, CompileError, ModelError, UnsupportedOp  # noqa: E402
-from edgeml.runtime.backends.openvino import OpenVinoBackend  # noqa: E402
+from edgeml.backends.openvino.run import OpenVinoBackend  # noqa: E402
 from edgeml.runtime.model import TensorSpec  # noqa: E402
 from edgeml.targets import get_target  # noqa: E402
 
@@ -29,13 +29,14 @@ def example():
     return {"onnx": DIGITS / "digits.onnx", "calib": calib, "eval": ev}
 
 
-def make_ctx(tmp_path: Path, example, target: str = "x86_64", **options) -> BuildContext:
+def make_ctx(tmp_path: Path, example, target: str = "x86_64", reference: Reference | None = None,
+             **options) -> BuildContext:
     work = tmp_path / "work"
     work.mkdir(exist_ok=True)
     return BuildContext(onnx_path=example["onnx"], target=get_target(target),
                         inputs=[TensorSpec("input", "float32", (None, 1, 8, 8))],
                         outputs=[TensorSpec("logits", "float32", (None, 10))],
-                        workdir=work, calib=example["calib"], options=options)
+                        workdir=work, calib=example["calib"], options=options, reference=reference)
 
 
 def load(built) -> OpenVinoBackend:
@@ -174,9 +175,9 @@ def test_unsupported_op_is_named(tmp_path, example):
 
 def test_runtime_errors_are_backend_errors(tmp_path, example):
     rt = load(build(OpenVinoCompiler(), make_ctx(tmp_path, example), "openvino/fp32"))
-    with pytest.raises(BackendError, match="OpenVINO failed to run"):
+    with pytest.raises(BackendError, match="OpenVINO cannot run the model"):
         rt.run({"input": np.zeros((1, 3, 8, 8), np.float32)})
-    with pytest.raises(BackendError, match="could not load"):
+    with pytest.raises(BackendError, match="OpenVINO cannot load the model"):
         OpenVinoBackend(tmp_path, {"backend": {"name": "openvino", "entrypoint": "model/missing.xml", "options": {}}})
 
 
@@ -225,7 +226,7 @@ def test_accuracy_control_recovers_a_model_that_plain_int8_breaks(tmp_path):
     ctx = BuildContext(onnx_path=tmp_path / "m.onnx", target=get_target("x86_64-avx512-vnni"),
                        inputs=[TensorSpec("x", "float32", (None, f))], outputs=[TensorSpec("logits", "float32", (None, c))],
                        workdir=tmp_path, calib={"x": xc},
-                       options={"max_accuracy_drop": 1.0, "eval_data": {"inputs": {"x": xe}, "labels": ye}})
+                       reference=Reference(eval_data={"inputs": {"x": xe}, "labels": ye}, max_accuracy_drop=1.0))
     b = OpenVinoCompiler()
     acc = {}
     for spec in b.candidates(ctx, ["int8"]):
@@ -239,11 +240,12 @@ def test_accuracy_control_recovers_a_model_that_plain_int8_breaks(tmp_path):
 
 
 def test_accuracy_control_is_skipped_when_plain_int8_passes(tmp_path, example):
-    from edgeml.compiler.select import CandidateSkipped
+    from edgeml.backends.base import CandidateSkipped
 
     ev = example["eval"]
-    ctx = make_ctx(tmp_path, example, max_accuracy_drop=1.0, fp32_score=top1(ort_logits(example["onnx"], ev["input"]), ev["labels"]),
-                   eval_data={"inputs": {"input": ev["input"]}, "labels": ev["labels"]})
+    fp32 = top1(ort_logits(example["onnx"], ev["input"]), ev["labels"])
+    ctx = make_ctx(tmp_path, example, reference=Reference(
+        eval_data={"inputs": {"input": ev["input"]}, "labels": ev["labels"]}, max_accuracy_drop=1.0, fp32_score=fp32))
 
     def evaluate(files_dir, fragment):  # what the pipeline provides: the runtime backend on the eval split
         manifest = {**fragment, "outputs": [{"name": "logits"}]}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edgeml.compiler.backends import CandidateSpec
+from edgeml.backends.base import CandidateSpec
 from edgeml.compiler.select import benchmark, select
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeml.compiler.backends.tvm import TvmCompiler, library_arch, parse_budget
+from edgeml.backends.tvm.build import TvmCompiler, library_arch, parse_budget
 from edgeml.errors import BackendError, CompileError, UnsupportedHost, UnsupportedOp, UsageError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -144,7 +144,7 @@ def test_cuda_artifact_without_a_gpu_is_a_clear_error(tiny_onnx, tmp_path):
 def test_unsupported_operator_is_named(tmp_path):
     from onnx import TensorProto, helper
 
-    from edgeml.compiler.backends.tvm import import_relax
+    from edgeml.backends.tvm.build import import_relax
 
     node = helper.make_node("Celu", ["x"], ["y"], alpha=1.0)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
@@ -156,7 +156,7 @@ def test_unsupported_operator_is_named(tmp_path):
 
 
 def test_candidates_follow_the_target(tiny_onnx, tmp_path):
-    from edgeml.compiler.backends import BuildContext
+    from edgeml.backends.base import BuildContext
     from edgeml.targets import get_target
     from tvm_artifacts import onnx_io
 
@@ -192,7 +192,7 @@ def test_parse_budget_rejects_nonsense(value):
 
 
 def test_target_without_tvm_table_is_a_compile_error():
-    from edgeml.compiler.backends.tvm import tvm_target
+    from edgeml.backends.tvm.build import tvm_target
 
     with pytest.raises(CompileError, match="no \\[tvm\\] table"):
         tvm_target({})

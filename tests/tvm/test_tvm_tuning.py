@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from edgeml.compiler import tvm_tuning
+from edgeml.backends.tvm import tuning as tvm_tuning
 
 BUDGET_S = 30
 

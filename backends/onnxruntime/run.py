@@ -1,4 +1,8 @@
-"""ONNX Runtime runtime backend (the base install's backend)."""
+"""ONNX Runtime, device side: open ``model/model.onnx`` with the providers the artifact names, run batches.
+
+Errors go through ``edgeml.backends.onnxruntime.errors`` (a missing kernel is
+``UnsupportedOp`` naming the op; other failures ``BackendError`` with the reason).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from edgeml.backends.onnxruntime.errors import TABLE
 from edgeml.errors import BackendError, MissingDependency
-from edgeml.runtime.backends import RuntimeBackend
+from edgeml.backends.base import RuntimeBackend
 
 
 def _ort():
@@ -59,7 +64,7 @@ class OnnxRuntimeBackend(RuntimeBackend):
                 str(model_path), sess_options=session_options(threads, options), providers=usable
             )
         except Exception as exc:  # onnxruntime raises its own unexported types
-            raise BackendError(f"ONNX Runtime could not load {model_path.name}: {exc}") from exc
+            raise TABLE.map(exc, f"load {model_path.name}") from exc
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     @staticmethod
@@ -70,5 +75,5 @@ class OnnxRuntimeBackend(RuntimeBackend):
         try:
             results = self.session.run(self.output_names, feeds)
         except Exception as exc:
-            raise BackendError(f"ONNX Runtime failed to run the model: {exc}") from exc
+            raise TABLE.map(exc, "run the model") from exc
         return dict(zip(self.output_names, results))

@@ -1,9 +1,9 @@
-"""Compiler backends: turn the imported FP32 ONNX model into runnable candidates.
+"""The two interfaces every backend implements, and the data that crosses them.
 
-One module per backend, registered by one line in COMPILER_BACKENDS. A backend
-proposes candidates (precision + recipe) for a target, and builds each into
-files that its runtime twin (edgeml.runtime.backends) loads. The pipeline in
-edgeml.compiler then evaluates, benchmarks and selects among candidates.
+``CompilerBackend`` (a backend's ``build.py``) proposes candidates for a target and
+builds each into artifact members; ``RuntimeBackend`` (its ``run.py``) opens those
+members on a device and runs them. Nothing here imports a heavy package, so a
+device that imports ``edgeml.backends`` pays for numpy only.
 """
 
 from __future__ import annotations
@@ -15,16 +15,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgeml.registry import Registry
 
-COMPILER_BACKENDS = Registry(
-    "compiler backend",
-    [
-        ("onnxruntime", "edgeml.compiler.backends.onnxruntime:OnnxRuntimeCompiler"),
-        ("openvino", "edgeml.compiler.backends.openvino:OpenVinoCompiler"),
-        ("tvm", "edgeml.compiler.backends.tvm:TvmCompiler"),
-    ],
-)
+class CandidateSkipped(Exception):
+    """Raised by a backend's build when a candidate turns out to be unnecessary (recorded as skipped)."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +26,20 @@ class CandidateSpec:
     precision: str                      # "fp32" | "fp16" | "int8"
     recipe: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     label: str = ""                     # human name, e.g. "onnxruntime/int8/qdq-reduce-range"
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What the pipeline measured on the FP32 model, for accuracy-aware builders.
+
+    ``eval_data`` is an ``edgeml.compiler.evaluate.Dataset`` (inputs, labels,
+    references); ``fp32_score`` is ``metric`` scored on it, in points.
+    """
+
+    eval_data: Any
+    max_accuracy_drop: float
+    metric: str | None = None            # None: the builder chooses with evaluate.choose_metric
+    fp32_score: float | None = None      # None: accuracy-aware builds that need it are skipped
 
 
 @dataclass
@@ -47,7 +54,8 @@ class BuildContext:
     calib: dict[str, np.ndarray] | None = None      # calibration inputs (first axis = samples)
     # evaluate(files_dir, manifest_fragment) -> metric (higher is better); for accuracy-aware quantizers
     evaluate: Callable[[Path, dict[str, Any]], float] | None = None
-    options: dict[str, Any] = field(default_factory=dict)   # backend-specific options (tune_budget, ...)
+    options: Any = None                 # this backend's typed options (its ``Options`` dataclass)
+    reference: Reference | None = None  # None outside the pipeline (then accuracy-aware builds are skipped)
     progress: Callable[[str], None] = lambda message: None
 
 
@@ -79,3 +87,26 @@ class CompilerBackend(ABC):
     @abstractmethod
     def build(self, spec: CandidateSpec, ctx: BuildContext) -> BuiltCandidate:
         """Build one candidate into files under ctx.workdir."""
+
+
+class RuntimeBackend(ABC):
+    """A loaded model ready to run. ``files`` is the folder of verified members."""
+
+    name: str = ""
+
+    def __init__(self, files: Path, manifest: dict[str, Any], *, threads: int | None = None):
+        self.files = Path(files)
+        self.manifest = manifest
+        self.threads = threads
+
+    @staticmethod
+    @abstractmethod
+    def version() -> str:
+        """Version of the backend package installed here."""
+
+    @abstractmethod
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch; feeds and results are keyed by tensor name."""
+
+    def close(self) -> None:  # pragma: no cover - optional
+        pass

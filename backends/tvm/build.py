@@ -7,7 +7,7 @@ Flow (one candidate, FP32):
 2. ``relax.frontend.onnx.from_onnx(keep_params_in_input=True)``, ``detach_params``,
 3. untuned: ``LiftTransformParams`` only (the target's default pipeline runs in
    ``tvm.compile``; CUDA/OpenCL get DLight default GPU schedules there).
-   tuned (CPU targets this host executes): ``edgeml.compiler.tvm_tuning`` runs
+   tuned (CPU targets this host executes): ``edgeml.backends.tvm.tuning`` runs
    MetaSchedule within the time budget, records go to a database reused later,
 4. the weight-only computations (``main_transform_params``) are compiled for this
    host and run here once, so the device receives ready-to-use parameters,
@@ -16,7 +16,7 @@ Flow (one candidate, FP32):
    this host's.
 
 Artifact members: ``model/model.so`` (entrypoint) and ``model/params.bin``
-(``tvm.runtime.save_param_dict``). ``edgeml.runtime.backends.tvm`` loads them
+(``tvm.runtime.save_param_dict``). ``edgeml.backends.tvm.run`` loads them
 with ``tvm.runtime.load_module`` + ``relax.VirtualMachine``.
 """
 
@@ -29,8 +29,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgeml.compiler.backends import BuildContext, BuiltCandidate, CandidateSpec, CompilerBackend
-from edgeml.errors import CompileError, MissingDependency, ModelError, UnsupportedOp
+from edgeml.backends.base import BuildContext, BuiltCandidate, CandidateSpec, CompilerBackend
+from edgeml.backends.tvm import Options, parse_budget  # noqa: F401 - parse_budget: re-exported
+from edgeml.backends.tvm.errors import IMPORT_TABLE
+from edgeml.errors import CompileError, MissingDependency, ModelError
 
 # Measured on this project's 2-core x86 box (issue 5): untuned TVM is ~80x slower
 # than ONNX Runtime on CNNs; a MetaSchedule trial costs a few seconds.
@@ -40,36 +42,14 @@ PARAMS_MEMBER = "model/params.bin"
 LIBRARY_MEMBER = "model/model.so"
 
 
-def parse_budget(value: Any) -> float:
-    """``600``, ``"600"``, ``"600s"``, ``"10m"``, ``"1h"``, ``"1h30m"`` -> seconds (0 = untuned)."""
-    if value is None or value == "" or value is False:
-        return 0.0
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        text = str(value).strip().lower()
-        seconds, number = 0.0, ""
-        units = {"s": 1, "m": 60, "h": 3600}
-        try:
-            for ch in text:
-                if ch.isdigit() or ch == ".":
-                    number += ch
-                elif ch in units and number:
-                    seconds += float(number) * units[ch]
-                    number = ""
-                else:
-                    raise ValueError(ch)
-            if number:
-                seconds += float(number)
-        except ValueError:
-            from edgeml.errors import UsageError
+def _options(ctx: BuildContext) -> Options:
+    """This backend's typed options (a plain dict is checked against the schema; None: defaults)."""
+    from edgeml.backends.tvm import BACKEND
 
-            raise UsageError(f"tune budget {value!r} is not a duration", hint="use e.g. 600, 90s, 10m or 1h") from None
-    if seconds < 0:
-        from edgeml.errors import UsageError
-
-        raise UsageError(f"tune budget {value!r} is negative")
-    return seconds
+    if isinstance(ctx.options, Options):
+        return ctx.options
+    parsed: Options = BACKEND.parse_options(ctx.options or {})
+    return parsed
 
 
 def require_tvm():
@@ -168,14 +148,8 @@ def import_relax(model, opset: int | None = None):
 
     try:
         mod = from_onnx(model, keep_params_in_input=True, opset=opset)
-    except tvm.error.OpNotImplemented as exc:
-        ops = str(exc).split(":")[-1].strip()
-        raise UnsupportedOp(
-            f"TVM's ONNX importer does not support the operators {ops}",
-            hint="use another backend (--backend onnxruntime) or rewrite those ops",
-        ) from exc
-    except Exception as exc:
-        raise ModelError(f"TVM could not import the ONNX model: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # OpNotImplemented -> UnsupportedOp, anything else -> ModelError
+        raise IMPORT_TABLE.map(exc, "import the ONNX model") from exc
     mod = relax.transform.DecomposeOpsForInference()(mod)
     mod = relax.transform.CanonicalizeBindings()(mod)
     mod, params = detach_params(mod)
@@ -279,7 +253,7 @@ class TvmCompiler(CompilerBackend):
             return []
         if "fp32" not in precisions:
             return []
-        budget = parse_budget(ctx.options.get("tune_budget"))
+        budget = float(_options(ctx).tune_budget)
         tunable = self.tunable(ctx)
         tuned = budget > 0 and tunable is None
         recipe = {
@@ -314,7 +288,7 @@ class TvmCompiler(CompilerBackend):
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True)
         tuned = bool(spec.recipe.get("tuned"))
-        static_batch = int(ctx.options.get("tune_batch", 1)) if tuned else None
+        static_batch = _options(ctx).tune_batch if tuned else None
         ctx.progress(f"tvm: importing {Path(ctx.onnx_path).name} into Relax")
         model, input_names, shapes = prepare_onnx(Path(ctx.onnx_path), ctx.inputs, static_batch)
         mod, params = import_relax(model)
@@ -322,16 +296,16 @@ class TvmCompiler(CompilerBackend):
         recipe: dict[str, Any] = {"backend": "tvm", "tvm_target": str(target)}
         tuning_report = None
         if tuned:
-            from edgeml.compiler import tvm_tuning
+            from edgeml.backends.tvm import tuning as tvm_tuning
 
             target = tvm_tuning.with_host_cores(target)
-            budget = float(spec.recipe.get("tune_budget_s") or parse_budget(ctx.options.get("tune_budget")))
+            budget = float(spec.recipe.get("tune_budget_s") or float(_options(ctx).tune_budget))
             mod, params, tuning_report = tvm_tuning.tune_and_apply(
                 mod, params, target,
                 budget_s=budget,
-                database_dir=tvm_tuning.database_dir(target, ctx.options.get("tuning_db")),
+                database_dir=tvm_tuning.database_dir(target, _options(ctx).tuning_db),
                 progress=ctx.progress,
-                trials_per_task=int(ctx.options.get("tune_trials_per_task", 0)) or None,
+                trials_per_task=_options(ctx).tune_trials_per_task or None,
             )
             recipe.update(tuning_report.to_dict())
             notes.append(tuning_report.summary())

@@ -15,13 +15,13 @@ Candidates:
   NNCF's ``OverflowFix.ENABLE`` (7-bit weights everywhere) instead of the default
   first-layer-only fix.
 * ``int8`` with accuracy control: when ``max_accuracy_drop`` and eval data are given
-  (``ctx.options["max_accuracy_drop"]``, ``ctx.options["eval_data"]``),
+  (``ctx.reference``: the pipeline's eval data, metric and tolerance),
   ``nncf.quantize_with_accuracy_control`` reverts the most sensitive layers to
   float until the metric (the pipeline's metric: top-1, or agreement with FP32)
   is within the tolerance. In the pipeline it is skipped ("not needed") when the
   plain NNCF candidate already meets the tolerance.
 
-Options (``edgeml.compile(..., backend_options={...})`` -> ``ctx.options``):
+Options (``edgeml.backends.openvino.Options``; ``edgeml.compile(..., ov_subset_size=64)``):
 ``ov_subset_size`` (default 300), ``ov_fast_bias_correction`` (default True),
 ``ov_preset`` ("performance" | "mixed"), ``ov_ignored_scope`` ({"names": [...],
 "types": [...], "patterns": [...]}), ``ov_accuracy_control`` (default True),
@@ -37,8 +37,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgeml.compiler.backends import BuildContext, BuiltCandidate, CandidateSpec, CompilerBackend
-from edgeml.errors import CompileError, DataError, MissingDependency, ModelError, UnsupportedOp
+from edgeml.backends.base import BuildContext, BuiltCandidate, CandidateSpec, CompilerBackend
+from edgeml.backends.base import CandidateSkipped
+from edgeml.backends.openvino import Options
+from edgeml.backends.openvino.errors import CONVERT_TABLE
+from edgeml.errors import CompileError, DataError, MissingDependency
 
 ENTRY = "model/model.xml"
 WEIGHTS = "model/model.bin"
@@ -64,6 +67,16 @@ def _nncf():
 
     nncf.set_log_level(logging.ERROR)
     return nncf
+
+
+def _options(ctx: BuildContext) -> Options:
+    """This backend's typed options (a plain dict is checked against the schema; None: defaults)."""
+    from edgeml.backends.openvino import BACKEND
+
+    if isinstance(ctx.options, Options):
+        return ctx.options
+    parsed: Options = BACKEND.parse_options(ctx.options or {})
+    return parsed
 
 
 def _have(module: str) -> bool:
@@ -113,29 +126,29 @@ class OpenVinoCompiler(CompilerBackend):
         if "int8" in precisions and ctx.calib is not None and _have("nncf"):
             base = self._int8_recipe(ctx)
             specs.append(CandidateSpec(self.name, "int8", base, PLAIN_INT8))
-            drop = ctx.options.get("max_accuracy_drop")
-            if (drop is not None and ctx.options.get("eval_data") is not None
-                    and ctx.options.get("ov_accuracy_control", True)):
+            ref = ctx.reference
+            if ref is not None and _options(ctx).ov_accuracy_control:
+                drop = ref.max_accuracy_drop
                 recipe = {**base, "method": "nncf.quantize_with_accuracy_control",
                           "max_drop_points": float(drop), "drop_type": "absolute",
-                          "max_iterations": int(ctx.options.get("ov_ac_max_iterations", 8))}
+                          "max_iterations": _options(ctx).ov_ac_max_iterations}
                 specs.append(CandidateSpec(self.name, "int8", recipe, "openvino/int8/nncf-accuracy-control"))
         return specs
 
     def _int8_recipe(self, ctx: BuildContext) -> dict[str, Any]:
-        o = ctx.options
+        o = _options(ctx)
         hazard = saturation_hazard(ctx.target)
         n_calib = _samples(ctx.calib)
         items = n_calib // (_fixed_batch(ctx.inputs) or 1)
-        scope = o.get("ov_ignored_scope") or {}
+        scope = o.ov_ignored_scope or {}
         return {
             "method": "nncf.quantize",
             "device": ov_device(ctx.target),
             "target_device": "GPU" if ov_device(ctx.target) == "GPU" else "CPU",
-            "preset": str(o.get("ov_preset", "performance")),
-            "subset_size": int(min(int(o.get("ov_subset_size", DEFAULT_SUBSET)), items)),
+            "preset": o.ov_preset,
+            "subset_size": min(o.ov_subset_size, items),
             "calibration_samples": n_calib,
-            "fast_bias_correction": bool(o.get("ov_fast_bias_correction", True)),
+            "fast_bias_correction": o.ov_fast_bias_correction,
             "overflow_fix": "enable" if hazard else "first_layer",
             "saturation_hazard": hazard,
             "ignored_scope": {k: list(scope.get(k, [])) for k in ("names", "types", "patterns")},
@@ -201,11 +214,9 @@ class OpenVinoCompiler(CompilerBackend):
         always builds.
         """
         plain = ctx.workdir / _slug(PLAIN_INT8)
-        fp32_score = ctx.options.get("fp32_score")
+        fp32_score = ctx.reference.fp32_score if ctx.reference is not None else None
         if ctx.evaluate is None or fp32_score is None or not (plain / ENTRY).is_file():
             return
-        from edgeml.compiler.select import CandidateSkipped
-
         fragment = {"backend": {"name": self.name, "entrypoint": ENTRY, "version": self.version(),
                                 "options": {"device": device, "performance_hint": "LATENCY",
                                             "inference_precision": "f16" if device == "GPU" else "f32"}},
@@ -272,7 +283,7 @@ class OpenVinoCompiler(CompilerBackend):
         """
         nncf = _nncf()
         ov = _ov()
-        inputs, labels, refs = _unpack_eval(ctx.options["eval_data"])
+        inputs, labels, refs = _unpack_eval(ctx.reference.eval_data if ctx.reference is not None else None)
         step = batch or 1
         n = min(_samples(inputs), VALIDATION_LIMIT)
         n -= n % step
@@ -293,7 +304,7 @@ class OpenVinoCompiler(CompilerBackend):
                               None if labels is None else labels[sample_idx],
                               {k: v[sample_idx] for k, v in refs.items()})
 
-        metric = ctx.options.get("metric") or ev.choose_metric(subset(np.arange(n)), fp32, out_names)
+        metric = (ctx.reference.metric if ctx.reference is not None else None) or ev.choose_metric(subset(np.arange(n)), fp32, out_names)
         recipe["validation"] = {"metric": metric, "samples": n}
 
         def validate(compiled, data) -> tuple[float, list[float]]:
@@ -325,15 +336,8 @@ def convert(onnx_path: Path):
     ov = _ov()
     try:
         return ov.convert_model(str(onnx_path))
-    except Exception as exc:
-        text = str(exc)
-        m = re.search(r"(?:No conversion rule found for operations?|OpenVINO does not support the following ONNX operations?)[:\s]*([A-Za-z0-9_.,\s-]+)", text)
-        if m:
-            op = m.group(1).strip().split()[0].rstrip(",")
-            raise UnsupportedOp(f"OpenVINO cannot convert op {op} in {Path(onnx_path).name}",
-                                hint="use --backend onnxruntime, or replace the op in the model") from exc
-        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-        raise ModelError(f"OpenVINO could not convert {Path(onnx_path).name}: {first}") from exc
+    except Exception as exc:  # a missing conversion rule -> UnsupportedOp naming the op; else ModelError
+        raise CONVERT_TABLE.map(exc, f"convert {Path(onnx_path).name}") from exc
 
 
 def _normalize(model) -> None:

@@ -1,6 +1,6 @@
 """TVM runtime backend: ``tvm.runtime.load_module`` + the Relax virtual machine.
 
-The artifact holds ``model/model.so`` (compiled by edgeml.compiler.backends.tvm,
+The artifact holds ``model/model.so`` (compiled by edgeml.backends.tvm.build,
 possibly cross-compiled) and ``model/params.bin`` (weights, already transformed
 for the compiled ``main``). Only runtime pieces are used here: ``tvm.runtime``
 (load_module, load_param_dict, tensors, devices) and ``tvm.runtime.vm``.
@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from edgeml.backends.tvm.errors import TABLE
 from edgeml.errors import BackendError, MissingDependency
-from edgeml.runtime.backends import RuntimeBackend
+from edgeml.backends.base import RuntimeBackend
 
 
 def import_tvm_runtime():
@@ -88,7 +89,7 @@ class TvmBackend(RuntimeBackend):
             self.vm = tvm.runtime.vm.VirtualMachine(self.module, self.device)
             self.main = self.vm[options.get("function", "main")]
         except Exception as exc:
-            raise BackendError(f"TVM could not load {library.name}: {type(exc).__name__}: {str(exc)[:1000]}") from exc
+            raise TABLE.map(exc, f"load {library.name}") from exc
         self.params = self._load_params(options)
         self.input_names = list(options.get("inputs") or [t["name"] for t in manifest["inputs"]])
         self.output_names = [t["name"] for t in manifest["outputs"]]
@@ -158,7 +159,7 @@ class TvmBackend(RuntimeBackend):
         try:
             result = self.main(*args, *self.params)
         except Exception as exc:
-            raise BackendError(f"TVM failed to run the model: {type(exc).__name__}: {str(exc)[:1000]}") from exc
+            raise TABLE.map(exc, "run the model") from exc
         if hasattr(result, "numpy"):
             return [result.numpy()]
         return [result[i].numpy() for i in range(len(result))]

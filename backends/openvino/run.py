@@ -7,8 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from edgeml.errors import BackendError, MissingDependency
-from edgeml.runtime.backends import RuntimeBackend
+from edgeml.backends.openvino.errors import TABLE
+from edgeml.errors import MissingDependency
+from edgeml.backends.base import RuntimeBackend
 
 
 def _ov():
@@ -42,7 +43,7 @@ class OpenVinoBackend(RuntimeBackend):
             model = core.read_model(str(self.files / backend["entrypoint"]))
             self.compiled = core.compile_model(model, device, config)
         except Exception as exc:
-            raise BackendError(f"OpenVINO could not load the model on {device}: {exc}") from exc
+            raise TABLE.map(exc, f"load the model on {device}") from exc
         self.request = self.compiled.create_infer_request()
         declared = [o.get("name") for o in manifest.get("outputs", [])]
         self.output_names = [_output_name(o, declared[i] if i < len(declared) else f"output_{i}")
@@ -58,7 +59,7 @@ class OpenVinoBackend(RuntimeBackend):
             # numpy copies (share_outputs=False), safe to keep after the next run.
             result = self.request.infer(feeds, share_inputs=True)
         except Exception as exc:
-            raise BackendError(f"OpenVINO failed to run the model: {exc}") from exc
+            raise TABLE.map(exc, "run the model") from exc
         return dict(zip(self.output_names, result.to_tuple()))
 
 

@@ -15,7 +15,8 @@ Candidates:
   pipeline measures each recipe's accuracy; nothing is assumed.
 * ``fp16`` (GPU targets): ``onnxruntime.transformers.float16`` with FP32 I/O.
 
-Options (``edgeml.compile(..., ort_int8_recipes=[...], ort_calibration="minmax")``).
+Options: ``edgeml.backends.onnxruntime.Options`` (``edgeml.compile(..., ort_int8_recipes=[...],
+ort_calibration="minmax")``).
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ from typing import Any
 
 import numpy as np
 
-from edgeml.compiler.backends import BuildContext, BuiltCandidate, CandidateSpec, CompilerBackend
-from edgeml.errors import BackendError, CompileError, UnsupportedOp, UsageError
+from edgeml.backends.base import BuildContext, BuiltCandidate, CandidateSpec, CompilerBackend
+from edgeml.backends.base import CandidateSkipped
+from edgeml.backends.onnxruntime import Options
+from edgeml.backends.onnxruntime.errors import ort_error
+from edgeml.errors import CompileError, UsageError
 
 ENTRY = "model/model.onnx"
 
@@ -64,29 +68,14 @@ def _ort():
     return onnxruntime
 
 
-def ort_error(exc: Exception, what: str) -> Exception:
-    """Turn an ONNX Runtime exception into UnsupportedOp (naming the op) or BackendError."""
-    text = str(exc)
-    m = re.search(r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'", text)
-    if m:
-        return UnsupportedOp(
-            f"ONNX Runtime {_ort().__version__} has no kernel for operator {m.group(1)} (opset {m.group(2)}, "
-            f"node '{m.group(3)}'); backend onnxruntime cannot {what}",
-            hint="replace the op in the source model, choose another --backend, or export with another opset")
-    m = re.search(r"(?:([\w.]+):)?(\w+)\((-?\d+)\) is not a registered function/op", text)
-    if m:
-        domain = m.group(1) or "ai.onnx"
-        return UnsupportedOp(
-            f"operator {m.group(2)} of domain {domain} is unknown to ONNX Runtime {_ort().__version__}; "
-            f"backend onnxruntime cannot {what}",
-            hint="replace the custom op in the source model, or register its implementation")
-    m = re.search(r"(?:Unrecognized|unknown|No Op registered for) (?:attribute: \w+ for )?(?:operator )?'?(\w+)'? "
-                  r"(?:with domain_version|in domain)", text)
-    if m or "NOT_IMPLEMENTED" in text:
-        op = m.group(1) if m else "(see message)"
-        return UnsupportedOp(f"backend onnxruntime cannot {what}: unsupported operator {op}: {text.strip()[:300]}",
-                             hint="replace the op in the source model or choose another --backend")
-    return BackendError(f"ONNX Runtime cannot {what}: {text.strip()[:500]}")
+def _options(ctx: BuildContext) -> Options:
+    """This backend's typed options (a plain dict is checked against the schema; None: defaults)."""
+    from edgeml.backends.onnxruntime import BACKEND
+
+    if isinstance(ctx.options, Options):
+        return ctx.options
+    parsed: Options = BACKEND.parse_options(ctx.options or {})
+    return parsed
 
 
 def _providers(target) -> list[str]:
@@ -119,17 +108,14 @@ class OnnxRuntimeCompiler(CompilerBackend):
             specs.append(CandidateSpec(self.name, "fp16", {"conversion": "float16", "keep_io_types": True},
                                        "onnxruntime/fp16"))
         if "int8" in precisions and target.device == "cpu":
-            names = ctx.options.get("ort_int8_recipes")
-            if isinstance(names, str):
-                names = [n.strip() for n in names.split(",") if n.strip()]
+            opts = _options(ctx)
+            names = list(opts.ort_int8_recipes or [])
             if not names:
                 names = default_int8_recipes(target)
                 # Fallback when every plain recipe loses too much: keep the most sensitive nodes in FP32.
-                if ctx.options.get("ort_accuracy_aware", True) and ctx.options.get("eval_data") is not None:
+                if opts.ort_accuracy_aware and ctx.reference is not None:
                     names = [*names, names[0] + AWARE_SUFFIX]
-            calibration = ctx.options.get("ort_calibration", "minmax")
-            if calibration not in ("minmax", "entropy", "percentile"):
-                raise UsageError(f"unknown ort_calibration {calibration!r}", hint="minmax, entropy or percentile")
+            calibration = opts.ort_calibration
             for name in names:
                 aware = name.endswith(AWARE_SUFFIX)
                 base = name[: -len(AWARE_SUFFIX)] if aware else name
@@ -234,7 +220,7 @@ class OnnxRuntimeCompiler(CompilerBackend):
 
         method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                   "percentile": CalibrationMethod.Percentile}[recipe.get("calibration", "minmax")]
-        reader = _Reader(ctx.calib, _fixed_batch(ctx.inputs), int(ctx.options.get("ort_calibration_samples", 256)))
+        reader = _Reader(ctx.calib, _fixed_batch(ctx.inputs), _options(ctx).ort_calibration_samples)
         recipe["calibration_samples"] = reader.samples
         if reader.samples == 0:
             raise CompileError(f"int8 calibration needs at least {_fixed_batch(ctx.inputs)} samples")
@@ -280,17 +266,15 @@ class OnnxRuntimeCompiler(CompilerBackend):
         1, 2, 4, ... nodes (up to half of them), measuring each step with the
         pipeline's own evaluation (the runtime backend on the eval split).
         """
-        from edgeml.compiler.select import CandidateSkipped
         from edgeml.compiler.sensitivity import rank_nodes
 
-        tolerance = ctx.options.get("max_accuracy_drop")
-        fp32_score = ctx.options.get("fp32_score")
-        if ctx.evaluate is None or tolerance is None or fp32_score is None:
+        if ctx.evaluate is None or ctx.reference is None or ctx.reference.fp32_score is None:
             raise CandidateSkipped("accuracy-aware int8 needs the pipeline's evaluation (eval data and tolerance)")
         base_fragment = {"backend": {"name": self.name, "entrypoint": ENTRY, "version": self.version(),
                                      "options": {"graph_optimization_level": "all",
                                                  "providers": _providers(ctx.target)}},
                          "precision": "int8"}
+        tolerance, fp32_score = ctx.reference.max_accuracy_drop, ctx.reference.fp32_score
         trial_dir = out.parent.parent / "trial"
         trial = trial_dir / ENTRY
         trial.parent.mkdir(parents=True, exist_ok=True)
@@ -300,7 +284,7 @@ class OnnxRuntimeCompiler(CompilerBackend):
         if drop <= tolerance:
             raise CandidateSkipped(f"not needed: {recipe['base']} without exclusions is within the tolerance "
                                    f"(drop {drop:.2f} points)")
-        ranking = rank_nodes(pre, trial, ctx.calib, samples=int(ctx.options.get("ort_sensitivity_samples", 16)))
+        ranking = rank_nodes(pre, trial, ctx.calib, samples=_options(ctx).ort_sensitivity_samples)
         limit = max(1, len(ranking) // 2)   # beyond half the nodes in FP32, int8 cannot pay off
         k = 1
         exclude: list[str] = []

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from edgeml.errors import EdgemlError, ServeError
 from edgeml.runtime.server.batching import Batcher
+from edgeml.runtime.server.dataplane import DataPlane
 from edgeml.runtime.server.http import HttpConnection
 from edgeml.runtime.server.logs import LOGGER, configure_logging
 from edgeml.runtime.server.repository import LoadedModel, Repository
@@ -36,7 +37,13 @@ class ServerConfig:
     port: int = 8000                      # 0 = pick a free port
     max_batch: int = 32                   # rows per backend run
     max_delay_ms: float = 2.0             # longest a request waits for its batch to fill
-    max_body_bytes: int = 64 << 20
+    max_body_bytes: int = 16 << 20       # one request body (413 past it, before it is decoded)
+    max_request_rows: int | None = None  # rows per request (413 past it); None = max_batch
+    max_buffered_body_bytes: int = 64 << 20   # all request bodies being received at once (503 past it)
+    max_connections: int = 1024          # open HTTP connections (503 + close past it)
+    header_timeout_s: float = 10.0       # from a request's first byte to the end of its head (408 past it)
+    body_timeout_s: float = 60.0         # from the end of the head to the end of the body (408 past it)
+    admin_token: str | None = None       # repository API: None = off (403); else Bearer token required
     trusted_keys: list[str | Path] = field(default_factory=list)
     require_signature: bool | None = None
     threads: int | None = None            # backend intra-op threads (None = artifact's choice)
@@ -54,17 +61,41 @@ class ServerConfig:
     server_name: str = "edgeml"
     grpc_port: int | None = None          # also serve the v2 gRPC protocol here (None = off, 0 = a free port)
 
+    def validate(self) -> None:
+        """Refuse limits that cannot work (zero, negative, not finite, out of range), naming the field."""
+        ints = {"max_batch": (1, 1 << 16), "max_body_bytes": (1, 1 << 40), "max_buffered_body_bytes": (1, 1 << 42),
+                "max_connections": (1, 1 << 20), "max_versions": (1, 1000), "port": (0, 65535)}
+        optional_ints = {"max_request_rows": (1, 1 << 24), "threads": (1, 4096), "grpc_port": (0, 65535)}
+        floats = {"max_delay_ms": (0.0, 60_000.0), "header_timeout_s": (0.001, 86_400.0),
+                  "body_timeout_s": (0.001, 86_400.0), "keepalive_timeout_s": (0.001, 86_400.0),
+                  "inline_below_ms": (0.0, 60_000.0)}
+        for name, (lo, hi) in {**ints, **optional_ints}.items():
+            value = getattr(self, name)
+            if value is None and name in optional_ints:
+                continue
+            if type(value) is not int or not lo <= value <= hi:
+                raise ServeError(f"ServerConfig.{name} is {value!r}; it must be an integer from {lo} to {hi}")
+        for name, (lo, hi) in floats.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+                raise ServeError(f"ServerConfig.{name} is {value!r}; it must be a number from {lo:g} to {hi:g}")
+        if self.admin_token is not None and (not isinstance(self.admin_token, str) or len(self.admin_token) < 8):
+            raise ServeError("ServerConfig.admin_token must be a string of at least 8 characters",
+                             hint="use a long random token, e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`")
+
 
 class ModelServer:
     def __init__(self, config: ServerConfig | None = None, clock: Callable[[], float] = time.monotonic):
         self.config = config or ServerConfig()
+        self.config.validate()
         self.clock = clock
         self.repo = Repository()
         self.max_body_bytes = int(self.config.max_body_bytes)
         self.draining = False
-        self.inflight = 0
         self.http_codes: dict[int, int] = {}
         self.connections: set[HttpConnection] = set()
+        self.buffered_body_bytes = 0       # bytes of request bodies still being received
+        self._trim_wanted = False
         self.started_at = time.time()
         self._loop = _new_loop(self.config.event_loop)
         self.loop_time = self._loop.time
@@ -76,6 +107,7 @@ class ModelServer:
         self._id_prefix = f"{os.getpid():x}-{int(time.time()) & 0xFFFFFF:x}-"
         self._api_lock = threading.RLock()
         self._loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeml-load")
+        self.plane = DataPlane(self)
         self.router = Router(self)
         if self.config.configure_logs:
             configure_logging(self.config.log_json)
@@ -161,18 +193,28 @@ class ModelServer:
         self._thread = None
         self._close_models()
         self._loader.shutdown(wait=False)
+        self.plane.close()
         self._loop.close()
         log.info("server stopped", extra={"abandoned_requests": left})
 
     def _sweep_idle(self) -> None:
-        """Loop thread: close keep-alive connections idle for longer than keepalive_timeout_s."""
-        limit = self.config.keepalive_timeout_s
+        """Loop thread: enforce read deadlines, close idle keep-alive connections, return freed memory."""
+        cfg = self.config
+        limit, head_s, body_s = cfg.keepalive_timeout_s, cfg.header_timeout_s, cfg.body_timeout_s
         now = self._loop.time()
         for conn in list(self.connections):
+            conn.check_deadlines(now, head_s, body_s)
             if now - conn.last_active > limit:
                 conn.close_if_idle()
+        if self._trim_wanted and not self.buffered_body_bytes:
+            self._trim_wanted = False
+            self._loader.submit(_malloc_trim)
         if not self.draining:
-            self._loop.call_later(min(5.0, max(0.05, limit / 2)), self._sweep_idle)
+            self._loop.call_later(min(1.0, max(0.05, min(limit, head_s, body_s) / 4)), self._sweep_idle)
+
+    def note_large_request(self) -> None:
+        """A large body was handled: give freed heap back to the OS at the next sweep (glibc keeps it)."""
+        self._trim_wanted = True
 
     def _begin_drain(self) -> None:
         self.draining = True
@@ -197,23 +239,49 @@ class ModelServer:
             _close(lm)
 
     # -- connection bookkeeping (loop thread) ------------------------------
-    def connection_opened(self, conn: HttpConnection) -> None:
+    def connection_opened(self, conn: HttpConnection) -> bool:
+        """Register a connection; False (refused with 503) past max_connections or while draining."""
+        if len(self.connections) >= self.config.max_connections or self.draining:
+            self.http_codes[503] = self.http_codes.get(503, 0) + 1
+            log.warning("connection refused", extra={"status": 503, "open_connections": len(self.connections)})
+            return False
         self.connections.add(conn)
+        return True
 
     def connection_closed(self, conn: HttpConnection) -> None:
         self.connections.discard(conn)
 
-    def protocol_error(self, conn: HttpConnection, message: str) -> None:
-        self.http_codes[400] = self.http_codes.get(400, 0) + 1
-        log.warning("bad HTTP request", extra={"status": 400, "error": message})
+    def take_body_bytes(self, n: int) -> bool:
+        """Count ``n`` more bytes of a body being received; False past max_buffered_body_bytes."""
+        if self.buffered_body_bytes + n > self.config.max_buffered_body_bytes:
+            return False
+        self.buffered_body_bytes += n
+        if n >= 65536:
+            self._trim_wanted = True
+        return True
+
+    def give_body_bytes(self, n: int) -> None:
+        self.buffered_body_bytes -= n
+
+    def protocol_error(self, conn: HttpConnection, status: int, message: str) -> None:
+        self.http_codes[status] = self.http_codes.get(status, 0) + 1
+        log.warning("bad HTTP request", extra={"status": status, "error": message})
 
     def handle(self, conn, slot, method, url, headers, body, keep_alive) -> None:
-        self.inflight += 1
+        if len(body) >= 65536:
+            self._trim_wanted = True
         self.router.dispatch(conn, slot, method, url, headers, body, keep_alive)
 
     def reject_too_big(self, conn, slot, method, url, headers) -> None:
-        self.inflight += 1
         self.router.too_big(conn, slot, method, url, headers)
+
+    @property
+    def inflight(self) -> int:
+        return self.plane.inflight
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
 
     def next_request_id(self) -> str:
         return self._id_prefix + format(next(self._ids), "x")
@@ -296,7 +364,7 @@ class ModelServer:
 
     def unload(self, name: str, version: str | None = None, *, wait: bool = True, timeout: float = 30.0) -> None:
         """Remove a version (or every version of ``name``); its queued requests finish first."""
-        from edgeml.runtime.server.protocol import BadRequest
+        from edgeml.runtime.server.protocol import ModelNotFound
 
         with self._api_lock:
             drained = threading.Event()
@@ -310,9 +378,9 @@ class ModelServer:
             def do() -> list[str]:
                 entry = self.repo.entries.get(name)
                 if entry is None or not entry.versions:
-                    raise BadRequest(f"unknown model {name!r}", 404)
+                    raise ModelNotFound(f"unknown model {name!r}")
                 if version is not None and version not in entry.versions:
-                    raise BadRequest(f"model {name!r} has no version {version!r}; it has {list(entry.versions)}", 404)
+                    raise ModelNotFound(f"model {name!r} has no version {version!r}; it has {list(entry.versions)}")
                 versions = [version] if version is not None else list(entry.versions)
                 counter["left"] = len(versions)
                 for v in versions:
@@ -349,7 +417,7 @@ class ModelServer:
         return self._loop.run_in_executor(self._loader, fn)
 
     # -- helpers ------------------------------------------------------------
-    def _in_loop(self, fn: Callable[[], Any]) -> Any:
+    def in_loop(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the loop thread and return its result (directly when not serving)."""
         if not self.running or threading.current_thread() is self._thread:
             return fn()
@@ -363,6 +431,8 @@ class ModelServer:
 
         self._loop.call_soon_threadsafe(call)
         return fut.result(timeout=60)
+
+    _in_loop = in_loop
 
     def __enter__(self) -> "ModelServer":
         self.start()
@@ -382,6 +452,16 @@ def _close(lm: LoadedModel) -> None:
         log.exception("closing model failed", extra={"model": lm.name, "version": lm.version})
 
 
+def _malloc_trim() -> None:
+    """Return freed heap pages to the OS (glibc only; elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
     if kind in ("auto", "uvloop"):
         try:
@@ -390,5 +470,5 @@ def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
             return uvloop.new_event_loop()
         except ImportError:
             if kind == "uvloop":
-                raise ServeError("event_loop='uvloop' but uvloop is not installed", hint="pip install uvloop")
+                raise ServeError("event_loop='uvloop' but uvloop is not installed", hint="pip install uvloop") from None
     return asyncio.new_event_loop()

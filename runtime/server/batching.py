@@ -76,6 +76,7 @@ class Batcher:
         self._busy = False
         self._scheduled = False
         self._seen = 0
+        self._reserved = 0
         self._idle_waiters: list[Callable[[], None]] = []
         self._worker: threading.Thread | None = None
         self._work: deque = deque()
@@ -86,7 +87,12 @@ class Batcher:
 
     # -- event-loop side -------------------------------------------------
     def submit(self, feeds: dict[str, np.ndarray], rows: int, callback: Callback) -> None:
-        """Queue one request (loop thread only). ``callback(result, queue_ms)`` runs on the loop thread."""
+        """Queue one request (loop thread only). ``callback(result, queue_ms)`` runs on the loop thread.
+
+        For a batchable model the row count is read from the request's own arrays (``rows`` is only
+        used for models that run one request at a time)."""
+        if self.batchable:
+            rows = next(iter(feeds.values())).shape[0]
         sig = None
         if len(feeds) == 1:
             for a in feeds.values():
@@ -104,7 +110,22 @@ class Batcher:
         return len(self._queue) + (1 if self._busy else 0)
 
     def idle(self) -> bool:
-        return not self._queue and not self._busy
+        return not self._queue and not self._busy and not self._reserved
+
+    def reserve(self) -> None:
+        """A request for this batcher is being decoded off the loop: do not count it idle yet."""
+        self._reserved += 1
+
+    def release(self) -> None:
+        """The reserved request was submitted or refused (loop thread)."""
+        self._reserved -= 1
+        if self.idle():
+            self._wake_idle_waiters()
+
+    def _wake_idle_waiters(self) -> None:
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for fn in waiters:
+            fn()
 
     def when_idle(self, fn: Callable[[], None]) -> None:
         """Call ``fn`` on the loop thread once nothing is queued or running."""
@@ -183,10 +204,8 @@ class Batcher:
             if not self._scheduled:
                 self._scheduled = True
                 self._loop.call_soon(self._tick)
-        elif self._idle_waiters:
-            waiters, self._idle_waiters = self._idle_waiters, []
-            for fn in waiters:
-                fn()
+        elif self._idle_waiters and not self._reserved:
+            self._wake_idle_waiters()
 
     # -- compute (loop thread in inline mode, worker thread otherwise) ----
     def _compute(self, batch: list[_Item]) -> tuple[list[Any], float]:
@@ -211,13 +230,7 @@ class Batcher:
                 except Exception as exc:
                     results.append(exc)
             return results, clock() - t0
-        results = []
-        start = 0
-        for it in batch:
-            end = start + it.rows
-            results.append({k: v[start:end] for k, v in out.items()})
-            start = end
-        return results, clock() - t0
+        return _split(out, batch, feeds[names[0]].shape[0]), clock() - t0
 
     def _worker_main(self) -> None:
         while True:
@@ -245,3 +258,28 @@ class Batcher:
                 self._work.append(None)
                 self._work_ready.notify()
             self._worker.join(timeout=5.0)
+
+
+def _split(out: dict[str, np.ndarray], batch: list[_Item], total: int) -> list[Any]:
+    """Give each request its own slice of the batched outputs.
+
+    The offsets come from each request's own input arrays (axis 0 as concatenated), never from a
+    count claimed elsewhere, so no mix of sizes (0 rows included) can shift one client's rows into
+    another's answer. An output whose axis 0 does not match the batch cannot be split safely: every
+    request in the batch gets an error instead of somebody else's rows.
+    """
+    wrong = [k for k, v in out.items() if v.ndim == 0 or v.shape[0] != total]
+    if wrong:
+        err = BatchSplitError(f"output {wrong[0]!r} has {out[wrong[0]].shape[:1]} rows for a batch of {total} rows")
+        return [err] * len(batch)
+    results: list[Any] = []
+    start = 0
+    for it in batch:
+        end = start + next(iter(it.feeds.values())).shape[0]
+        results.append({k: v[start:end] for k, v in out.items()})
+        start = end
+    return results
+
+
+class BatchSplitError(RuntimeError):
+    """A batched run returned outputs whose rows do not line up with the requests."""

@@ -8,10 +8,10 @@ ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata and ModelInfe
 as Triton does). The others answer UNIMPLEMENTED.
 
 No logic of its own: a request is turned into the same v2 request document the HTTP route
-decodes, then resolved, validated (``protocol.parse_infer_doc``), queued on the model's
-``Batcher`` and recorded in its ``ModelStats`` on the server's event-loop thread, exactly as
-``routes.Router._infer`` does. gRPC runs its handlers on a small thread pool; each handler
-marshals its work onto the loop and waits for the batcher's callback.
+decodes and handed to the server's ``DataPlane`` (lookup, validation, batching, in-flight
+counting, statistics, access log and error mapping, the same code HTTP uses). gRPC runs its
+handlers on a small thread pool; each handler marshals its work onto the loop through the
+data plane and waits for the reply.
 
     server = ModelServer(ServerConfig(port=0, grpc_port=0)); server.start()
     server.grpc_address   # (host, port)
@@ -27,7 +27,15 @@ import numpy as np
 
 from edgeml.errors import EdgemlError, MissingDependency
 from edgeml.runtime.server.logs import LOGGER
-from edgeml.runtime.server.protocol import DTYPE_TO_DATATYPE, BadRequest, json_loads, parse_infer_doc
+from edgeml.runtime.server.dataplane import Call
+from edgeml.runtime.server.protocol import (
+    DTYPE_TO_DATATYPE,
+    BadRequest,
+    InferRequest,
+    RequestError,
+    json_loads,
+    parse_infer_doc,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgeml.runtime.server.app import ModelServer
@@ -86,7 +94,8 @@ def request_doc(request: Any) -> tuple[dict[str, Any], bytes | None]:
 
 def _grpc_code(grpc: Any, status: int) -> Any:
     codes = grpc.StatusCode
-    return {400: codes.INVALID_ARGUMENT, 404: codes.NOT_FOUND, 405: codes.UNIMPLEMENTED,
+    return {400: codes.INVALID_ARGUMENT, 401: codes.UNAUTHENTICATED, 403: codes.PERMISSION_DENIED,
+            404: codes.NOT_FOUND, 405: codes.UNIMPLEMENTED, 413: codes.RESOURCE_EXHAUSTED,
             503: codes.UNAVAILABLE}.get(status, codes.INTERNAL if status >= 500 else codes.INVALID_ARGUMENT)
 
 
@@ -97,12 +106,13 @@ class GrpcEndpoint:
         """Import grpc and bind ``host:port`` (0 = a free port); serving starts with ``start()``."""
         from edgeml.errors import ServeError
 
-        self.s = server
+        self.plane = server.plane
         grpc, self._pb, pb_grpc = _import_grpc()
         self._grpc = grpc
         self._server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(max_workers=GRPC_WORKERS, thread_name_prefix="edgeml-grpc"),
             options=[("grpc.max_receive_message_length", int(server.max_body_bytes)),
+                     ("grpc.max_concurrent_streams", 100),
                      ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)])
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(_make_servicer(self), self._server)
         bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -128,66 +138,30 @@ class GrpcEndpoint:
         server, self._server = self._server, None
         return server.stop(grace)
 
-    # -- loop-thread work ------------------------------------------------
-    def _ready(self) -> bool:
-        return not self.s.draining and all(lm.ready for lm, _ in self.s.repo.all())
-
+    # -- requests (any gRPC handler thread) ------------------------------
     def infer(self, request: Any) -> concurrent.futures.Future:
-        """Any thread: start one inference; the future resolves to (status, response or message)."""
+        """Start one inference; the future resolves to (status, response or message)."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        t0 = self.s.clock()
         try:
             doc, binary = request_doc(request)
         except BadRequest as exc:
-            fut.set_result((exc.status, exc.message, None))
+            fut.set_result((exc.status, exc.message))
             return fut
-        self.s._loop.call_soon_threadsafe(self._infer_on_loop, request, doc, binary, fut, t0)
+        plane = self.plane
+        reply = _GrpcReply(self, fut)
+
+        def decode(lm: Any, max_rows: int | None) -> InferRequest:
+            return parse_infer_doc(doc, binary, lm, max_rows)
+
+        def start() -> None:
+            call = plane.begin(request.id or None, "grpc", "ModelInfer")
+            plane.infer(call, request.model_name, request.model_version or None, decode, reply,
+                        request.ByteSize() - (len(binary) if binary is not None else 0))
+
+        plane.submit_from_thread(start)
         return fut
 
-    def _infer_on_loop(self, request, doc, binary, fut, t0) -> None:
-        s = self.s
-        s.inflight += 1
-        lm = None
-        rid = request.id or s.next_request_id()
-
-        def finish(status: int, payload: Any) -> None:
-            s.inflight -= 1
-            ms = (s.clock() - t0) * 1000.0
-            if lm is not None:
-                lm.stats.record(status, ms)
-            if status != 200 or s.config.access_log:
-                fields = {"request_id": rid, "rpc": "ModelInfer", "model": request.model_name,
-                          "status": status, "latency_ms": round(ms, 3)}
-                if lm is not None:
-                    fields["version"] = lm.version
-                if status != 200:
-                    fields["error"] = payload
-                    log.log(logging.ERROR if status >= 500 else logging.WARNING, "request failed", extra=fields)
-                else:
-                    log.info("request", extra=fields)
-            fut.set_result((status, payload, lm))
-
-        try:
-            lm = s.repo.resolve(request.model_name, request.model_version or None)
-            req = parse_infer_doc(doc, binary, lm)
-        except BadRequest as exc:
-            return finish(exc.status, exc.message)
-        except Exception as exc:  # noqa: BLE001 - one request only
-            log.exception("gRPC handler crashed", extra={"request_id": rid})
-            return finish(500, f"internal server error: {exc}")
-
-        def done(result: Any, queue_ms: float) -> None:
-            if isinstance(result, BaseException):
-                msg = result.message if isinstance(result, EdgemlError) else f"{type(result).__name__}: {result}"
-                return finish(500, f"model {lm.name!r} version {lm.version!r} failed: {msg}")
-            try:
-                finish(200, self._response(lm, request.id, result, req.outputs or lm.output_order))
-            except Exception as exc:  # noqa: BLE001
-                finish(500, f"could not encode the outputs: {exc}")
-
-        lm.batcher.submit(req.feeds, req.rows, done)
-
-    def _response(self, lm, request_id: str, outputs: dict[str, np.ndarray], names) -> Any:
+    def response(self, lm: Any, request_id: str, outputs: dict[str, np.ndarray], names: Any) -> Any:
         resp = self._pb.ModelInferResponse(model_name=lm.name, model_version=lm.version, id=request_id)
         for name in names:
             arr = outputs[name]
@@ -199,12 +173,32 @@ class GrpcEndpoint:
         return resp
 
     def model_metadata(self, name: str, version: str) -> dict[str, Any]:
-        def do() -> dict[str, Any]:
-            return json_loads(self.s.repo.metadata_bytes(name, version or None))
-        return self.s._in_loop(do)
+        return json_loads(self.plane.call_from_thread(lambda: self.plane.model_metadata(name, version or None)))
 
     def model_ready(self, name: str, version: str) -> bool:
-        return self.s._in_loop(lambda: self.s.repo.resolve(name, version or None).ready)
+        return self.plane.call_from_thread(lambda: self.plane.resolve(name, version or None).ready)
+
+    def ready(self) -> bool:
+        return self.plane.call_from_thread(self.plane.ready)
+
+
+class _GrpcReply:
+    """How an inference result or error goes back to the waiting gRPC handler thread."""
+
+    __slots__ = ("ep", "fut")
+
+    def __init__(self, ep: GrpcEndpoint, fut: concurrent.futures.Future):
+        self.ep, self.fut = ep, fut
+
+    def ok(self, call: Call, req: InferRequest, outputs: dict[str, np.ndarray]) -> None:
+        lm = call.lm
+        resp = self.ep.response(lm, req.id or "", outputs, req.outputs or lm.output_order)
+        self.ep.plane.end(call, 200)
+        self.fut.set_result((200, resp))
+
+    def error(self, call: Call, status: int, message: str) -> None:
+        self.ep.plane.end(call, status, message)
+        self.fut.set_result((status, message))
 
 
 def _make_servicer(ep: GrpcEndpoint) -> Any:
@@ -219,23 +213,23 @@ def _make_servicer(ep: GrpcEndpoint) -> Any:
             return pb.ServerLiveResponse(live=True)
 
         def ServerReady(self, request, context):
-            return pb.ServerReadyResponse(ready=ep.s._in_loop(ep._ready))
+            return pb.ServerReadyResponse(ready=ep.ready())
 
         def ServerMetadata(self, request, context):
-            meta = json_loads(ep.s.router._server_metadata())
+            meta = ep.plane.server_metadata()
             return pb.ServerMetadataResponse(name=meta["name"], version=meta["version"],
                                              extensions=meta["extensions"])
 
         def ModelReady(self, request, context):
             try:
                 return pb.ModelReadyResponse(ready=ep.model_ready(request.name, request.version))
-            except BadRequest as exc:
+            except RequestError as exc:
                 fail(context, exc.status, exc.message)
 
         def ModelMetadata(self, request, context):
             try:
                 meta = ep.model_metadata(request.name, request.version)
-            except BadRequest as exc:
+            except RequestError as exc:
                 fail(context, exc.status, exc.message)
             tm = pb.ModelMetadataResponse.TensorMetadata
             return pb.ModelMetadataResponse(
@@ -247,7 +241,7 @@ def _make_servicer(ep: GrpcEndpoint) -> Any:
             fut = ep.infer(request)
             while True:
                 try:
-                    status, payload, _ = fut.result(timeout=1.0)
+                    status, payload = fut.result(timeout=1.0)
                     break
                 except concurrent.futures.TimeoutError:
                     if not context.is_active():   # client gone or server stopped: the batcher still answers fut

@@ -16,9 +16,13 @@ from edgeml.runtime.server import ModelServer, ServerConfig
 from edgeml.runtime.server.logs import configure_logging
 
 
+TOKEN = "test-admin-token-1"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+
+
 @pytest.fixture
 def server(make_mlp_artifact, make_gather_artifact, artifact_cache):
-    srv = ModelServer(ServerConfig(port=0, cache_dir=artifact_cache, max_body_bytes=1 << 20))
+    srv = ModelServer(ServerConfig(port=0, cache_dir=artifact_cache, max_body_bytes=1 << 20, admin_token=TOKEN))
     srv.load(make_mlp_artifact())
     srv.load(make_gather_artifact())
     srv.start()
@@ -101,7 +105,7 @@ def test_tritonclient_json_and_binary(server):
     # compressed request bodies
     res = client.infer("mlp", [inp], request_compression_algorithm="gzip")
     np.testing.assert_allclose(res.as_numpy("probs"), want["probs"], rtol=1e-5)
-    index = client.get_model_repository_index()
+    index = client.get_model_repository_index(headers=ADMIN)
     assert {(m["name"], m["version"]) for m in index} == {("mlp", "1"), ("gather", "1")}
     with pytest.raises(th.InferenceServerException, match="unknown model 'nope'"):
         client.infer("nope", [inp])
@@ -135,14 +139,14 @@ def test_bad_input_gets_status_and_message(server, path, body, status, needle):
     assert call(server, "POST", "/v2/models/mlp/infer", infer_body([GOOD_X]))[0] == 200
 
 
-def test_body_over_the_limit_is_400_and_server_keeps_serving(server):
+def test_body_over_the_limit_is_413_and_server_keeps_serving(server):
     big = b'{"inputs": [' + b" " * (2 << 20) + b"]}"
     status, headers, data = call(server, "POST", "/v2/models/mlp/infer", big)
-    assert status == 400 and "over the server's limit of 1048576 bytes" in json.loads(data)["error"]
+    assert status == 413 and "over the server's limit of 1048576 bytes" in json.loads(data)["error"]
     assert headers.get("Connection") == "close"
     gz = gzip.compress(b'{"inputs": [' + b" " * (2 << 20) + b"]}")
     status, _, data = call(server, "POST", "/v2/models/mlp/infer", gz, {"Content-Encoding": "gzip"})
-    assert status == 400 and "decompressed request body is over" in json.loads(data)["error"]
+    assert status == 413 and "decompressed request body is over" in json.loads(data)["error"]
     assert call(server, "POST", "/v2/models/mlp/infer", infer_body([GOOD_X]))[0] == 200
 
 

@@ -141,40 +141,42 @@ def test_versions_defaults_and_retirement(mlp_versions, artifact_cache):
 def test_repository_extension_over_http(mlp_versions, artifact_cache, tmp_path):
     import tritonclient.http as th
 
-    srv = ModelServer(ServerConfig(port=0, cache_dir=artifact_cache, repository_dir=tmp_path))
+    token = "swap-test-admin-token"
+    admin = {"Authorization": f"Bearer {token}"}
+    srv = ModelServer(ServerConfig(port=0, cache_dir=artifact_cache, repository_dir=tmp_path, admin_token=token))
     with srv:
         host, port = srv.address
         client = th.InferenceServerClient(f"{host}:{port}")
-        client.load_model("mlp", config=json.dumps({"artifact": "mlp-1.edgepkg"}))
+        client.load_model("mlp", config=json.dumps({"artifact": "mlp-1.edgepkg"}), headers=admin)
         assert client.is_model_ready("mlp", "1")
         conn = http.client.HTTPConnection(host, port, timeout=10)
         conn.request("POST", "/v2/repository/models/mlp/load",
-                     body=json.dumps({"parameters": {"artifact": "mlp-2.edgepkg"}}))
+                     body=json.dumps({"parameters": {"artifact": "mlp-2.edgepkg"}}), headers=admin)
         resp = conn.getresponse()
         assert resp.status == 200, resp.read()
         resp.read()
-        index = client.get_model_repository_index()
+        index = client.get_model_repository_index(headers=admin)
         assert sorted((m["version"], m["state"], m["default"]) for m in index) == [
             ("1", "READY", False), ("2", "READY", True)]
         conn.request("POST", "/v2/repository/models/mlp/load",
-                     body=json.dumps({"parameters": {"artifact": "../../etc/passwd"}}))
+                     body=json.dumps({"parameters": {"artifact": "../../etc/passwd"}}), headers=admin)
         resp = conn.getresponse()
         assert resp.status == 400 and "outside the repository folder" in json.loads(resp.read())["error"]
         conn.request("POST", "/v2/repository/models/mlp/load",
-                     body=json.dumps({"parameters": {"artifact": "missing.edgepkg"}}))
+                     body=json.dumps({"parameters": {"artifact": "missing.edgepkg"}}), headers=admin)
         resp = conn.getresponse()
         assert resp.status == 404 and "does not exist" in json.loads(resp.read())["error"]
         (tmp_path / "broken.edgepkg").write_bytes(b"not a zip")
         conn.request("POST", "/v2/repository/models/mlp/load",
-                     body=json.dumps({"parameters": {"artifact": "broken.edgepkg"}}))
+                     body=json.dumps({"parameters": {"artifact": "broken.edgepkg"}}), headers=admin)
         resp = conn.getresponse()
         assert resp.status == 400 and "not a readable .edgepkg" in json.loads(resp.read())["error"]
         assert client.is_model_ready("mlp"), "a failed load leaves the served model alone"
-        client.unload_model("mlp")
+        client.unload_model("mlp", headers=admin)
         assert not client.is_model_ready("mlp")
-        assert client.get_model_repository_index() == []
+        assert client.get_model_repository_index(headers=admin) == []
         # reload by name re-reads the last artifact loaded under that name
-        client.load_model("mlp")
+        client.load_model("mlp", headers=admin)
         assert client.is_model_ready("mlp", "2")
         conn.close()
         client.close()
@@ -198,7 +200,8 @@ def test_graceful_stop_finishes_in_flight_requests(tmp_path, artifact_cache):
     art = write_onnx_artifact(tmp_path / "slow.edgepkg", model.SerializeToString(), name="slow", version="1",
                               inputs=[{"name": "x", "dtype": "float32", "shape": [None, 512]}],
                               outputs=[{"name": "y", "dtype": "float32", "shape": [None, 512]}])
-    srv = ModelServer(ServerConfig(port=0, cache_dir=artifact_cache, max_batch=1, batch_mode="thread"))
+    srv = ModelServer(ServerConfig(port=0, cache_dir=artifact_cache, max_batch=1, batch_mode="thread",
+                                   max_request_rows=256))   # one 256-row request per run
     srv.load(art)
     address = srv.start()
     x = np.ones((256, 512), np.float32)

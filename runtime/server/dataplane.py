@@ -1,0 +1,188 @@
+"""One request path for every transport (HTTP and gRPC), as MLServer's DataPlane.
+
+The transports (``routes.Router`` for HTTP, ``grpc_server`` for gRPC) only translate wire
+format: they build a ``Call``, hand the model lookup, validation, batching, in-flight
+counting, per-model statistics, the access log and the error mapping to this class, and
+write what it answers. Everything here runs on the server's event-loop thread except the
+``*_from_thread`` helpers, which marshal onto it.
+
+Large request bodies are decoded off the loop (a small thread pool), so one client's
+big request does not stall every other connection while its JSON is parsed; the model's
+batcher is reserved meanwhile, so a hot swap does not close that version under it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+from edgeml.errors import EdgemlError
+from edgeml.runtime.server.logs import LOGGER
+from edgeml.runtime.server.protocol import InferRequest, RequestError, json_dumps
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+    from edgeml.runtime.server.app import ModelServer
+    from edgeml.runtime.server.repository import LoadedModel
+
+log = logging.getLogger(LOGGER)
+
+OFFLOAD_BYTES = 256 * 1024     # decode bodies at least this big on the decode pool, not on the loop
+DECODE_WORKERS = 2
+
+
+@dataclass(slots=True)
+class Call:
+    """One request's bookkeeping, from arrival to its response."""
+
+    rid: str
+    t0: float
+    method: str                      # HTTP method, or "grpc"
+    path: str                        # HTTP path, or the RPC name
+    lm: "LoadedModel | None" = None
+
+
+class InferReply(Protocol):
+    """What a transport gives ``DataPlane.infer``: how to write a success and an error."""
+
+    def ok(self, call: Call, req: InferRequest, outputs: "dict[str, np.ndarray]") -> None: ...
+
+    def error(self, call: Call, status: int, message: str) -> None: ...
+
+
+Decode = Callable[["LoadedModel", int | None], InferRequest]   # (model, max rows) -> request
+
+
+class DataPlane:
+    def __init__(self, server: "ModelServer"):
+        self.s = server
+        self.clock = server.clock
+        self.inflight = 0
+        self._decoder = concurrent.futures.ThreadPoolExecutor(max_workers=DECODE_WORKERS,
+                                                              thread_name_prefix="edgeml-decode")
+
+    # -- bookkeeping ---------------------------------------------------------
+    def begin(self, rid: str | None, method: str, path: str) -> Call:
+        self.inflight += 1
+        return Call(rid or self.s.next_request_id(), self.clock(), method, path)
+
+    def end(self, call: Call, status: int, error: str | None = None) -> None:
+        """The response is written: count it, record the model's stats, log it."""
+        self.inflight -= 1
+        ms = (self.clock() - call.t0) * 1000.0
+        lm = call.lm
+        if lm is not None:
+            lm.stats.record(status, ms)
+        if error is None and not self.s.config.access_log:
+            return
+        fields: dict[str, Any] = {"request_id": call.rid, "method": call.method, "path": call.path,
+                                  "status": status, "latency_ms": round(ms, 3)}
+        if lm is not None:
+            fields["model"], fields["version"] = lm.name, lm.version
+        if error is not None:
+            fields["error"] = error
+            log.log(logging.ERROR if status >= 500 else logging.WARNING, "request failed", extra=fields)
+        else:
+            log.info("request", extra=fields)
+
+    @staticmethod
+    def error_of(exc: BaseException, call: Call) -> tuple[int, str]:
+        """The one mapping from an exception to (status, message)."""
+        if isinstance(exc, RequestError):
+            return exc.status, exc.message
+        if call.lm is not None:
+            msg = exc.message if isinstance(exc, EdgemlError) else f"{type(exc).__name__}: {exc}"
+            return 500, f"model {call.lm.name!r} version {call.lm.version!r} failed: {msg}"
+        log.error("handler crashed", exc_info=exc, extra={"request_id": call.rid, "path": call.path})
+        return 500, f"internal server error: {type(exc).__name__}"
+
+    # -- lookups -------------------------------------------------------------
+    def resolve(self, name: str, version: str | None) -> "LoadedModel":
+        return self.s.repo.resolve(name, version)
+
+    def ready(self) -> bool:
+        return not self.s.draining and all(lm.ready for lm, _ in self.s.repo.all())
+
+    def model_metadata(self, name: str, version: str | None) -> bytes:
+        return self.s.repo.metadata_bytes(name, version)
+
+    def server_metadata(self) -> dict[str, Any]:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("edgeml")
+        except PackageNotFoundError:  # pragma: no cover
+            v = "0"
+        return {"name": self.s.config.server_name, "version": v,
+                "extensions": ["binary_tensor_data", "model_repository", "statistics", "metrics"]}
+
+    def server_metadata_bytes(self) -> bytes:
+        return json_dumps(self.server_metadata())
+
+    def max_rows(self, lm: "LoadedModel") -> int | None:
+        if not lm.batchable:
+            return None
+        limit = self.s.config.max_request_rows
+        return int(limit) if limit else (lm.batcher.max_batch if lm.batcher is not None else None)
+
+    # -- inference -------------------------------------------------------------
+    def infer(self, call: Call, name: str, version: str | None, decode: Decode, reply: InferReply,
+              size: int) -> None:
+        """Resolve, decode (off the loop when ``size`` is large), batch, answer through ``reply``."""
+        try:
+            lm = call.lm = self.resolve(name, version)
+        except RequestError as exc:
+            return self._refuse(call, reply, exc)
+        limit = self.max_rows(lm)
+        if size < OFFLOAD_BYTES:
+            try:
+                req = decode(lm, limit)
+            except Exception as exc:  # noqa: BLE001 - mapped to one response
+                return self._refuse(call, reply, exc)
+            return self._submit(call, lm, req, reply)
+        batcher = lm.batcher
+        assert batcher is not None
+        batcher.reserve()
+        fut = self.s.loop.run_in_executor(self._decoder, decode, lm, limit)
+
+        def decoded(f: "concurrent.futures.Future[InferRequest]") -> None:
+            try:
+                exc = f.exception()
+                if exc is not None:
+                    return self._refuse(call, reply, exc)
+                self._submit(call, lm, f.result(), reply)
+            finally:
+                batcher.release()
+                self.s.note_large_request()
+
+        fut.add_done_callback(decoded)
+
+    def _refuse(self, call: Call, reply: InferReply, exc: BaseException) -> None:
+        status, message = self.error_of(exc, call)
+        reply.error(call, status, message)
+
+    def _submit(self, call: Call, lm: "LoadedModel", req: InferRequest, reply: InferReply) -> None:
+        def done(result: Any, queue_ms: float) -> None:
+            if isinstance(result, BaseException):
+                return self._refuse(call, reply, result)
+            try:
+                reply.ok(call, req, result)
+            except Exception as exc:  # noqa: BLE001 - an output the wire format cannot carry
+                reply.error(call, 500, f"could not encode the outputs: {exc}")
+
+        assert lm.batcher is not None
+        lm.batcher.submit(req.feeds, req.rows, done)
+
+    # -- other threads (gRPC handlers) ---------------------------------------
+    def call_from_thread(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the loop and return its result (errors are re-raised here)."""
+        return self.s.in_loop(fn)
+
+    def submit_from_thread(self, fn: Callable[[], None]) -> None:
+        self.s.loop.call_soon_threadsafe(fn)
+
+    def close(self) -> None:
+        self._decoder.shutdown(wait=False)

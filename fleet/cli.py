@@ -14,12 +14,17 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from edgeml.cli import emit, handle_errors, json_option
 
+if TYPE_CHECKING:
+    from edgeml.fleet.transport import BrokerConfig
+
 DB_HELP = "The manager's SQLite file (default $EDGEML_FLEET_DB or fleet.db)."
+MIN_INTERVAL_S = 0.5     # heartbeat / telemetry: faster would flood the broker (0s sent 17,000 messages in 5 s)
 
 
 def _setup_logging(level: str) -> None:
@@ -80,17 +85,22 @@ def _wait_for_signal() -> None:
 @click.option("--health-max-error-rate", type=float, default=0.0, show_default=True,
               help="Share of failed probes in the health window that rolls back.")
 @click.option("--health-max-p95-ms", type=float, default=None, help="Roll back when the probes' p95 exceeds this.")
+@click.option("--admin-token", envvar="EDGEML_ADMIN_TOKEN", default=None,
+              help="Turn on the embedded server's repository API (load/unload) behind this bearer token"
+                   " (also $EDGEML_ADMIN_TOKEN). Default: off, repository endpoints answer 403.")
 @click.option("--log-level", default="info", show_default=True)
 @json_option
 @handle_errors
 def agent_cmd(device_id, labels, state_dir, trusted_keys, allow_unsigned, http_host, http_port, heartbeat,
-              telemetry_every, health_window, health_max_error_rate, health_max_p95_ms, log_level, as_json, **kw):
+              telemetry_every, health_window, health_max_error_rate, health_max_p95_ms, admin_token, log_level,
+              as_json, **kw):
     """Run the device agent: reconcile the desired model, serve it, report."""
     from edgeml.errors import UsageError
     from edgeml.fleet.agent import Agent, AgentConfig
-    from edgeml.fleet.waves import parse_duration
+    from edgeml.fleet.waves import bounded_duration
     from edgeml.fleet.protocol import check_device_id, parse_labels
     from edgeml.fleet.serving import make_serving
+    from edgeml.runtime.signing import load_public_key
 
     _setup_logging(log_level)
     broker = _broker(kw)
@@ -98,12 +108,22 @@ def agent_cmd(device_id, labels, state_dir, trusted_keys, allow_unsigned, http_h
     if not trusted_keys and not allow_unsigned:
         raise UsageError("the agent needs --trusted-key PUB (or --allow-unsigned for development)",
                          hint="create a key pair with: edgeml keygen KEY; pass KEY.pub here and sign with KEY")
+    for key in trusted_keys:       # a missing or wrong key would make every install fail later: refuse now
+        load_public_key(key)
+    if not 0.0 <= health_max_error_rate <= 1.0:
+        raise UsageError(f"--health-max-error-rate {health_max_error_rate} must be between 0 and 1")
+    if health_max_p95_ms is not None and not 0 < health_max_p95_ms < 1e7:
+        raise UsageError(f"--health-max-p95-ms {health_max_p95_ms} must be a positive number of milliseconds")
+    if not -1 <= http_port <= 65535:
+        raise UsageError(f"--http-port {http_port} is not a port (0-65535, or -1 for no HTTP server)")
     config = AgentConfig(device_id=device_id, state_dir=state_dir, labels=parse_labels(labels),
                          trusted_keys=list(trusted_keys), allow_unsigned=allow_unsigned,
-                         heartbeat_s=parse_duration(heartbeat), telemetry_s=parse_duration(telemetry_every),
-                         health_window_s=parse_duration(health_window), health_max_error_rate=health_max_error_rate,
-                         health_max_p95_ms=health_max_p95_ms)
-    serving = make_serving(Path(state_dir) / "cache", http_host=http_host, http_port=None if http_port < 0 else http_port)
+                         heartbeat_s=bounded_duration(heartbeat, "--heartbeat", min_s=MIN_INTERVAL_S, max_s=3600),
+                         telemetry_s=bounded_duration(telemetry_every, "--telemetry", min_s=MIN_INTERVAL_S, max_s=3600),
+                         health_window_s=bounded_duration(health_window, "--health-window", min_s=0, max_s=3600),
+                         health_max_error_rate=health_max_error_rate, health_max_p95_ms=health_max_p95_ms)
+    serving = make_serving(Path(state_dir) / "cache", http_host=http_host, http_port=None if http_port < 0 else http_port,
+                           admin_token=admin_token)
     if serving.address:
         config.endpoint = f"http://{serving.address[0]}:{serving.address[1]}"
     agent = Agent(config, broker, serving).start()
@@ -171,12 +191,13 @@ def manager_cmd(db, store_dir, http_host, http_port, public_url, sign_key, heart
 @handle_errors
 def publish_cmd(artifact, db, store_dir, trusted_keys, as_json):
     """Verify ARTIFACT and add it to the content-addressed store."""
-    from edgeml.fleet.db import FleetDB
+    from edgeml.fleet.db import FleetDB, check_database
     from edgeml.fleet.manager import ManagerConfig, register_artifact
     from edgeml.fleet.service import default_actor
     from edgeml.fleet.store import ArtifactStore
 
     config = ManagerConfig(db=_db_path(db), store_dir=store_dir)
+    check_database(config.db)     # a wrong --db is refused before the artifact is copied anywhere
     rec = ArtifactStore(config.store_path()).publish(artifact, trusted_keys=list(trusted_keys))
     fdb = FleetDB(config.db)
     register_artifact(fdb, rec, default_actor(), time.time())

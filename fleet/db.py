@@ -2,7 +2,7 @@
 
 WAL mode so the CLI can read while the manager writes; ``PRAGMA user_version``
 holds the schema version and ``MIGRATIONS[i]`` upgrades i -> i+1, each in one
-transaction. Every row the manager needs after a restart is here: devices,
+transaction (v3 adds the enum checks on every status column). Every row the manager needs after a restart is here: devices,
 artifacts, rollouts with their per-device state, deployments (deployment id ->
 device / rollout / kind), idempotent events, latest telemetry, the last desired
 message per device, audit log, and the commands queue the CLI writes into.
@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from edgeml.errors import FleetError
+from edgeml.fleet.states import (CommandStatus, DeploymentKind, DeviceStatus, InstallState, RollbackStatus,
+                                 RolloutState, sql_in)
 
 SCHEMA = [
     # v1
@@ -71,7 +73,28 @@ SCHEMA = [
     ALTER TABLE devices ADD COLUMN endpoint TEXT;
     """,
 ]
-SCHEMA_VERSION = len(SCHEMA)
+
+
+def _enum_triggers() -> list[str]:
+    """v3: every status column holds a value of its enum (fleet/states.py). SQLite cannot add a CHECK to an
+    existing table, so the same rule is a pair of BEFORE INSERT / UPDATE triggers: existing databases keep
+    their rows and upgrade in place; a write of an unknown status is refused (``sqlite3.IntegrityError``)."""
+    columns = [("rollouts", "state", RolloutState), ("rollout_devices", "status", DeviceStatus),
+               ("rollout_devices", "rollback_status", RollbackStatus), ("deployments", "status", DeviceStatus),
+               ("deployments", "kind", DeploymentKind), ("commands", "status", CommandStatus),
+               ("devices", "state", InstallState)]
+    out = []
+    for table, column, enum in columns:
+        for op, when in (("insert", "INSERT"), ("update", f"UPDATE OF {column}")):
+            out.append(f"CREATE TRIGGER {table}_{column}_{op}_check BEFORE {when} ON {table}"
+                       f" WHEN NEW.{column} NOT IN {sql_in(enum)}"
+                       f" BEGIN SELECT RAISE(ABORT, '{table}.{column}: not a {enum.__name__}'); END")
+    return out
+
+
+# a migration is one SQL script (split on ';') or a list of statements (triggers hold ';' themselves)
+MIGRATIONS: list[str | list[str]] = [*SCHEMA, _enum_triggers()]
+SCHEMA_VERSION = len(MIGRATIONS)
 
 
 class FleetDB:
@@ -80,6 +103,7 @@ class FleetDB:
         if readonly and not self.path.exists():
             raise FleetError(f"fleet database {self.path} does not exist",
                              hint="start the manager first: edgeml fleet manager --db FILE")
+        check_database(self.path)    # before anything writes to it: never "upgrade" someone else's file
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = sqlite3.connect(str(self.path), timeout=30, check_same_thread=False, isolation_level=None)
         self.conn.row_factory = sqlite3.Row
@@ -99,7 +123,8 @@ class FleetDB:
             for v in range(version, SCHEMA_VERSION):
                 self.conn.execute("BEGIN IMMEDIATE")
                 try:
-                    for stmt in [s for s in SCHEMA[v].split(";") if s.strip()]:
+                    step = MIGRATIONS[v]
+                    for stmt in [s for s in step.split(";") if s.strip()] if isinstance(step, str) else step:
                         self.conn.execute(stmt)
                     self.conn.execute(f"PRAGMA user_version = {v + 1}")
                     self.conn.execute("COMMIT")
@@ -138,6 +163,39 @@ class FleetDB:
     def close(self) -> None:
         with self.lock:
             self.conn.close()
+
+
+def check_database(path: Path) -> None:
+    """An existing ``path`` must be an edgeml fleet database (or empty); FleetError otherwise, file untouched.
+
+    Opened read-only: a garbage file, another program's SQLite database or one of a newer schema is refused
+    with one line, instead of a traceback or (worse) our schema written into it."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if path.is_dir():
+        raise FleetError(f"fleet database {path} is a folder", hint="pass the manager's SQLite file with --db")
+    if path.stat().st_size == 0:
+        return
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise FleetError(f"{path} is not a fleet database ({exc})",
+                         hint="pass the manager's SQLite file with --db (default $EDGEML_FLEET_DB or fleet.db)") from None
+    if not tables:
+        return
+    if version < 1 or not {"meta", "devices", "rollouts"} <= tables:
+        raise FleetError(f"{path} is an SQLite database, but not an edgeml fleet database"
+                         f" (schema version {version}, tables {sorted(tables)[:5]})",
+                         hint="pass the manager's SQLite file with --db")
+    if version > SCHEMA_VERSION:
+        raise FleetError(f"{path} has schema version {version}; this edgeml knows up to {SCHEMA_VERSION}",
+                         hint="upgrade edgeml on the manager host")
 
 
 class _Tx:

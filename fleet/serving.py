@@ -268,14 +268,10 @@ class HttpServing:
 
 
 def golden_inputs(model: Any) -> dict[str, Any] | None:
-    """The golden inputs of a loaded (so verified) model, read by the runtime's one golden-data reader."""
-    from edgeml.runtime.artifact import read_golden
-
-    spec = model.manifest.get("selftest")
-    if not spec:
-        return None
-    inputs, _ = read_golden(model.artifact.member(spec["file"]))
-    return inputs
+    """The golden inputs of a loaded (so verified) model, read by the runtime's one golden-data reader
+    (``VerifiedArtifact.golden``: hash, size, names and dtypes checked against the manifest)."""
+    golden = model.artifact.golden()
+    return golden[0] if golden else None
 
 
 def server_config(*, admin_token: str | None, **kw: Any) -> Any:

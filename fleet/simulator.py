@@ -201,7 +201,7 @@ def run_simulation(*, devices: int = 500, fail_fraction: float = 0.2, waves: lis
             t = time.monotonic()
             r = m.start_rollout(target, selector={"fleet": "sim"}, waves=waves, max_failure_rate=max_failure_rate,
                                 bake_s=bake_s, gates=[], actor="simulator")
-            s = wait_until(lambda: (s := m.rollout_status(r["id"]))["state"] in ("completed", "rolled_back") and s,
+            s = wait_until(lambda rid=r["id"]: (s := m.rollout_status(rid))["state"] in ("completed", "rolled_back") and s,
                            600, f"rollout of {target}")
             secs = time.monotonic() - t
             echo(f"{target}: {s['state']} in {secs:.1f}s; per wave {s['per_wave']}"

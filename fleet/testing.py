@@ -16,7 +16,7 @@ import numpy as np
 def _model_bytes(seed: int) -> bytes:
     from edgeml.errors import require
 
-    onnx = require("onnx", "compiler", feature="building test artifacts")
+    require("onnx", "compiler", feature="building test artifacts")
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)

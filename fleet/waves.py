@@ -30,6 +30,23 @@ def parse_rate(text: str | float) -> float:
 
 
 def parse_duration(text: str | float) -> float:
+    """``60s``, ``5m``, ``1h``, ``250ms`` or seconds -> seconds; finite and >= 0, else UsageError."""
+    value = _duration(text)
+    if not math.isfinite(value) or value < 0:
+        raise UsageError(f"duration {text!r} must be a finite, non-negative time like 60s, 5m or 1h")
+    return value
+
+
+def bounded_duration(text: str | float, option: str, *, min_s: float, max_s: float) -> float:
+    """parse_duration, and within [min_s, max_s] (e.g. a heartbeat that would flood the broker)."""
+    value = parse_duration(text)
+    if not min_s <= value <= max_s:
+        raise UsageError(f"{option} {text!r} is outside {min_s:g}s..{max_s:g}s",
+                         hint=f"use a duration between {min_s:g}s and {max_s:g}s")
+    return value
+
+
+def _duration(text: str | float) -> float:
     if isinstance(text, (int, float)):
         return float(text)
     s = text.strip().lower()

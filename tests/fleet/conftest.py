@@ -94,9 +94,11 @@ class AgentProcs:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, device_id: str, broker_url: str, labels: str = "fleet=test", env: dict | None = None,
-              extra: list[str] | None = None) -> subprocess.Popen:
+              extra: list[str] | None = None, crash_at: str | None = None) -> subprocess.Popen:
+        """``crash_at="STATE[@VERSION]"``: the agent SIGKILLs itself once after journaling STATE (crash_agent.py)."""
         log = open(self.tmp / f"{device_id}.log", "ab")
-        cmd = [sys.executable, "-m", "edgeml.cli", "agent", "--broker", broker_url, "--device-id", device_id,
+        entry = [str(Path(__file__).with_name("crash_agent.py")), crash_at] if crash_at else ["-m", "edgeml.cli"]
+        cmd = [sys.executable, *entry, "agent", "--broker", broker_url, "--device-id", device_id,
                "--labels", labels, "--state-dir", str(self.tmp / device_id), "--trusted-key", str(self.pub),
                "--heartbeat", "0.5s", "--telemetry", "1s", "--health-window", "0.3s", "--http-port", "-1",
                "--log-level", "info", *(extra or [])]

@@ -36,7 +36,7 @@ def test_kill9_in_every_install_state(broker, start_manager, agents, artifacts, 
     sel = {"fleet": "kill9"}
     devs = [f"k9-{s}" for s in CRASH_STATES]
     for d, state in zip(devs, CRASH_STATES):
-        agents.start(d, broker.url, labels="fleet=kill9", env={"EDGEML_AGENT_CRASH_AT": f"{state}@2.0.0"})
+        agents.start(d, broker.url, labels="fleet=kill9", crash_at=f"{state}@2.0.0")
     wait_until(lambda: m.db.one("SELECT COUNT(*) FROM devices WHERE online = 1 AND device_id LIKE 'k9-%'")[0] == len(CRASH_STATES),
                30, "all agents online")
     assert finished(m, start_rollout(m, "tiny@1.0.0", [1.0], sel), 40)["state"] == "completed"
@@ -54,7 +54,7 @@ def test_kill9_in_every_install_state(broker, start_manager, agents, artifacts, 
                15, "Last Wills")
     assert m.rollout_status(rid)["state"] == "running"
     for d, state in zip(devs, CRASH_STATES):   # "systemd" restarts them
-        agents.start(d, broker.url, labels="fleet=kill9", env={"EDGEML_AGENT_CRASH_AT": f"{state}@2.0.0"})
+        agents.start(d, broker.url, labels="fleet=kill9", crash_at=f"{state}@2.0.0")
     s = finished(m, rid, 60)
     print(f"\nkill -9 in {len(CRASH_STATES)} install states, restart, converge: {time.monotonic() - t:.1f}s")
     assert s["state"] == "completed" and s["per_wave"] == [{"committed": len(CRASH_STATES)}], s

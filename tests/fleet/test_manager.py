@@ -9,6 +9,7 @@ import pytest
 
 from edgeml.errors import FleetError
 from edgeml.fleet import protocol as P
+from edgeml.fleet.db import SCHEMA_VERSION
 from edgeml.fleet.manager import Manager, ManagerConfig
 from edgeml.fleet.metrics import Histogram
 
@@ -246,7 +247,7 @@ def test_restart_continues_rollout_and_dedupes_events(env, tmp_path):
     m2.tick(); clock.advance(11); m2.tick()
     fleet.answer(link); m2.tick(); clock.advance(11); m2.tick()
     assert m2.rollout_status(r["id"])["state"] == "completed"
-    assert m2.db.schema_version() == 2
+    assert m2.db.schema_version() == SCHEMA_VERSION
 
 
 def test_refusals(env):
@@ -267,7 +268,7 @@ def test_refusals(env):
 def test_schema_migration_from_v1_and_newer_schema_refused(tmp_path):
     import sqlite3
 
-    from edgeml.fleet.db import SCHEMA, FleetDB
+    from edgeml.fleet.db import SCHEMA, SCHEMA_VERSION, FleetDB
 
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path)
@@ -276,10 +277,10 @@ def test_schema_migration_from_v1_and_newer_schema_refused(tmp_path):
     conn.commit()
     conn.close()
     db = FleetDB(path)
-    assert db.schema_version() == len(SCHEMA) == 2
+    assert db.schema_version() == SCHEMA_VERSION == 3
     row = db.one("SELECT device_id, endpoint FROM devices")
     assert row["device_id"] == "old-1" and row["endpoint"] is None
-    db.x(f"PRAGMA user_version = {len(SCHEMA) + 1}")
+    db.x(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     db.close()
     with pytest.raises(FleetError, match="this edgeml knows up to"):
         FleetDB(path)

@@ -58,6 +58,9 @@ class _Field:
     def key(self, name: str) -> "_Field":
         return _Field(self.where, f"{self.path}.{name}" if self.path else name)
 
+    def item(self, name: str) -> "_Field":
+        return _Field(self.where, f"{self.path}[{name!r}]")
+
     def index(self, i: int) -> "_Field":
         return _Field(self.where, f"{self.path}[{i}]")
 
@@ -175,13 +178,12 @@ class FileEntry:
 
     @classmethod
     def parse(cls, value: object, f: _Field) -> "FileEntry":
-        obj = _obj(value, f)
-        if set(obj) != {"sha256", "size"}:
+        if not isinstance(value, dict) or set(value) != {"sha256", "size"}:
             raise f.expect("an object {sha256, size}", value)
-        digest = obj["sha256"]
+        digest = value["sha256"]
         if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
             raise f.key("sha256").expect("64 lowercase hex digits", digest)
-        return cls(digest, _int(obj["size"], f.key("size"), 0, 1 << 50))
+        return cls(digest, _int(value["size"], f.key("size"), 0, 1 << 50))
 
     def to_dict(self) -> dict[str, JsonValue]:
         return {"sha256": self.sha256, "size": self.size}
@@ -386,7 +388,7 @@ def _parse_files(value: object, f: _Field) -> Mapping[str, FileEntry]:
             raise f.fail(f"member names {_show(seen[key])} and {_show(name)} name the same file "
                          "on a case-insensitive filesystem")
         seen[key] = name
-        out[name] = FileEntry.parse(entry, f.key(name))
+        out[name] = FileEntry.parse(entry, f.item(name))
     return MappingProxyType(out)
 
 

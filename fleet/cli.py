@@ -333,7 +333,7 @@ _op("rollback", "Return every device this rollout updated to its previous versio
 def telemetry_cmd(db, device, as_json):
     """Latest telemetry per device and per model version (merged histograms)."""
     from edgeml.fleet.db import FleetDB
-    from edgeml.fleet.metrics import merge, quantile
+    from edgeml.fleet.metrics import merge, quantile, stored_buckets
 
     fdb = FleetDB(_db_path(db), readonly=True)
     where, args = ("WHERE device_id = ?", (device,)) if device else ("", ())
@@ -341,7 +341,7 @@ def telemetry_cmd(db, device, as_json):
     models = [dict(r) for r in fdb.q(f"SELECT * FROM telemetry {where} ORDER BY name, version, device_id", args)]
     by_version: dict[str, dict] = {}
     for m in models:
-        m["buckets"] = json.loads(m["buckets"])
+        m["buckets"] = stored_buckets(m["buckets"])
         v = by_version.setdefault(f"{m['name']}@{m['version']}", {"requests": 0, "failures": 0, "devices": 0, "h": []})
         v["requests"] += m["requests"]
         v["failures"] += m["failures"]

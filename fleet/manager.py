@@ -29,7 +29,8 @@ from edgeml.errors import EdgemlError, FleetError, MessageRejected, UsageError
 from edgeml.fleet import protocol as P
 from edgeml.fleet.db import FleetDB, row_dict
 from edgeml.fleet.gates import GateContext, VersionStats, build_gates, evaluate_all, gate_from_dict, gate_to_dict
-from edgeml.fleet.metrics import merge
+from edgeml.fleet.metrics import merge, stored_buckets
+from edgeml.fleet.ratelimit import RateLimitedLog
 from edgeml.fleet.states import FINAL_FAILURES, DeviceStatus, FailureCode, InstallState, RolloutState
 from edgeml.fleet.store import ArtifactStore
 from edgeml.fleet.waves import assign_waves
@@ -45,31 +46,6 @@ def _failure_status(code: str | None) -> DeviceStatus:
     """A device's failed / rolled_back report: replaced by a newer desired state (e.g. this rollout's rollback)
     is not a failure. Decided by the protocol's ``code``, never by the wording of ``reason``."""
     return DeviceStatus.SUPERSEDED if code == FailureCode.SUPERSEDED else DeviceStatus.FAILED
-
-
-class RateLimitedLog:
-    """At most one line per key (topic, rollout) every ``every_s``; says how many were held back."""
-
-    def __init__(self, logger: logging.Logger, every_s: float = 10.0, max_keys: int = 4096):
-        self.logger, self.every_s, self.max_keys = logger, every_s, max_keys
-        self._last: dict[str, tuple[float, int]] = {}
-
-    def _emit(self, level: int, key: str, fmt: str, *args: Any) -> None:
-        now = time.monotonic()
-        last, held = self._last.get(key, (-1e18, 0))
-        if now - last < self.every_s:
-            self._last[key] = (last, held + 1)
-            return
-        if len(self._last) >= self.max_keys:
-            self._last.clear()
-        self._last[key] = (now, 0)
-        self.logger.log(level, fmt + (f" ({held} more like this held back)" if held else ""), *args)
-
-    def warning(self, key: str, fmt: str, *args: Any) -> None:
-        self._emit(logging.WARNING, key, fmt, *args)
-
-    def error(self, key: str, fmt: str, *args: Any) -> None:
-        self._emit(logging.ERROR, key, fmt, *args)
 
 
 @dataclass
@@ -542,7 +518,7 @@ class Manager:
             keep = set(devices)
             rows = [r for r in rows if r["device_id"] in keep]
         return VersionStats(requests=sum(r["requests"] for r in rows), failures=sum(r["failures"] for r in rows),
-                            buckets=merge(json.loads(r["buckets"]) for r in rows),
+                            buckets=merge(stored_buckets(r["buckets"]) for r in rows),
                             devices=len({r["device_id"] for r in rows}))
 
     def _advance_rollback(self, r: dict[str, Any], now: float) -> None:

@@ -7,6 +7,7 @@ reads quantiles from the sum. Percentiles are never averaged.
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from typing import Iterable, Mapping
@@ -61,6 +62,15 @@ def merge(histograms: Iterable[Mapping[str, int]]) -> dict[str, int]:
             if le in BUCKET_KEYS and isinstance(c, int) and not isinstance(c, bool) and c >= 0:
                 total[le] = total.get(le, 0) + c
     return dict(sorted(total.items(), key=lambda kv: _le(kv[0])))
+
+
+def stored_buckets(text: str | bytes | None) -> dict[str, int]:
+    """A histogram as stored in the telemetry table; an unreadable row (hand-edited, pre-validation) is empty."""
+    try:
+        value = json.loads(text) if text else {}
+    except (ValueError, TypeError, RecursionError):
+        return {}
+    return merge([value]) if isinstance(value, dict) else {}
 
 
 def _le(key: str) -> float:

@@ -39,7 +39,7 @@ def listing(members: dict[str, bytes]) -> dict[str, dict[str, Any]]:
 
 
 def craft(out: Path, manifest: Any, members: dict[str, bytes], *, sign_key: Path | None = None,
-          raw_manifest: bytes | None = None, extra: list[tuple[zipfile.ZipInfo | str, bytes]] = ()) -> Path:
+          raw_manifest: bytes | None = None, extra: tuple[tuple[zipfile.ZipInfo | str, bytes], ...] = ()) -> Path:
     """A ZIP with ``manifest`` (as given: nothing validated), optionally signed, then ``members``."""
     from edgeml.runtime import signing
 

@@ -107,7 +107,7 @@ def test_threads_are_validated_and_clamped_to_the_host(tmp_path):
     model.close()
     for bad in (-1, 10**6, "8"):
         with pytest.raises(UsageError, match="threads must be an integer from 0"):
-            edgeml.load(art, cache_dir=tmp_path / "c", threads=bad)   # type: ignore[arg-type]
+            edgeml.load(art, cache_dir=tmp_path / "c", threads=bad) 
     bomb = craft(tmp_path / "b.edgepkg", base_manifest(files=listing(MODEL), runtime={"threads": 100000}), MODEL)
     with pytest.raises(ArtifactError, match="field 'runtime.threads'"):
         edgeml.load(bomb, cache_dir=tmp_path / "c")

@@ -95,8 +95,8 @@ def test_member_name_aliases_are_refused_and_nothing_is_extracted(tmp_path, alia
     art = write_artifact(tmp_path / "a.edgepkg", base_manifest(), MODEL)
     evil = tmp_path / "evil.edgepkg"
     with zipfile.ZipFile(art) as zin, zipfile.ZipFile(evil, "w") as zout:
-        for info in zin.infolist():
-            zout.writestr(info, zin.read(info.filename))
+        for member in zin.infolist():
+            zout.writestr(member, zin.read(member.filename))
         zout.writestr(zipfile.ZipInfo(alias), b"unverified twin")
     with pytest.raises(ArtifactError, match="canonical form|same file|link or folder") as info:
         edgeml.load(evil, cache_dir=cache)
@@ -114,7 +114,7 @@ def test_member_name_aliases_are_refused_and_nothing_is_extracted(tmp_path, alia
 def test_unsafe_member_names_are_refused(tmp_path, name, match):
     # zipfile cuts names at NUL when writing: write a placeholder and patch the NUL into the bytes.
     placeholder = name.replace("\x00", "#")
-    art = craft(tmp_path / "n.edgepkg", base_manifest(files=listing(MODEL)), MODEL, extra=[(placeholder, b"x")])
+    art = craft(tmp_path / "n.edgepkg", base_manifest(files=listing(MODEL)), MODEL, extra=((placeholder, b"x"),))
     art.write_bytes(art.read_bytes().replace(placeholder.encode(), name.encode()))
     with pytest.raises(ArtifactError, match=match):
         verify_archive(art)

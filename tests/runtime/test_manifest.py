@@ -99,7 +99,7 @@ def test_missing_keys_and_schema_version_are_named(tmp_path):
     (b'{"algorithm": "ed25519", "key_id": 5, "signature": "AA=="}', "field 'key_id'"),
 ])
 def test_signature_that_is_not_an_object_is_one_clear_error(tmp_path, raw, match):
-    art = craft(tmp_path / "s.edgepkg", full(), MODEL, extra=[("manifest.sig", raw)])
+    art = craft(tmp_path / "s.edgepkg", full(), MODEL, extra=(("manifest.sig", raw),))
     with pytest.raises(ArtifactError, match=match):
         verify_archive(art)
 
@@ -124,7 +124,7 @@ def test_typed_spec_round_trips_and_keeps_evidence_as_info():
     assert Manifest.from_dict(spec.to_dict()) == spec
     assert spec.info["candidates"] == [{"label": "a"}] and spec.runtime is not None and spec.runtime.threads == 2
     with pytest.raises(AttributeError):
-        spec.name = "other"  # type: ignore[misc]  # frozen
+        spec.name = "other"  # frozen
 
 
 def test_write_artifact_refuses_what_load_would_refuse(tmp_path):
@@ -146,7 +146,7 @@ def test_one_dtype_map_refuses_unknown_names():
     assert all(datatype_of(v) == k for k, v in DATATYPE_TO_DTYPE.items())
     for bad in ("FP8", "float32", None):
         with pytest.raises(DataError, match="unknown datatype"):
-            dtype_of(bad)  # type: ignore[arg-type]
+            dtype_of(bad)
     with pytest.raises(DataError, match="has no v2 datatype"):
         datatype_of(np.dtype("complex64"))     # never a silent FP32
     with pytest.raises(DataError, match="unknown dtype"):

@@ -277,15 +277,9 @@ def golden_inputs(model: Any) -> dict[str, Any] | None:
 def server_config(*, admin_token: str | None, **kw: Any) -> Any:
     """The embedded server's config. Its repository API (load/unload over HTTP) stays off (403) unless the
     user gave the agent ``--admin-token``: a local client must not be able to unload the device's model."""
-    import dataclasses
-
     from edgeml.runtime.server import ServerConfig
 
-    if "admin_token" in {f.name for f in dataclasses.fields(ServerConfig)}:
-        kw["admin_token"] = admin_token
-    elif admin_token is not None:
-        raise FleetError("this edgeml's model server has no admin token support; drop --admin-token")
-    return ServerConfig(**kw)
+    return ServerConfig(admin_token=admin_token, **kw)
 
 
 def make_serving(cache_dir: Path, *, http_host: str = "127.0.0.1", http_port: int | None = 8000,

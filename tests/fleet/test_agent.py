@@ -219,3 +219,145 @@ def test_health_window_breach_after_swap_rolls_back(tmp_path, keys, store):
     assert "p95" in link.events()[-1][2]
     assert core.serving.active()["version"] == "1.0.0" and core.active()["version"] == "1.0.0"
     assert core.journal.data["last_failed"]["deployment_id"] == "d2"
+
+
+# ------------------------------------------------------------------ issue 9 row 4: re-verify the committed slot
+def _two_commits(tmp_path, keys, store):
+    srv, recs = store
+    core, link = make_core(tmp_path, keys)
+    core.start(threads=False)
+    deliver(core, desired(srv, recs["v1"], 1, "d1", keys))
+    deliver(core, desired(srv, recs["v2"], 2, "d2", keys))
+    assert core.active()["version"] == "2.0.0"
+    core.serving.close()
+    return core.journal.data, recs
+
+
+def _restart(tmp_path, keys):
+    core, link = make_core(tmp_path, keys)
+    core.start(threads=False)
+    core.on_connect()
+    return core, link
+
+
+def test_swapped_committed_slot_is_refused_and_the_previous_one_served(tmp_path, keys, store, artifacts):
+    journal, recs = _two_commits(tmp_path, keys, store)
+    slot = journal["committed"]["slot"]
+    # while the agent is down, someone replaces the slot with another (validly signed) artifact
+    with open(slot, "wb") as fh:
+        fh.write(artifacts["bad"].read_bytes())
+    core, link = _restart(tmp_path, keys)
+    try:
+        assert core.serving.active()["version"] == "1.0.0"        # the previous good slot, not the swapped file
+        assert core.active()["sha256"] == recs["v1"]["sha256"]
+        presence = [m for t, m, *_ in link.sent if m["type"] == "presence"][-1]
+        heartbeat = [m for t, m, *_ in link.sent if m["type"] == "heartbeat"][-1]
+        assert presence["active"]["sha256"] == recs["v1"]["sha256"] != recs["v2"]["sha256"]
+        assert heartbeat["last_failed"]["code"] == "slot_invalid" and heartbeat["active"]["version"] == "1.0.0"
+        failed = [m for t, m, *_ in link.sent if m["type"] == "event" and m["state"] == "failed"]
+        assert failed and failed[-1]["deployment_id"] == "d2" and failed[-1]["code"] == "slot_invalid"
+        assert "sha256" in failed[-1]["reason"]
+        for topic, msg, *_ in link.sent:
+            P.validate(topic, P.encode(msg))
+    finally:
+        core.serving.close()
+
+
+def test_both_slots_swapped_serves_nothing_and_says_so(tmp_path, keys, store, artifacts):
+    journal, _ = _two_commits(tmp_path, keys, store)
+    for rec in (journal["committed"], journal["previous"]):
+        with open(rec["slot"], "wb") as fh:
+            fh.write(artifacts["unsigned"].read_bytes())
+    core, link = _restart(tmp_path, keys)
+    try:
+        assert core.serving.active() is None and core.active() is None
+        presence = [m for t, m, *_ in link.sent if m["type"] == "presence"][-1]
+        assert presence["active"] is None
+        codes = [m["code"] for t, m, *_ in link.sent if m["type"] == "event"]
+        assert codes.count("slot_invalid") == 2
+    finally:
+        core.serving.close()
+
+
+def test_same_sha_but_signature_checked_when_keys_are_configured(tmp_path, keys, store):
+    """The sha256 matches what was recorded, but the agent now trusts only another key: refused too."""
+    journal, _ = _two_commits(tmp_path, keys, store)
+    cfg = AgentConfig("dev-1", tmp_path / "state", trusted_keys=[keys["other_pub"]], health_window_s=0.1)
+    core = AgentCore(cfg, Recorder(), LocalServing(tmp_path / "state" / "cache"))
+    core.start(threads=False)
+    try:
+        assert core.serving.active() is None
+        assert "fails verification" in core.journal.data["last_failed"]["reason"]
+    finally:
+        core.serving.close()
+
+
+# ------------------------------------------------------------------ issue 9 row 12: downloads that cannot succeed
+@pytest.mark.parametrize("case, reason", [("404", "HTTP 404"), ("size_up", "the server has"),
+                                          ("size_down", "the server has")])
+def test_download_that_cannot_succeed_fails_at_once_with_the_reason(tmp_path, keys, store, case, reason):
+    srv, recs = store
+    rec = dict(recs["v1"])
+    if case == "404":
+        rec["sha256"] = "0" * 64
+    else:
+        rec["size"] += 7 if case == "size_up" else -7
+    core, link = make_core(tmp_path, keys, download_patience_s=60)
+    core.start(threads=False)
+    deliver(core, desired(srv, rec, 1, "d1", keys))
+    ev = [m for t, m, *_ in link.sent if m["type"] == "event"][-1]
+    assert ev["state"] == "failed" and ev["code"] == "download" and reason in ev["reason"], ev
+    assert "attempts" not in ev["reason"]          # not retried as a network error
+
+
+# ------------------------------------------------------------------ issue 9 row 5 (agent side)
+def test_agent_notices_its_model_stopped_serving(tmp_path, keys, store):
+    """Unloading the model behind the agent's back (what the repository API allowed) is noticed from the
+    embedded server's own readiness, reported (event + heartbeat state), and the committed slot re-activated."""
+    pytest.importorskip("edgeml.runtime.server", reason="edgeml.runtime.server is not installed")
+    from edgeml.fleet.serving import HttpServing
+
+    srv, recs = store
+    cfg = AgentConfig("dev-1", tmp_path / "state", trusted_keys=[keys["pub"]], health_window_s=0.1, health_probe_s=0.02)
+    link = Recorder()
+    serving = HttpServing(tmp_path / "state" / "cache", port=0)
+    core = AgentCore(cfg, link, serving)
+    core.start(threads=False)
+    try:
+        deliver(core, desired(srv, recs["v1"], 1, "d1", keys))
+        assert serving.ready()
+        serving.server.unload("tiny", "1.0.0", wait=True)
+        assert not serving.ready()
+        core.check_serving()
+        core.publish_heartbeat()
+        hb = [m for t, m, *_ in link.sent if m["type"] == "heartbeat"][-1]
+        assert hb["state"] == "not_serving" and hb["serving"] is False
+        ev = [m for t, m, *_ in link.sent if m["type"] == "event"][-1]
+        assert ev["state"] == "not_serving" and ev["code"] == "not_ready" and ev["deployment_id"] == "d1"
+        assert serving.ready()                       # re-activated from the re-verified committed slot
+        core.check_serving()
+        assert [m for t, m, *_ in link.sent if m["type"] == "event"][-1]["state"] == "serving"
+        for topic, msg, *_ in link.sent:
+            P.validate(topic, P.encode(msg))
+    finally:
+        serving.close()
+
+
+def test_embedded_server_has_no_repository_api_without_a_token(tmp_path):
+    import urllib.error
+    import urllib.request
+
+    pytest.importorskip("edgeml.runtime.server", reason="edgeml.runtime.server is not installed")
+    from edgeml.fleet.serving import HttpServing
+
+    serving = HttpServing(tmp_path / "cache", port=0)
+    try:
+        assert serving.server.config.admin_token is None
+        host, port = serving.address
+        req = urllib.request.Request(f"http://{host}:{port}/v2/repository/models/tiny/unload", data=b"{}",
+                                     method="POST")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=10)
+        assert err.value.code == 403
+    finally:
+        serving.close()

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.mqtt
 def test_backoff_grows_and_is_jittered():
     t = MqttTransport(BrokerConfig("mqtt://127.0.0.1:1", backoff_min_s=0.5, backoff_max_s=8), "x")
     samples = {a: [t._backoff(a) for _ in range(200)] for a in (0, 3, 10)}
-    for a, xs in samples.items():
+    for xs in samples.values():
         assert min(xs) >= 0.25 and max(xs) <= max(8, 0.5)
         assert len({round(x, 3) for x in xs}) > 50, "jitter: delays must differ"
     assert sum(samples[10]) / 200 > sum(samples[0]) / 200 * 3       # exponential growth up to the cap

@@ -361,7 +361,8 @@ class AgentCore:
                 if self._stop.is_set():
                     return
                 desired, self._wanted = self._wanted, None
-            self.install(desired)
+            if desired is not None:
+                self.install(desired)
 
     def step_pending(self) -> bool:
         """Run one queued install synchronously (simulator / tests). True when one ran."""
@@ -573,6 +574,13 @@ class AgentCore:
         self.publish_heartbeat()
 
 
+class _NotConnected:
+    """The link before the MQTT transport exists (construction order): nothing is published through it."""
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
+        return False
+
+
 def _failure_summary(last_failed: dict[str, Any] | None) -> dict[str, Any] | None:
     if not last_failed:
         return None
@@ -596,7 +604,7 @@ class Agent:
     def __init__(self, config: AgentConfig, broker, serving: Serving):
         from edgeml.fleet.transport import MqttTransport
 
-        self.core = AgentCore(config, link=None, serving=serving)  # link set below
+        self.core = AgentCore(config, link=_NotConnected(), serving=serving)  # the transport is set below
         will = P.encode(self.core.presence_message(False))
         self.transport = MqttTransport(broker, client_id=f"edgeml-agent-{config.device_id}",
                                        will=(P.topic(config.device_id, "presence"), will, 1, True),

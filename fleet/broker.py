@@ -57,7 +57,10 @@ class Broker:
         self.kind = kind
         log = open(self.workdir / f"{kind}.log", "ab")
         if kind == "mosquitto":
-            cmd = [mosquitto_binary(), "-c", str(self._mosquitto_conf())]
+            binary = mosquitto_binary()
+            if binary is None:
+                raise MissingDependency("mosquitto is not installed", hint="apt-get install mosquitto")
+            cmd = [binary, "-c", str(self._mosquitto_conf())]
         else:
             cmd = [self._amqtt_binary(), "-c", str(self._amqtt_conf())]
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -84,10 +87,6 @@ class Broker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout)
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
 
     # ------------------------------------------------------------ config files
     def _mosquitto_conf(self) -> Path:

@@ -149,7 +149,7 @@ def _drive_traffic(endpoints: list[str], seconds: float, threads_per_device: int
 
     def worker(url: str) -> None:
         u = urlparse(url)
-        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=5)
+        conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port, timeout=5)
         n = 0
         try:
             while time.monotonic() < stop:

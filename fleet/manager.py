@@ -103,7 +103,7 @@ class Manager:
 
     def _touch_device(self, msg: dict[str, Any], *, online: bool | None = None, **fields: Any) -> None:
         now = self.clock()
-        sets = {"last_seen": now}
+        sets: dict[str, Any] = {"last_seen": now}
         if "labels" in msg:
             sets["labels"] = json.dumps(msg["labels"], sort_keys=True)
         if online is not None:

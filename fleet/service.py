@@ -66,9 +66,11 @@ class ManagerService:
         return self
 
     def _loop(self) -> None:
+        manager = self.manager
+        assert manager is not None, "start() creates the manager before the loop"
         while not self._stop.is_set():
             try:
-                self.manager.tick()
+                manager.tick()
             except Exception:  # noqa: BLE001 - the loop must survive one bad round
                 log.exception("manager tick failed")
             self._stop.wait(self.config.tick_s)

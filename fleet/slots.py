@@ -34,7 +34,7 @@ class Slots:
     def gc(self, keep: list[Path]) -> list[Path]:
         """Remove slot folders not in ``keep``; returns what was removed."""
         keep_set = {Path(p).resolve() for p in keep}
-        removed = []
+        removed: list[Path] = []
         if not self.root.is_dir():
             return removed
         for folder in self.root.iterdir():

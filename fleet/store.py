@@ -161,9 +161,10 @@ class StoreServer:
         handler = type("StoreHandler", (_Handler,), {"store": store})
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
-        self.httpd.throttle_bytes = None
+        self.httpd.throttle_bytes = None   # type: ignore[attr-defined] # tests slow the server down
         self.store = store
-        self.host, self.port = self.httpd.server_address[:2]
+        address = self.httpd.server_address
+        self.host, self.port = str(address[0]), int(address[1])
         self.base_url = (public_url or f"http://{self.host}:{self.port}").rstrip("/")
         self._thread: threading.Thread | None = None
 

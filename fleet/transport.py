@@ -222,20 +222,20 @@ class MqttTransport:
             proto_before = self.protocol
             try:
                 with self._lock:
-                    self._client = self._new_client()
+                    self._client = client = self._new_client()
                     # publishes from other threads then only queue + wake this loop (as with loop_start),
                     # so one thread ever writes the socket
-                    self._client._thread = threading.current_thread()
+                    client._thread = threading.current_thread()
                 if self.protocol == 5 and self.config.persistent_session:
                     from paho.mqtt.packettypes import PacketTypes
                     from paho.mqtt.properties import Properties
 
                     props = Properties(PacketTypes.CONNECT)
                     props.SessionExpiryInterval = self.config.session_expiry_s
-                    self._client.connect(self.host, self.port, keepalive=self.config.keepalive,
+                    client.connect(self.host, self.port, keepalive=self.config.keepalive,
                                          clean_start=False, properties=props)
                 else:
-                    self._client.connect(self.host, self.port, keepalive=self.config.keepalive)
+                    client.connect(self.host, self.port, keepalive=self.config.keepalive)
             except (OSError, ValueError) as exc:
                 self.last_error = f"cannot connect to {self.host}:{self.port}: {exc}"
                 log.debug("%s", self.last_error)
@@ -244,7 +244,7 @@ class MqttTransport:
                 continue
             started = time.monotonic()
             while not self._stop.is_set():
-                rc = self._client.loop(timeout=0.2)
+                rc = client.loop(timeout=0.2)
                 if rc != mqtt.MQTT_ERR_SUCCESS:
                     break
                 if not self._got_connack and time.monotonic() - started > self.config.connack_timeout_s:
@@ -254,9 +254,9 @@ class MqttTransport:
                     break
             if self.protocol != proto_before or self._stop.is_set():
                 try:   # a clean DISCONNECT: the broker then drops the Last Will
-                    self._client.disconnect()
+                    client.disconnect()
                     deadline = time.monotonic() + 1.0
-                    while time.monotonic() < deadline and self._client.loop(timeout=0.05) == mqtt.MQTT_ERR_SUCCESS:
+                    while time.monotonic() < deadline and client.loop(timeout=0.05) == mqtt.MQTT_ERR_SUCCESS:
                         pass
                 except Exception:  # noqa: BLE001 - closing anyway
                     pass

@@ -75,10 +75,10 @@ class ServerConfig:
                 continue
             if type(value) is not int or not lo <= value <= hi:
                 raise ServeError(f"ServerConfig.{name} is {value!r}; it must be an integer from {lo} to {hi}")
-        for name, (lo, hi) in floats.items():
+        for name, (flo, fhi) in floats.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-                raise ServeError(f"ServerConfig.{name} is {value!r}; it must be a number from {lo:g} to {hi:g}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not flo <= value <= fhi:
+                raise ServeError(f"ServerConfig.{name} is {value!r}; it must be a number from {flo:g} to {fhi:g}")
         if self.admin_token is not None and (not isinstance(self.admin_token, str) or len(self.admin_token) < 8):
             raise ServeError("ServerConfig.admin_token must be a string of at least 8 characters",
                              hint="use a long random token, e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`")
@@ -122,7 +122,7 @@ class ModelServer:
             from edgeml.runtime.server.grpc_server import GrpcEndpoint
 
             grpc_ep = GrpcEndpoint(self, self.config.host, self.config.grpc_port)
-        ready = concurrent.futures.Future()
+        ready: concurrent.futures.Future[tuple[str, int]] = concurrent.futures.Future()
 
         def main() -> None:
             asyncio.set_event_loop(self._loop)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 from pathlib import Path
@@ -11,16 +12,45 @@ import click
 from edgeml.cli import emit, handle_errors, json_option
 
 
+def _finite(lo: float, hi: float, *, low_open: bool = False):
+    """A click callback: a finite number in [lo, hi] (click.FloatRange lets nan through)."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+        if value is None:
+            return None
+        if not math.isfinite(value) or value > hi or value < lo or (low_open and value == lo):
+            above = f"above {lo:g}" if low_open else f"from {lo:g}"
+            raise click.BadParameter(f"{value!r} is not a number {above} to {hi:g}")
+        return value
+
+    return check
+
+
+_PORT = click.IntRange(0, 65535)
+
+
 @click.command("serve")
 @click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8000, show_default=True, type=int, help="Port (0 picks a free one).")
-@click.option("--grpc-port", type=int, default=None,
+@click.option("--port", default=8000, show_default=True, type=_PORT, help="Port (0 picks a free one).")
+@click.option("--grpc-port", type=_PORT, default=None,
               help="Also serve the v2 gRPC protocol on this port (0 picks a free one; needs edgeml[serve]).")
-@click.option("--max-batch", default=32, show_default=True, type=int, help="Rows per backend run (dynamic batching).")
-@click.option("--max-delay-ms", default=2.0, show_default=True, type=float, help="Longest a request waits for its batch to fill.")
-@click.option("--max-body-mb", default=64.0, show_default=True, type=float, help="Largest request body accepted.")
-@click.option("--threads", type=int, default=None, help="Backend intra-op threads (default: the artifact's choice).")
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1, 65536),
+              help="Rows per backend run (dynamic batching).")
+@click.option("--max-delay-ms", default=2.0, show_default=True, type=float, callback=_finite(0, 60_000),
+              help="Longest a request waits for its batch to fill.")
+@click.option("--max-body-mb", default=16.0, show_default=True, type=float, callback=_finite(0, 4096, low_open=True),
+              help="Largest request body accepted (413 past it).")
+@click.option("--max-request-rows", type=click.IntRange(1, 1 << 24), default=None,
+              help="Most rows one request may carry (413 past it; default: --max-batch).")
+@click.option("--max-connections", default=1024, show_default=True, type=click.IntRange(1, 1 << 20),
+              help="Open HTTP connections; more are answered 503 and closed.")
+@click.option("--header-timeout", "header_timeout_s", default=10.0, show_default=True, type=float,
+              callback=_finite(0, 86_400, low_open=True), help="Seconds a client has to send a request's headers.")
+@click.option("--body-timeout", "body_timeout_s", default=60.0, show_default=True, type=float,
+              callback=_finite(0, 86_400, low_open=True), help="Seconds a client has to send a request's body.")
+@click.option("--threads", type=click.IntRange(1, 4096), default=None,
+              help="Backend intra-op threads (default: the artifact's choice).")
 @click.option("--batch-mode", type=click.Choice(["auto", "inline", "thread"]), default="auto", show_default=True,
               help="Run batches on the event loop (inline) or a worker thread; auto picks by model speed.")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path),
@@ -28,20 +58,28 @@ from edgeml.cli import emit, handle_errors, json_option
 @click.option("--allow-unsigned", is_flag=True, help="With --trusted-key: still accept unsigned artifacts.")
 @click.option("--repository", "repository_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder from which POST /v2/repository/models/NAME/load may load new artifacts.")
+@click.option("--admin-token", envvar="EDGEML_ADMIN_TOKEN", default=None, show_envvar=True,
+              help="Enable the repository API (load/unload/index) for requests with 'Authorization: Bearer TOKEN'"
+                   " (at least 8 characters). Without it the repository API answers 403.")
 @click.option("--access-log", is_flag=True, help="Log every request (errors are always logged).")
 @json_option
 @handle_errors
-def serve_cmd(artifacts, host, port, grpc_port, max_batch, max_delay_ms, max_body_mb, threads, batch_mode, trusted_keys,
-              allow_unsigned, repository_dir, access_log, as_json) -> None:
+def serve_cmd(artifacts, host, port, grpc_port, max_batch, max_delay_ms, max_body_mb, max_request_rows,
+              max_connections, header_timeout_s, body_timeout_s, threads, batch_mode, trusted_keys,
+              allow_unsigned, repository_dir, admin_token, access_log, as_json) -> None:
     """Serve ARTIFACTS over the Open Inference Protocol (KServe v2 HTTP) until SIGINT/SIGTERM.
 
     Logs are JSON lines on stderr with --json (text otherwise); the listening address is printed on stdout.
     """
+    if admin_token is not None and len(admin_token) < 8:
+        raise click.BadParameter("the token must be at least 8 characters", param_hint="'--admin-token'")
     from edgeml.runtime.server import ModelServer, ServerConfig
 
     config = ServerConfig(
         host=host, port=port, max_batch=max_batch, max_delay_ms=max_delay_ms,
-        max_body_bytes=int(max_body_mb * (1 << 20)), trusted_keys=list(trusted_keys),
+        max_body_bytes=max(1, int(max_body_mb * (1 << 20))), trusted_keys=list(trusted_keys),
+        max_request_rows=max_request_rows, max_connections=max_connections, header_timeout_s=header_timeout_s,
+        body_timeout_s=body_timeout_s, admin_token=admin_token,
         require_signature=False if allow_unsigned else None, threads=threads, log_json=as_json,
         batch_mode=batch_mode, repository_dir=repository_dir, access_log=access_log, grpc_port=grpc_port)
     server = ModelServer(config)

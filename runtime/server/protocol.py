@@ -296,7 +296,8 @@ def _values(name: str, datatype: str, dtype: np.dtype, data: Any) -> np.ndarray:
         raise BadRequest(f"input {name!r}: 'data' cannot be read as {datatype}: it holds {_kind(example)}; "
                          f"give {_ALLOWED_TEXT.get(datatype, 'integers')}")
     try:
-        array = np.array(flat, dtype=dtype)
+        with np.errstate(all="ignore"):        # overflow is reported below, as a 400
+            array = np.array(flat, dtype=dtype)
     except (ValueError, TypeError, OverflowError) as exc:
         raise BadRequest(f"input {name!r}: a value in 'data' is out of range for {datatype}: {exc}") from None
     if dtype.kind == "f" and not np.isfinite(array).all():

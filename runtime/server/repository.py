@@ -16,7 +16,7 @@ import numpy as np
 
 from edgeml.runtime.server.batching import Batcher
 from edgeml.runtime.server.metrics import ModelStats
-from edgeml.runtime.server.protocol import BadRequest, datatype_of, json_dumps, tensor_metadata
+from edgeml.runtime.server.protocol import ModelNotFound, datatype_of, json_dumps, tensor_metadata
 
 
 @dataclass(frozen=True)
@@ -129,12 +129,12 @@ class Repository:
         entry = self.entries.get(name)
         if entry is None or not entry.versions:
             known = sorted(n for n, e in self.entries.items() if e.versions)
-            raise BadRequest(f"unknown model {name!r}; this server has {known}", 404)
+            raise ModelNotFound(f"unknown model {name!r}; this server has {known}")
         if version is None:
             version = entry.default
         lm = entry.versions.get(version) if version is not None else None
         if lm is None:
-            raise BadRequest(f"model {name!r} has no version {version!r}; it has {list(entry.versions)}", 404)
+            raise ModelNotFound(f"model {name!r} has no version {version!r}; it has {list(entry.versions)}")
         return lm
 
     def add(self, lm: LoadedModel, make_default: bool) -> LoadedModel | None:

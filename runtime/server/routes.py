@@ -201,21 +201,6 @@ class Router:
         }
 
 
-    def _config(self, lm) -> dict[str, Any]:
-        def dims(spec):
-            shape = spec.shape[1:] if lm.batchable else spec.shape
-            return [-1 if d is None else d for d in shape]
-
-        b = lm.batcher
-        return {
-            "name": lm.name, "platform": lm.backend_name, "backend": lm.backend_name,
-            "max_batch_size": b.max_batch if lm.batchable else 0,
-            "input": [{"name": s.name, "data_type": "TYPE_" + s.datatype, "dims": dims(s)} for s in lm.input_specs.values()],
-            "output": [{"name": s.name, "data_type": "TYPE_" + s.datatype, "dims": dims(s)} for s in lm.output_specs.values()],
-            "dynamic_batching": {"max_queue_delay_microseconds": int(b.max_delay_s * 1e6)} if lm.batchable else None,
-            "parameters": {"precision": lm.precision, "batch_mode": lm.mode, "version": lm.version},
-        }
-
     # -- repository extension ----------------------------------------------
     def _repository(self, conn, slot, call: Call, parts: list[str], body: bytes) -> None:
         s = self.s

@@ -108,5 +108,5 @@ class RuntimeBackend(ABC):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch; feeds and results are keyed by tensor name."""
 
-    def close(self) -> None:  # pragma: no cover - optional
+    def close(self) -> None:  # noqa: B027 - an optional hook, not abstract  # pragma: no cover
         pass

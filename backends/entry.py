@@ -6,7 +6,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from edgeml.backends.options import option_names, parse_options
+from edgeml.backends.options import option_names, parse_options, unknown_option_error
 
 
 def _load(path: str) -> Any:
@@ -45,6 +45,15 @@ class Backend:
     def option_names(self) -> list[str]:
         return option_names(self.options)
 
-    def parse_options(self, values: Mapping[str, Any]) -> Any:
-        """This backend's typed options from ``values`` (keys of other backends are ignored)."""
+    def parse_options(self, values: Mapping[str, Any], *, strict: bool = False) -> Any:
+        """This backend's typed options from ``values``.
+
+        Keys of other backends are ignored, unless ``strict`` (a dict handed straight
+        to this backend's builder), where any unknown key is refused with the valid names.
+        """
+        if strict:
+            valid = self.option_names()
+            for key in values:
+                if key not in valid:
+                    raise unknown_option_error(key, valid, f"{self.name} option")
         return parse_options(self.options, values, self.name)

@@ -36,8 +36,8 @@ def code_fingerprint() -> str:
     import edgeml
 
     root = Path(edgeml.__file__).resolve().parent
-    packages = [Path(__import__(f"edgeml.{name}", fromlist=["_"]).__file__).resolve().parent
-                for name in ("compiler", "runtime", "targets")] + [root]
+    packages = [Path(str(__import__(f"edgeml.{name}", fromlist=["_"]).__file__)).resolve().parent
+                for name in ("compiler", "backends", "runtime", "targets")] + [root]
     digest = hashlib.sha256()
     for folder in packages:
         for path in sorted(folder.rglob("*")):

@@ -214,6 +214,7 @@ def score(metric: str, outputs: dict[str, np.ndarray], fp32: dict[str, np.ndarra
             max_abs = max(max_abs, float(diff.max()))
             max_rel = max(max_rel, float(diff.max() / max(float(np.abs(b).max()), 1e-12)))
     if metric == "top1":
+        assert dataset.labels is not None, "top1 is chosen only when the data has labels"
         value = 100.0 * float(np.mean(np.argmax(outputs[first], axis=-1) == dataset.labels[:n]))
     elif metric == "fp32_agreement":
         value = 100.0 * float(np.mean(np.argmax(outputs[first], axis=-1) == np.argmax(fp32[first][:n], axis=-1)))

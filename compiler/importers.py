@@ -339,8 +339,8 @@ def _export_module(net, input_shape: dict[str, tuple[int, ...]], label: str, wor
     errors = []
     for dynamo in (False, True):
         try:
-            kwargs = dict(input_names=names, output_names=out_names, dynamo=dynamo,
-                          opset_version=DYNAMO_OPSET if dynamo else UPGRADE_TO)
+            kwargs: dict[str, Any] = dict(input_names=names, output_names=out_names, dynamo=dynamo,
+                                          opset_version=DYNAMO_OPSET if dynamo else UPGRADE_TO)
             if dynamo:
                 kwargs["dynamic_shapes"] = tuple({0: torch.export.Dim("batch", min=1)} for _ in names)
                 kwargs["external_data"] = False

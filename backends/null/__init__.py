@@ -28,7 +28,7 @@ from edgeml.backends.entry import Backend
 from edgeml.backends.options import option
 from edgeml.errors import UsageError
 
-KNOBS = {"precision": str, "latency_ms": (int, float), "error": (int, float), "build_fails": bool,
+KNOBS: dict[str, type | tuple[type, ...]] = {"precision": str, "latency_ms": (int, float), "error": (int, float), "build_fails": bool,
          "verify_fails": bool}
 
 

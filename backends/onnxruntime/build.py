@@ -74,7 +74,7 @@ def _options(ctx: BuildContext) -> Options:
 
     if isinstance(ctx.options, Options):
         return ctx.options
-    parsed: Options = BACKEND.parse_options(ctx.options or {})
+    parsed: Options = BACKEND.parse_options(ctx.options or {}, strict=True)
     return parsed
 
 

@@ -48,7 +48,7 @@ def _options(ctx: BuildContext) -> Options:
 
     if isinstance(ctx.options, Options):
         return ctx.options
-    parsed: Options = BACKEND.parse_options(ctx.options or {})
+    parsed: Options = BACKEND.parse_options(ctx.options or {}, strict=True)
     return parsed
 
 
@@ -120,7 +120,7 @@ def prepare_onnx(onnx_path: Path, inputs: list[Any], static_batch: int | None):
             for _ in wanted:
                 gi.type.tensor_type.shape.dim.add()
             dims = gi.type.tensor_type.shape.dim
-        used = []
+        used: list[int | None] = []
         for axis, (dim, want) in enumerate(zip(dims, wanted)):
             if want is not None:
                 dim.Clear()
@@ -141,7 +141,6 @@ def prepare_onnx(onnx_path: Path, inputs: list[Any], static_batch: int | None):
 
 def import_relax(model, opset: int | None = None):
     """ONNX -> Relax IRModule with parameters as function inputs; returns (mod, params)."""
-    import tvm
     from tvm import relax
     from tvm.relax.frontend import detach_params
     from tvm.relax.frontend.onnx import from_onnx

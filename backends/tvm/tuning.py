@@ -149,8 +149,8 @@ def _fast_stack(context: int = 1):
     import inspect
     import sys
 
-    frame = sys._getframe(1)
-    infos = []
+    frame: Any = sys._getframe(1)
+    infos: list[inspect.FrameInfo] = []
     while frame is not None:
         if len(infos) < 3 and not frame.f_code.co_filename.startswith("<"):
             info = inspect.getframeinfo(frame, context)
@@ -306,7 +306,6 @@ def tune_and_apply(mod, params: list, target, *, budget_s: float, database_dir: 
     """
     import importlib.util
 
-    import tvm
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 

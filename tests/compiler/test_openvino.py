@@ -70,8 +70,9 @@ def test_candidates_follow_target_and_data(tmp_path, example):
     assert labels == ["openvino/fp32", "openvino/int8/nncf"]
     ctx.calib = None  # no calibration data -> no int8 candidate
     assert [s.label for s in b.candidates(ctx, ["fp32", "int8"])] == ["openvino/fp32"]
-    ctx = make_ctx(tmp_path, example, max_accuracy_drop=1.0,
-                   eval_data={"inputs": {"input": example["eval"]["input"]}, "labels": example["eval"]["labels"]})
+    ctx = make_ctx(tmp_path, example, reference=Reference(
+        eval_data={"inputs": {"input": example["eval"]["input"]}, "labels": example["eval"]["labels"]},
+        max_accuracy_drop=1.0))
     assert "openvino/int8/nncf-accuracy-control" in [s.label for s in b.candidates(ctx, ["int8"])]
     # a target OpenVINO does not serve gets no candidate
     assert b.candidates(make_ctx(tmp_path, example, target="jetson-orin"), ["fp32", "int8"]) == []
@@ -122,8 +123,8 @@ def test_nncf_int8_keeps_digits_top1_within_one_point(tmp_path, example):
 
 def test_accuracy_control_candidate(tmp_path, example):
     ev = example["eval"]
-    ctx = make_ctx(tmp_path, example, max_accuracy_drop=1.0,
-                   eval_data={"inputs": {"input": ev["input"]}, "labels": ev["labels"]})
+    ctx = make_ctx(tmp_path, example, reference=Reference(
+        eval_data={"inputs": {"input": ev["input"]}, "labels": ev["labels"]}, max_accuracy_drop=1.0))
     built = build(OpenVinoCompiler(), ctx, "openvino/int8/nncf-accuracy-control")
     assert built.recipe["method"] == "nncf.quantize_with_accuracy_control"
     assert built.recipe["validation"] == {"metric": "top1", "samples": 360}

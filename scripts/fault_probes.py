@@ -204,11 +204,15 @@ def artifact_rows(work: Path) -> list[Observed]:
     refused("entrypoint not listed in files", _mutated(work / "ep3.edgepkg", ep("model/other.onnx")), "entrypoint")
     refused("runtime.threads 100000", _mutated(work / "thr.edgepkg", lambda m, _: m["runtime"].__setitem__(
         "threads", 100000)), "threads")
-    for field, value in [("required_features", "sse4_2"), ("files", {"model/model.onnx": "abc"}),
+    def set_field(field: str, value: Any) -> Callable[[dict, list], None]:
+        return lambda m, _: m.__setitem__(field, value)
+
+    fields: list[tuple[str, Any]] = [("required_features", "sse4_2"), ("files", {"model/model.onnx": "abc"}),
                          ("inputs", [{"name": "x", "dtype": "float32", "shape": "abc"}]),
-                         ("inputs", [{"name": "x", "dtype": "float99", "shape": [None, 4]}]), ("name", 42)]:
-        refused(f"manifest `{field}`: {json.dumps(value)[:40]}", _mutated(
-            work / f"f{len(rows)}.edgepkg", lambda m, _, f=field, v=value: m.__setitem__(f, v)), field)
+                         ("inputs", [{"name": "x", "dtype": "float99", "shape": [None, 4]}]), ("name", 42)]
+    for field, value in fields:
+        refused(f"manifest `{field}`: {json.dumps(value)[:40]}",
+                _mutated(work / f"f{len(rows)}.edgepkg", set_field(field, value)), field)
     _, members = _valid_parts()
     for raw in (b"null", b"42", b"[" * 30000 + b"]" * 30000):
         refused(f"manifest.json = `{raw[:12].decode()}`{'...' if len(raw) > 12 else ''}",

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -44,7 +45,8 @@ def _entry(data: bytes) -> dict[str, Any]:
 def pack(manifest: Any, members: list[tuple[str, bytes]], *, raw_manifest: bytes | None = None) -> bytes:
     """Build a zip exactly as told (no validation): what a hostile artifact author can send."""
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
+    with warnings.catch_warnings(), zipfile.ZipFile(buf, "w") as zf:
+        warnings.simplefilter("ignore", UserWarning)  # duplicate names are part of the attack
         zf.writestr(zipfile.ZipInfo("manifest.json"), raw_manifest if raw_manifest is not None else
                     json.dumps(manifest).encode())
         for name, data in members:

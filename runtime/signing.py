@@ -12,7 +12,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from edgeml.errors import SignatureError, UsageError
+from edgeml.errors import SignatureError, UsageError, summarize_names
 
 
 def _crypto():
@@ -116,7 +116,8 @@ def verify_bytes(data: bytes, signature: dict, trusted_keys: list[Path]) -> str:
     key = keys.get(signature.get("key_id", ""))
     if key is None:
         raise SignatureError(
-            f"signed by key {signature.get('key_id')!r}, which is not among the trusted keys {sorted(keys)}",
+            f"signed by key {signature.get('key_id')!r}, which is not among the trusted keys "
+            f"[{summarize_names(sorted(keys))}]",
             hint="add the signer's public key to the trusted keys, or sign with a trusted key",
         )
     try:

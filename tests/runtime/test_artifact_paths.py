@@ -144,3 +144,17 @@ def test_manifest_listing_must_be_canonical_and_collision_free(tmp_path):
         verify_archive(art)
     with pytest.raises(ArtifactError, match="canonical form"):
         write_artifact(tmp_path / "w.edgepkg", base_manifest(), {**MODEL, "model/./x": b"x"})
+
+
+@pytest.mark.parametrize("alias", ["model/./model.onnx", "model/model.onnx/.", "model//model.onnx"])
+def test_a_listed_alias_cannot_overwrite_the_hashed_member(tmp_path, alias):
+    """The attack of row 3: both spellings listed with their own hashes; the twin used to win on extraction."""
+    members = {"model/model.onnx": MODEL["model/model.onnx"], alias: b"unverified twin"}
+    art = craft(tmp_path / "twin.edgepkg", base_manifest(files=listing(members)), members)
+    with pytest.raises(ArtifactError, match="not in canonical form"):
+        open_artifact(art, cache_dir=tmp_path / "c")
+    from edgeml.runtime.manifest import Manifest
+
+    with pytest.raises(ArtifactError, match="field 'files'.*not in canonical form"):
+        Manifest.from_dict(base_manifest(files=listing(members)))
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").rglob("*.onnx"))

@@ -6,8 +6,10 @@
 
 ``compile_with_report`` returns a :class:`CompileResult` (the manifest, every
 candidate's evidence, whether the cache was hit); ``compile`` returns the path.
-Keyword names are the CLI's long options with underscores; unknown keywords are
-backend options (e.g. ``ort_int8_recipes=[...]``, ``tune_budget="10m"``).
+Keyword names are the CLI's long options with underscores; any other keyword must
+be a backend's typed option (e.g. ``ort_int8_recipes=[...]``, ``tune_budget="10m"``;
+see ``edgeml.backends.<name>.Options``): a misspelled one is refused with the valid
+names (UsageError) before any work starts.
 """
 
 from __future__ import annotations

@@ -177,3 +177,29 @@ def test_golden_data_must_match_the_declared_inputs(tmp_path):
     art = write_artifact(tmp_path / "g.edgepkg", base_manifest(selftest={"file": "selftest/golden.npz"}), files)
     with pytest.raises(ArtifactError, match="golden input 'x' .* is float64; the manifest declares float32"):
         golden_inputs_from_archive(art)
+
+
+def test_a_folder_held_by_another_process_is_never_evicted(tmp_path):
+    import subprocess
+    import sys
+
+    cache, limits = tmp_path / "c", CacheLimits(max_entries=1)
+    a, b = (write_artifact(tmp_path / f"{v}.edgepkg", base_manifest(version=v), MODEL) for v in ("1", "2"))
+    code = ("import sys\nfrom edgeml.runtime.artifact import open_artifact\n"
+            f"art = open_artifact({str(a)!r}, cache_dir={str(cache)!r})\n"
+            "print(art.directory, flush=True)\nsys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        held = holder.stdout.readline().strip()
+        assert held, "the holder process did not load the artifact"
+        mine = open_artifact(b, cache_dir=cache, cache_limits=limits)   # over the bound: only unheld folders go
+        assert (cache / held.rsplit("/", 1)[-1] / "model/model.onnx").is_file()
+        mine.release()
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    again = open_artifact(b, cache_dir=cache, cache_limits=limits)     # holder gone: now it can be evicted
+    assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == [again.directory.name]
+    again.release()

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from edgeml.backends import backend_names
-from edgeml.cli import emit, handle_errors, json_option
+from edgeml.cli import check_output_file, emit, handle_errors, json_option
 
 
 class _Progress:
@@ -95,6 +95,7 @@ def compile_cmd(model: str, target: str, output: Path, precision: str, backend: 
     """Compile MODEL (.onnx, .pt2, or pkg.module:factory) into a verified artifact for TARGET."""
     from edgeml.compiler import compile_with_report
 
+    output = check_output_file(output, "--output")  # refuse a bad path (missing folder, /proc) before compiling
     extra = _parse_backend_option(backend_option)
     if tune_budget:
         extra["tune_budget"] = tune_budget

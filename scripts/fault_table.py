@@ -55,7 +55,9 @@ def run(surfaces: list[str], work: Path) -> list[Row]:
         folder = work / name
         folder.mkdir()
         try:
-            rows += _rows(name, probes[name](folder))
+            # temp paths say nothing to a reader of the table: show them as $TMP
+            rows += [Row(r.surface, r.input, r.expected, r.actual.replace(str(work), "$TMP"), r.ok)
+                     for r in _rows(name, probes[name](folder))]
         except Exception as exc:  # noqa: BLE001 - a probe harness failure is itself a FAIL row, not a crash
             rows.append(Row(name, "(probe harness)", "runs", f"harness error {type(exc).__name__}: {exc}", False))
         print(f"# {name}: {time.monotonic() - start:.1f}s", file=sys.stderr)

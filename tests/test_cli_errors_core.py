@@ -142,3 +142,12 @@ def test_unavailable_command_prints_its_reason_not_a_name_error(monkeypatch):
     assert "edgeml_no_such_module_for_test" in result.output
     helped = CliRunner().invoke(main, ["--help"])
     assert "broken" in helped.output and "unavailable" in helped.output
+
+
+def test_compile_output_in_a_missing_folder_is_refused_before_compiling(tmp_path):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(mlp_onnx())
+    result = CliRunner().invoke(main, ["compile", str(model), "-t", "x86_64", "-o", str(tmp_path / "no" / "m.edgepkg")])
+    assert result.exit_code == 2, result.output
+    assert f"folder {tmp_path / 'no'} does not exist" in result.output
+    assert not (tmp_path / "no").exists()

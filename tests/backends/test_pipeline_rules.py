@@ -122,7 +122,13 @@ def test_precision_filter_applies_to_null_candidates(identity_model, eval_data, 
 
 
 def test_auto_never_picks_the_null_backend(identity_model, eval_data, tmp_path):
-    result = compile_with_report(identity_model, target="x86_64", output=tmp_path / "auto.edgepkg", eval=eval_data,
+    import dataclasses
+
+    from edgeml.targets import get_target
+
+    # Even a target that lists null first: auto tries only the backends whose entry says auto=True.
+    target = dataclasses.replace(get_target("x86_64"), backends=("null", "onnxruntime"))
+    result = compile_with_report(identity_model, target=target, output=tmp_path / "auto.edgepkg", eval=eval_data,
                                  cache_dir=False, precision="fp32", benchmark=False)
     assert result.manifest["backend"]["name"] != "null"
     assert all(c.get("backend") != "null" for c in result.candidates)

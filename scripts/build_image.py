@@ -282,7 +282,9 @@ def build(args: argparse.Namespace) -> BuildResult:
     with tempfile.TemporaryDirectory(prefix="edgeml-image-", dir=cache) as tmp:
         context = build_context(Path(args.source).resolve(), site_deps, Path(tmp) / "context")
         log(f"build: podman build {tag} (base {base})")
-        run(["podman", "build", "--format", "docker", "--platform", f"linux/{args.arch}", "--pull=never",
+        # a base made here exists only locally; a registry base is pulled for the requested platform
+        pull = "--pull=never" if args.base == "debootstrap" else "--pull=missing"
+        run(["podman", "build", "--format", "docker", "--platform", f"linux/{args.arch}", pull,
              "--build-arg", f"BASE={base}", "-f", str(REPO / "deploy" / f"Containerfile.{args.kind}"),
              "-t", tag, str(context)], "podman build")
     size = image_size(tag)

@@ -74,6 +74,11 @@ def _parse_backend_option(values: tuple[str, ...]) -> dict:
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration .npz keyed by input name.")
 @click.option("--eval", "eval_path", type=click.Path(path_type=Path), help="Eval .npz (+ labels or reference_<output>).")
 @click.option("--max-accuracy-drop", default=1.0, type=float, show_default=True, help="Allowed drop in points.")
+@click.option("--metric", default="auto", show_default=True,
+              type=click.Choice(["auto", "top1", "fp32_agreement", "agreement", "cosine_similarity", "cosine",
+                                 "relative_error_score", "relative_error"]),
+              help="Accuracy metric; auto: from the output's nature (class scores: argmax agreement, "
+                   "embeddings: cosine, else relative error; labels: top1).")
 @click.option("--input-shape", "input_shape", multiple=True, help="NAME=1,3,224,224 (repeatable).")
 @click.option("--name", help="Artifact name (default: the model's file name).")
 @click.option("--version", "version", default="0.1.0", show_default=True, help="Artifact version (SemVer).")
@@ -89,7 +94,7 @@ def _parse_backend_option(values: tuple[str, ...]) -> dict:
 @json_option
 @handle_errors
 def compile_cmd(model: str, target: str, output: Path, precision: str, backend: str, calib: Path | None,
-                eval_path: Path | None, max_accuracy_drop: float, input_shape: tuple[str, ...], name: str | None,
+                eval_path: Path | None, max_accuracy_drop: float, metric: str, input_shape: tuple[str, ...], name: str | None,
                 version: str, sign_key: Path | None, cache_dir: Path | None, no_cache: bool, no_benchmark: bool,
                 benchmark_seconds: float, tune_budget: str | None, backend_option: tuple[str, ...], quiet: bool, as_json: bool) -> None:
     """Compile MODEL (.onnx, .pt2, or pkg.module:factory) into a verified artifact for TARGET."""
@@ -103,7 +108,7 @@ def compile_cmd(model: str, target: str, output: Path, precision: str, backend: 
     with _stdout_to_stderr():
         result = compile_with_report(
             model, target=target, output=output, precision=precision, backend=backend, calib=calib,
-            eval=eval_path, max_accuracy_drop=max_accuracy_drop, input_shape=list(input_shape) or None, name=name,
+            eval=eval_path, max_accuracy_drop=max_accuracy_drop, metric=metric, input_shape=list(input_shape) or None, name=name,
             version=version, sign_key=sign_key, cache_dir=cache_dir, use_cache=not no_cache,
             benchmark=not no_benchmark, benchmark_seconds=benchmark_seconds, progress=_Progress(quiet), **extra)
     emit(result.to_dict(), as_json, render)

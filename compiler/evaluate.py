@@ -1,16 +1,26 @@
 """Data sets and accuracy metrics for candidate evaluation.
 
 Metrics (higher is better, in points on a 0-100 scale, so ``--max-accuracy-drop``
-is a number of points for every metric):
+is a number of points for every metric; the default 1 point means: 1 % of top-1
+accuracy or argmax agreement, a mean cosine similarity of 0.99, or 1 % relative L1 error):
 
 * ``top1``: the eval file has ``labels`` (class indices): top-1 accuracy (%) of
   the first output's argmax.
-* ``fp32_agreement``: no labels, and the first output is ``[N, C]`` with C >= 2:
-  % of samples whose argmax equals the FP32 model's argmax.
-* ``relative_error_score``: otherwise (regression, detection heads, ...):
-  ``100 * (1 - sum|y - ref| / sum|ref|)`` over every output (floored at 0), where
-  ``ref`` is the eval file's ``reference_<output>`` array when given, else the
-  FP32 model's output.
+* ``fp32_agreement`` (class scores): % of samples whose argmax of the first output
+  equals the FP32 model's argmax.
+* ``cosine_similarity`` (embeddings): ``100 * mean cos(y, ref)`` over the vectors
+  along the first output's last axis (one per sample, or one per token for
+  ``[N, seq, hidden]``); top-1 agreement of an embedding means nothing.
+* ``relative_error_score`` (regression, detection heads, ...):
+  ``100 * (1 - sum|y - ref| / sum|ref|)`` over every output (floored at 0).
+
+``ref`` is the eval file's ``reference_<output>`` array when given, else the FP32
+model's output. ``choose_metric`` picks one from the output's nature (``explain_metric``
+says why): labels -> ``top1``; ``reference_*`` arrays -> ``relative_error_score``;
+an output named like an embedding (``embedding``, ``last_hidden_state``, ``pooler``,
+``features``...) or whose rows all have unit L2 norm -> ``cosine_similarity``; a
+``[N, C]`` output named like class scores, or unnamed -> ``fp32_agreement``;
+anything else -> ``relative_error_score``. ``--metric`` overrides the choice.
 
 Every candidate also records ``max_abs_error`` / ``max_rel_error`` against FP32.
 Without ``--eval``, the last quarter of ``--calib`` is held out as the proxy
@@ -21,6 +31,7 @@ samples are used and only agreement with FP32 is measured.
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +44,11 @@ from edgeml.errors import DataError
 from edgeml.runtime.model import TensorSpec
 
 MAX_CHUNK = 64
+METRICS = ("top1", "fp32_agreement", "cosine_similarity", "relative_error_score")
+METRIC_ALIASES = {"agreement": "fp32_agreement", "cosine": "cosine_similarity", "relative_error": "relative_error_score"}
+# Output-name words that say what an output is (matched on lower-case words of the name).
+_EMBEDDING_WORDS = re.compile(r"(embed|hidden|pool|feature|sentence|encod|vector|latent|token_embeddings)")
+_CLASS_WORDS = re.compile(r"(logit|prob|score|class|softmax|pred|label)")
 
 
 @dataclass
@@ -190,13 +206,99 @@ class Score:
                 "max_abs_error": float(f"{self.max_abs_error:.4g}"), "max_rel_error": float(f"{self.max_rel_error:.4g}")}
 
 
-def choose_metric(dataset: Dataset, fp32_outputs: dict[str, np.ndarray], output_names: list[str]) -> str:
-    first = fp32_outputs[output_names[0]]
+def metric_name(requested: str) -> str:
+    """``auto``, a metric name or its short alias (``cosine``) -> the metric's full name (or ``auto``)."""
+    name = METRIC_ALIASES.get(requested, requested)
+    if name != "auto" and name not in METRICS:
+        raise ValueError(requested)
+    return name
+
+
+@dataclass(frozen=True)
+class MetricChoice:
+    name: str
+    reason: str           # why this metric: what was seen in the data or the outputs
+    source: str           # "auto" (chosen from the output's nature) | "user" (--metric)
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "reason": self.reason, "source": self.source}
+
+
+def explain_metric(dataset: Dataset, fp32_outputs: dict[str, np.ndarray], output_names: list[str],
+                   requested: str = "auto") -> MetricChoice:
+    """The metric for these outputs, and why; ``requested`` (``--metric``) wins when it can be computed."""
+    first_name = output_names[0]
+    first = np.asarray(fp32_outputs[first_name])
+    if requested != "auto":
+        _check_requested(requested, dataset, first, first_name)
+        return MetricChoice(requested, "chosen with --metric", "user")
     if dataset.labels is not None:
-        return "top1"
-    if not dataset.references and first.ndim == 2 and first.shape[1] >= 2:
-        return "fp32_agreement"
-    return "relative_error_score"
+        return MetricChoice("top1", "the eval data has labels", "auto")
+    if dataset.references:
+        return MetricChoice("relative_error_score", "the eval data has reference_<output> arrays", "auto")
+    nature = output_nature(first_name, first)
+    if nature == "embedding":
+        return MetricChoice("cosine_similarity", f"output {first_name!r} {_embedding_why(first_name)}", "auto")
+    if nature == "class_scores":
+        return MetricChoice("fp32_agreement", f"output {first_name!r} is [N, {first.shape[1]}] class scores", "auto")
+    return MetricChoice("relative_error_score", f"output {first_name!r} of shape {list(first.shape)} is neither "
+                        "class scores nor an embedding", "auto")
+
+
+def output_nature(name: str, first: np.ndarray) -> str:
+    """``class_scores`` | ``embedding`` | ``other``, from the output's name, shape and FP32 values."""
+    lowered = name.lower()
+    if first.ndim >= 2 and first.shape[-1] >= 2 and first.dtype.kind == "f":
+        if _EMBEDDING_WORDS.search(lowered) and not _CLASS_WORDS.search(lowered):
+            return "embedding"
+        if first.ndim == 2 and _unit_rows(first):
+            return "embedding"
+    if first.ndim == 2 and first.shape[1] >= 2:
+        return "class_scores"
+    return "other"
+
+
+def _unit_rows(arr: np.ndarray) -> bool:
+    """Every row L2-normalized (a normalized embedding; softmax rows are not, unless one-hot)."""
+    if arr.shape[0] == 0 or not np.all(np.isfinite(arr)) or np.all(arr >= 0):
+        return False
+    norms = np.linalg.norm(arr.astype(np.float64), axis=1)
+    return bool(np.all(np.abs(norms - 1.0) < 1e-3))
+
+
+def _embedding_why(name: str) -> str:
+    word = _EMBEDDING_WORDS.search(name.lower())
+    return f"is named like an embedding ({word.group(0)!r})" if word else "has unit-norm rows (an embedding)"
+
+
+def _check_requested(requested: str, dataset: Dataset, first: np.ndarray, first_name: str) -> None:
+    if requested == "top1" and dataset.labels is None:
+        raise DataError("--metric top1 needs labels in the eval data",
+                        hint="add a 'labels' array to the --eval file, or choose --metric fp32_agreement")
+    if requested in ("top1", "fp32_agreement") and (first.ndim < 2 or first.shape[-1] < 2):
+        raise DataError(f"--metric {requested} takes the argmax of output {first_name!r}, whose shape "
+                        f"{list(first.shape)} has no class axis",
+                        hint="choose --metric relative_error or --metric cosine")
+    if requested == "cosine_similarity" and first.ndim < 2:
+        raise DataError(f"--metric cosine needs vectors; output {first_name!r} has shape {list(first.shape)}",
+                        hint="choose --metric relative_error")
+
+
+def choose_metric(dataset: Dataset, fp32_outputs: dict[str, np.ndarray], output_names: list[str],
+                  requested: str = "auto") -> str:
+    return explain_metric(dataset, fp32_outputs, output_names, requested).name
+
+
+def cosine_score(outputs: np.ndarray, ref: np.ndarray) -> float:
+    """100 x the mean cosine similarity of the vectors along the last axis (two zero vectors agree)."""
+    a = np.asarray(outputs, dtype=np.float64).reshape(-1, outputs.shape[-1])
+    b = np.asarray(ref, dtype=np.float64).reshape(-1, ref.shape[-1])
+    if a.shape[0] == 0:
+        return 100.0
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    both_zero = (na < 1e-12) & (nb < 1e-12)
+    cos = np.where(both_zero, 1.0, (a * b).sum(axis=1) / np.maximum(na * nb, 1e-24))
+    return 100.0 * float(np.clip(cos, -1.0, 1.0).mean())
 
 
 def score(metric: str, outputs: dict[str, np.ndarray], fp32: dict[str, np.ndarray], dataset: Dataset,
@@ -218,6 +320,9 @@ def score(metric: str, outputs: dict[str, np.ndarray], fp32: dict[str, np.ndarra
         value = 100.0 * float(np.mean(np.argmax(outputs[first], axis=-1) == dataset.labels[:n]))
     elif metric == "fp32_agreement":
         value = 100.0 * float(np.mean(np.argmax(outputs[first], axis=-1) == np.argmax(fp32[first][:n], axis=-1)))
+    elif metric == "cosine_similarity":
+        ref = dataset.references.get(first)
+        value = cosine_score(np.asarray(outputs[first]), np.asarray(fp32[first][:n] if ref is None else ref[:n]))
     else:
         num = den = 0.0
         for name in output_names:

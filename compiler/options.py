@@ -65,6 +65,7 @@ class CompileOptions:
     calib: Path | None = None
     eval: Path | None = None
     max_accuracy_drop: float = 1.0              # points (percentage points of the metric)
+    metric: str = "auto"                        # auto (from the output's nature) | evaluate.METRICS (or alias)
     input_shape: dict[str, tuple[int, ...]] = field(default_factory=dict)
     name: str | None = None
     version: str = "0.1.0"
@@ -99,6 +100,7 @@ class CompileOptions:
         if self.precision not in ("auto", *PRECISIONS):
             raise UsageError(f"unknown precision {self.precision!r}", hint="choose auto, fp32, fp16 or int8")
         self._validate_backend_options()
+        self._validate_metric()
         if not _SEMVER.match(str(self.version)):
             raise UsageError(f"version {self.version!r} is not a semantic version", hint="use MAJOR.MINOR.PATCH, e.g. 1.0.0")
         if self.name is not None and not _NAME.match(self.name):
@@ -124,6 +126,15 @@ class CompileOptions:
         if self.sign_key is not None and not self.sign_key.is_file():
             raise UsageError(f"signing key {self.sign_key} does not exist", hint="create one with: edgeml keygen KEY")
         return self
+
+    def _validate_metric(self) -> None:
+        from edgeml.compiler.evaluate import METRIC_ALIASES, METRICS, metric_name
+
+        try:
+            self.metric = metric_name(str(self.metric))
+        except ValueError:
+            raise UsageError(f"unknown metric {self.metric!r}",
+                             hint=f"choose auto, {', '.join(METRICS)} (or {', '.join(METRIC_ALIASES)})") from None
 
     def _validate_backend_options(self) -> None:
         from edgeml.backends import all_option_names, backend_names
@@ -155,6 +166,8 @@ class CompileOptions:
         else:  # it was a backend option before it became a compile option
             d.pop("eval_budget_s")
             d["backend_options"] = {**self.backend_options, "eval_budget_s": self.eval_budget_s}
+        if self.metric == "auto":  # keep the keys of earlier compiles (no new field unless set)
+            d.pop("metric")
         d["input_shape"] = {k: list(v) for k, v in sorted(self.input_shape.items())}
         d["backend_options"] = {k: _jsonable(v) for k, v in sorted(d["backend_options"].items())}
         return d

@@ -124,9 +124,10 @@ def _measure_reference(s: CompileSession) -> Reference:
     s.say(f"FP32 reference on {eval_set.n} {eval_set.source} samples")
     outputs = _reference_outputs(s, eval_set, batch)
     names = [t.name for t in s.model.outputs]
-    metric = ev.choose_metric(eval_set, outputs, names)
-    score = ev.score(metric, outputs, outputs, eval_set, names)
-    return Reference(eval_set, calib_set, outputs, names, metric, score, batch)
+    choice = ev.explain_metric(eval_set, outputs, names, s.opts.metric)
+    s.say(f"accuracy metric: {choice.name} ({choice.reason})")
+    score = ev.score(choice.name, outputs, outputs, eval_set, names)
+    return Reference(eval_set, calib_set, outputs, names, choice.name, score, batch, choice)
 
 
 def _reference_outputs(s: CompileSession, eval_set: ev.Dataset, batch: int | None) -> dict[str, np.ndarray]:
@@ -446,7 +447,8 @@ def _golden(s: CompileSession, chosen: Candidate) -> tuple[dict[str, np.ndarray]
 def _accuracy(s: CompileSession, chosen: Candidate, verified: bool) -> dict[str, Any]:
     ref = s.reference
     score = chosen.score if verified else None
-    return {"metric": ref.metric, "fp32": round(ref.score.value, 4), "verified": verified,
+    return {"metric": ref.metric, "metric_choice": ref.metric_choice.to_dict() if ref.metric_choice else None,
+            "fp32": round(ref.score.value, 4), "verified": verified,
             "compiled": round(score.value, 4) if score else None,
             "drop": round(chosen.drop, 4) if verified and chosen.drop is not None else None,
             "max_drop": s.opts.max_accuracy_drop, "data": ref.eval_set.source, "samples": ref.eval_set.n,

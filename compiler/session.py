@@ -33,6 +33,7 @@ class Reference:
     metric: str
     score: ev.Score
     batch: int | None                        # the model's fixed batch, None when dynamic
+    metric_choice: ev.MetricChoice | None = None   # why ``metric`` (auto from the outputs, or --metric)
 
     def for_builders(self, max_accuracy_drop: float) -> BuildReference:
         return BuildReference(eval_data=self.eval_set, max_accuracy_drop=max_accuracy_drop, metric=self.metric,

@@ -25,6 +25,7 @@ from edgeml.compiler.importers import ImportedModel, fingerprint, import_model, 
 from edgeml.compiler.manifest import (GOLDEN_SAMPLES, created_timestamp, host_info, latency_budget_ms,
                                       selftest_tolerance, source_date_epoch, tool_versions)
 from edgeml.compiler.options import EVAL_BUDGET_S, CompileOptions
+from edgeml.compiler.profile import build_profile
 from edgeml.compiler.select import benchmark as run_benchmark, select
 from edgeml.compiler.session import Candidate, CompileResult, CompileSession, Reference
 from edgeml.errors import (AccuracyError, ArtifactError, CompileError, DataError, EdgemlError, MissingDependency,
@@ -496,7 +497,8 @@ def _manifest(s: CompileSession, chosen: Candidate, selection: dict[str, Any]) -
         "selftest": {"file": SELFTEST_FILE, "samples": len(next(iter(golden_in.values()))), "rtol": rtol,
                      "atol": atol, "reference": "compiled" if verified else "fp32",
                      "latency_budget_ms": None if reproducible else latency_budget_ms(p90)},
-        "drift_profile": ev.drift_profile(ref.outputs, ref.eval_set.inputs),
+        "drift_profile": build_profile(ref.outputs, ref.eval_set.inputs, [t.name for t in imported.outputs],
+                                       source=ref.eval_set.source),
     }
     return manifest, golden_npz_bytes(golden_in, golden_out)
 

@@ -1,0 +1,421 @@
+"""Drift sketches on the device: the reference profile's columns, live counts, sampled off the hot path.
+
+A *column* is one scalar per sample (row) of a request: a tabular feature, a per-channel
+mean or standard deviation of an image, its centre of mass, the predicted class, the
+confidence or margin of a classifier, the score of a regressor. ``features()`` computes
+them the same way for the compiler's reference data (edgeml.compiler.profile) and for live
+requests, so the reference counts and the live counts are on the same bins.
+
+``Sketch`` holds one integer count per (column, bin): it is mergeable (add the counts) and
+bounded (at most ``MAX_COLUMNS`` x ``MAX_BINS`` integers, whatever the traffic).
+``Sampler`` is what a server calls per request: one random draw on the request path; the
+chosen requests go through a bounded queue to a worker thread that bins them (a full queue
+drops the sample and counts the drop). numpy only: a device installs nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import random
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+log = logging.getLogger("edgeml.runtime.drift")
+
+PROFILE_VERSION = 2
+MAX_COLUMNS = 80          # columns per profile (inputs + prediction): bounds the telemetry message
+MAX_BINS = 33             # bins per column (32 categories + "other", or <= 32 numeric bins)
+MAX_TABULAR = 64          # features kept of one 2-D input (the first ones)
+MAX_CHANNELS = 16         # channels summarized of one image/tensor input (the first ones)
+MAX_CLASSES = 32          # classes kept by name; the rest share the "other" bin
+MAX_ROWS_PER_SAMPLE = 64  # rows binned of one sampled request (a huge batch is cut)
+DEFAULT_RATE = 0.05       # share of requests sampled (benchmarks/drift_overhead.py measures the cost)
+QUEUE_SIZE = 64           # sampled requests waiting for the worker; more are dropped (and counted)
+MAX_COUNT = 2 ** 53
+
+
+class ProfileError(ValueError):
+    """A drift profile that does not follow this module's shape (message names the field)."""
+
+
+@dataclass(frozen=True)
+class InputLayout:
+    tensor: str
+    layout: str                 # "tabular" | "scalar" | "image"
+    channel_axis: int = 1       # image only: axis of the channels in the batched tensor
+    size: int = 1               # tabular: features kept; image: channels kept
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tensor": self.tensor, "layout": self.layout, "channel_axis": self.channel_axis, "size": self.size}
+
+
+@dataclass(frozen=True)
+class PredictionLayout:
+    output: str
+    kind: str                   # "classifier" | "regressor"
+    classes: int = 0            # classifier: width of the output
+    softmax: bool = False       # classifier: the output is logits (apply softmax for confidence)
+    categories: tuple[int, ...] = ()   # classifier: class ids with their own bin (the rest: "other")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"output": self.output, "kind": self.kind, "classes": self.classes, "softmax": self.softmax,
+                "categories": list(self.categories)}
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    group: str                  # "input" | "prediction"
+    kind: str                   # "numeric" (edges: upper bounds, last bin open) | "categorical"
+    edges: tuple[float, ...]    # numeric: sorted interior cut points; bins = len(edges) + 1
+    counts: tuple[int, ...]     # reference counts per bin
+
+    @property
+    def bins(self) -> int:
+        return len(self.counts)
+
+
+@dataclass(frozen=True)
+class Profile:
+    samples: int
+    inputs: tuple[InputLayout, ...]
+    prediction: PredictionLayout | None
+    columns: tuple[Column, ...]
+
+    def column_names(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+
+# ----------------------------------------------------------------------------- features
+def input_feature_names(lay: InputLayout) -> list[str]:
+    if lay.layout == "scalar":
+        return [f"{lay.tensor}"]
+    if lay.layout == "tabular":
+        return [f"{lay.tensor}[{i}]" for i in range(lay.size)]
+    names = [f"{lay.tensor}:c{c}:{stat}" for c in range(lay.size) for stat in ("mean", "std")]
+    return names + [f"{lay.tensor}:centre_row", f"{lay.tensor}:centre_col"]
+
+
+def input_features(lay: InputLayout, x: np.ndarray) -> np.ndarray:
+    """(rows, columns) float64 for one input tensor, first axis = rows."""
+    a = np.asarray(x)
+    rows = a.shape[0] if a.ndim else 1
+    a = a.reshape(rows, -1) if lay.layout != "image" else a
+    a = a.astype(np.float64, copy=False)
+    if lay.layout == "scalar":
+        return a.reshape(rows, -1)[:, :1]
+    if lay.layout == "tabular":
+        return a[:, : lay.size]
+    chans = np.moveaxis(a, lay.channel_axis, 1)[:, : lay.size]
+    flat = chans.reshape(rows, chans.shape[1], -1)
+    stats = np.stack([flat.mean(axis=2), flat.std(axis=2)], axis=2).reshape(rows, -1)
+    return np.concatenate([stats, _centre_of_mass(chans)], axis=1)
+
+
+def _centre_of_mass(chans: np.ndarray) -> np.ndarray:
+    """Intensity-weighted centre (row, col) of the last two axes, in [0, 1]: a translated image moves it."""
+    rows = chans.shape[0]
+    if chans.ndim < 4:
+        return np.full((rows, 2), 0.5)
+    img = chans.reshape(rows, -1, chans.shape[-2], chans.shape[-1]).sum(axis=1)
+    w = img - img.reshape(rows, -1).min(axis=1)[:, None, None]
+    total = w.reshape(rows, -1).sum(axis=1)
+    h, wd = img.shape[1], img.shape[2]
+    r = np.linspace(0.0, 1.0, h) if h > 1 else np.full(1, 0.5)
+    c = np.linspace(0.0, 1.0, wd) if wd > 1 else np.full(1, 0.5)
+    safe = np.where(total > 0, total, 1.0)
+    cr = (w.sum(axis=2) * r).sum(axis=1) / safe
+    cc = (w.sum(axis=1) * c).sum(axis=1) / safe
+    return np.stack([np.where(total > 0, cr, 0.5), np.where(total > 0, cc, 0.5)], axis=1)
+
+
+def prediction_feature_names(pred: PredictionLayout) -> list[str]:
+    if pred.kind == "classifier":
+        return ["prediction:class", "prediction:confidence", "prediction:margin"]
+    return ["prediction:score"]
+
+
+def prediction_features(pred: PredictionLayout, y: np.ndarray) -> np.ndarray:
+    """(rows, columns): class id (as float), confidence, margin; or the score (row mean) of a regressor."""
+    a = np.asarray(y, dtype=np.float64)
+    rows = a.shape[0] if a.ndim else 1
+    a = a.reshape(rows, -1)
+    if pred.kind != "classifier":
+        return a.mean(axis=1, keepdims=True)
+    p = a
+    if pred.softmax:
+        z = np.exp(a - a.max(axis=1, keepdims=True))
+        p = z / z.sum(axis=1, keepdims=True)
+    top2 = np.sort(p, axis=1)[:, -2:] if p.shape[1] >= 2 else np.concatenate([np.zeros((rows, 1)), p], axis=1)
+    return np.stack([np.argmax(a, axis=1).astype(np.float64), top2[:, 1], top2[:, 1] - top2[:, 0]], axis=1)
+
+
+def features(profile: Profile, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray] | None,
+             max_rows: int | None = None) -> np.ndarray:
+    """(rows, len(columns)) for one request; NaN where a tensor is missing (that column is not counted)."""
+    parts: list[np.ndarray] = []
+    rows = _rows(inputs, outputs)
+    if max_rows is not None:
+        rows = min(rows, max_rows)
+    for lay in profile.inputs:
+        width = len(input_feature_names(lay))
+        x = inputs.get(lay.tensor)
+        parts.append(input_features(lay, np.asarray(x)[:rows]) if x is not None else np.full((rows, width), np.nan))
+    if profile.prediction is not None:
+        pred = profile.prediction
+        width = len(prediction_feature_names(pred))
+        y = (outputs or {}).get(pred.output)
+        parts.append(prediction_features(pred, np.asarray(y)[:rows]) if y is not None else np.full((rows, width), np.nan))
+    return np.concatenate(parts, axis=1) if parts else np.zeros((rows, 0))
+
+
+def _rows(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray] | None) -> int:
+    for arrays in (inputs, outputs or {}):
+        for a in arrays.values():
+            a = np.asarray(a)
+            return int(a.shape[0]) if a.ndim else 1
+    return 0
+
+
+def bin_index(column: Column, values: np.ndarray, pred: PredictionLayout | None = None) -> np.ndarray:
+    """The bin of each value: numeric ``(-inf, e0], (e0, e1], ..., (e_last, inf)``; categorical: its
+    category's position, the last bin ("other") for any class without its own bin."""
+    if column.kind == "categorical":
+        cats = pred.categories if pred is not None else ()
+        lookup = {c: i for i, c in enumerate(cats)}
+        other = column.bins - 1
+        return np.array([lookup.get(int(v), other) for v in values], dtype=np.int64)
+    return np.searchsorted(np.asarray(column.edges, dtype=np.float64), values, side="left").astype(np.int64)
+
+
+def bin_counts(profile: Profile, feats: np.ndarray) -> list[np.ndarray]:
+    """Counts per column for a (rows, columns) feature matrix; NaN/inf rows of a column are skipped."""
+    out = []
+    for j, col in enumerate(profile.columns):
+        v = feats[:, j]
+        v = v[np.isfinite(v)]
+        idx = bin_index(col, v, profile.prediction)
+        out.append(np.bincount(idx, minlength=col.bins)[: col.bins].astype(np.int64))
+    return out
+
+
+# ----------------------------------------------------------------------------- profile (manifest JSON)
+def parse_profile(obj: object, where: str = "drift_profile") -> Profile | None:
+    """The typed profile of a manifest's ``drift_profile``; None for an older artifact (no ``version`` 2
+    columns: drift is then not sampled); ProfileError naming the field for a malformed one."""
+    if not isinstance(obj, dict) or obj.get("version") != PROFILE_VERSION:
+        return None
+    samples = _int(obj.get("samples"), f"{where}.samples")
+    layouts = obj.get("layout")
+    if not isinstance(layouts, dict):
+        raise ProfileError(f"{where}.layout must be an object")
+    inputs = tuple(_input_layout(v, f"{where}.layout.inputs[{i}]") for i, v in enumerate(_list(layouts.get("inputs"), f"{where}.layout.inputs")))
+    pred_obj = layouts.get("prediction")
+    pred = None if pred_obj is None else _prediction_layout(pred_obj, f"{where}.layout.prediction")
+    cols = _list(obj.get("columns"), f"{where}.columns")
+    if len(cols) > MAX_COLUMNS:
+        raise ProfileError(f"{where}.columns holds {len(cols)} columns; the limit is {MAX_COLUMNS}")
+    columns = tuple(_column(c, f"{where}.columns[{i}]") for i, c in enumerate(cols))
+    profile = Profile(samples, inputs, pred, columns)
+    expected = [n for lay in inputs for n in input_feature_names(lay)] + (prediction_feature_names(pred) if pred else [])
+    if profile.column_names() != expected:
+        raise ProfileError(f"{where}.columns do not match its layout (expected {expected[:4]}...)")
+    return profile
+
+
+def _int(v: object, where: str, low: int = 0, high: int = MAX_COUNT) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+        raise ProfileError(f"{where} must be an integer from {low} to {high}, got {str(v)[:40]!r}")
+    return v
+
+
+def _list(v: object, where: str) -> list[Any]:
+    if not isinstance(v, list):
+        raise ProfileError(f"{where} must be a list")
+    return v
+
+
+def _str(v: object, where: str) -> str:
+    if not isinstance(v, str) or not 0 < len(v) <= 256:
+        raise ProfileError(f"{where} must be a string of 1-256 characters")
+    return v
+
+
+def _input_layout(v: object, where: str) -> InputLayout:
+    if not isinstance(v, dict) or v.get("layout") not in ("tabular", "scalar", "image"):
+        raise ProfileError(f"{where}.layout must be tabular, scalar or image")
+    limit = MAX_TABULAR if v["layout"] == "tabular" else MAX_CHANNELS
+    return InputLayout(_str(v.get("tensor"), f"{where}.tensor"), v["layout"],
+                       _int(v.get("channel_axis", 1), f"{where}.channel_axis", 1, 31), _int(v.get("size", 1), f"{where}.size", 1, limit))
+
+
+def _prediction_layout(v: object, where: str) -> PredictionLayout:
+    if not isinstance(v, dict) or v.get("kind") not in ("classifier", "regressor"):
+        raise ProfileError(f"{where}.kind must be classifier or regressor")
+    cats = tuple(_int(c, f"{where}.categories[]", 0, 1 << 31) for c in _list(v.get("categories", []), f"{where}.categories"))
+    if len(cats) > MAX_CLASSES:
+        raise ProfileError(f"{where}.categories holds {len(cats)} classes; the limit is {MAX_CLASSES}")
+    return PredictionLayout(_str(v.get("output"), f"{where}.output"), v["kind"],
+                            _int(v.get("classes", 0), f"{where}.classes", 0, 1 << 31), bool(v.get("softmax", False)), cats)
+
+
+def _column(v: object, where: str) -> Column:
+    if not isinstance(v, dict) or v.get("kind") not in ("numeric", "categorical") or v.get("group") not in ("input", "prediction"):
+        raise ProfileError(f"{where} needs kind numeric|categorical and group input|prediction")
+    edges = tuple(_list(v.get("edges", []), f"{where}.edges"))
+    if not all(isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) for e in edges):
+        raise ProfileError(f"{where}.edges must be finite numbers")
+    if any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ProfileError(f"{where}.edges must increase strictly")
+    counts = tuple(_int(c, f"{where}.counts[]") for c in _list(v.get("counts"), f"{where}.counts"))
+    if not 1 <= len(counts) <= MAX_BINS or (v["kind"] == "numeric" and len(counts) != len(edges) + 1):
+        raise ProfileError(f"{where}.counts must hold 1-{MAX_BINS} bins (numeric: one more than its edges)")
+    return Column(_str(v.get("name"), f"{where}.name"), v["group"], v["kind"], tuple(float(e) for e in edges), counts)
+
+
+# ----------------------------------------------------------------------------- the live sketch
+@dataclass
+class Sketch:
+    """Counts per (column, bin) of the samples seen since the last ``take``; mergeable by addition."""
+
+    profile: Profile
+    n: int = 0
+    dropped: int = 0
+    counts: list[np.ndarray] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [np.zeros(c.bins, dtype=np.int64) for c in self.profile.columns]
+
+    def add(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray] | None) -> None:
+        feats = features(self.profile, inputs, outputs, MAX_ROWS_PER_SAMPLE)
+        for acc, c in zip(self.counts, bin_counts(self.profile, feats)):
+            acc += c
+        self.n += feats.shape[0]
+
+    def merge(self, other: "Sketch") -> None:
+        for acc, c in zip(self.counts, other.counts):
+            acc += c
+        self.n += other.n
+        self.dropped += other.dropped
+
+
+def wire(name: str, version: str, sketch: Sketch, rate: float) -> dict[str, Any]:
+    """The telemetry ``drift`` row of one model version (fleet/protocol.py validates it)."""
+    return {"name": name, "version": version, "n": int(sketch.n), "dropped": int(sketch.dropped),
+            "rate": float(rate), "counts": [[int(x) for x in c] for c in sketch.counts]}
+
+
+WIRE_FIELDS: dict[str, type | tuple[type, ...]] = {"name": str, "version": str, "n": int, "dropped": int,
+                                                "rate": (int, float), "counts": list}
+
+
+def wire_problem(row: object) -> str | None:
+    """Why a received ``drift`` row is not acceptable (None when it is): exact fields, bounded sizes,
+    finite numbers, and every column's counts adding up to ``n`` (each sample lands in one bin per
+    column; a column whose tensor was missing counts nothing, so its sum may be 0)."""
+    if not isinstance(row, dict):
+        return "is not an object"
+    if set(row) != set(WIRE_FIELDS):
+        return f"must hold exactly the fields {sorted(WIRE_FIELDS)}"
+    for k, t in WIRE_FIELDS.items():
+        if isinstance(row[k], bool) or not isinstance(row[k], t):
+            return f"field {k!r} has the wrong type"
+    if not 0 < len(row["name"]) <= 128 or not 0 < len(row["version"]) <= 128:
+        return "name and version must be 1-128 characters"
+    if not 0 <= row["n"] <= MAX_COUNT or not 0 <= row["dropped"] <= MAX_COUNT:
+        return "n and dropped must be integers from 0 to 2**53"
+    if not (math.isfinite(row["rate"]) and 0 < row["rate"] <= 1):
+        return "rate must be a number in (0, 1]"
+    counts = row["counts"]
+    if len(counts) > MAX_COLUMNS:
+        return f"counts holds {len(counts)} columns; the limit is {MAX_COLUMNS}"
+    for i, col in enumerate(counts):
+        if not isinstance(col, list) or not 1 <= len(col) <= MAX_BINS:
+            return f"counts[{i}] must be a list of 1-{MAX_BINS} bins"
+        if not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= MAX_COUNT for c in col):
+            return f"counts[{i}] must hold non-negative integers"
+        if sum(col) not in (0, row["n"]):
+            return f"counts[{i}] adds up to {sum(col)}, not n={row['n']}"
+    return None
+
+
+class Sampler:
+    """Per model version: ``offer`` on the request path (one random draw; a queue put when chosen), a
+    worker thread bins the chosen requests; ``take`` hands the window's sketch over and starts a new one."""
+
+    def __init__(self, profile: Profile, rate: float = DEFAULT_RATE, *, seed: int | None = None,
+                 queue_size: int = QUEUE_SIZE):
+        if not (isinstance(rate, (int, float)) and 0 < rate <= 1):
+            raise ValueError(f"drift sampling rate {rate!r} must be in (0, 1]")
+        self.profile = profile
+        self.rate = float(rate)
+        self._random = random.Random(seed).random
+        self._queue: queue.Queue[tuple[Mapping[str, Any], Mapping[str, Any] | None] | None] = queue.Queue(queue_size)
+        self._lock = threading.Lock()
+        self._sketch = Sketch(profile)
+        self._thread = threading.Thread(target=self._work, name="edgeml-drift", daemon=True)
+        self._thread.start()
+
+    def offer(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any] | None) -> None:
+        """Hot path: cheap. The arrays are only read later by the worker (no copy here)."""
+        if self._random() >= self.rate:
+            return
+        try:
+            self._queue.put_nowait((inputs, outputs))
+        except queue.Full:
+            with self._lock:
+                self._sketch.dropped += 1
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                part = Sketch(self.profile)
+                part.add(*item)
+                with self._lock:
+                    self._sketch.merge(part)
+            except Exception as exc:  # noqa: BLE001 - an odd request must not stop sampling
+                log.debug("drift sample skipped: %s", exc)
+            finally:
+                self._queue.task_done()
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until the queued samples are binned (tests and benchmarks)."""
+        pause = threading.Event()
+        for _ in range(max(1, int(timeout / 0.01))):
+            if self._queue.unfinished_tasks == 0:
+                return
+            pause.wait(0.01)
+
+    def take(self) -> Sketch:
+        with self._lock:
+            sketch, self._sketch = self._sketch, Sketch(self.profile)
+        return sketch
+
+    def close(self) -> None:
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
+
+
+def sampler_for(manifest: Mapping[str, Any], rate: float = DEFAULT_RATE) -> Sampler | None:
+    """A sampler for a loaded artifact's manifest, or None when it carries no version-2 profile."""
+    try:
+        profile = parse_profile(manifest.get("drift_profile"))
+    except ProfileError as exc:
+        log.warning("drift sampling off for %s@%s: %s", manifest.get("name"), manifest.get("version"), exc)
+        return None
+    if profile is None or not profile.columns:
+        log.info("drift sampling off for %s@%s: its artifact has no per-feature profile (compiled by an older"
+                 " edgeml)", manifest.get("name"), manifest.get("version"))
+        return None
+    return Sampler(profile, rate)

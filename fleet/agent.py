@@ -317,6 +317,9 @@ class AgentCore:
                "memory_mb": round(resident_memory_mb(), 1), "throughput_rps": round(rps, 3)}
         if getattr(self.serving, "stubbed", False):
             msg["stubbed"] = True
+        drift_windows = getattr(self.serving, "drift_windows", None)   # sampled inputs/outputs (runtime/drift.py)
+        if drift_windows is not None and (rows := drift_windows()):
+            msg["drift"] = rows
         return msg
 
     def publish_telemetry(self) -> None:

@@ -85,6 +85,8 @@ def _wait_for_signal() -> None:
 @click.option("--health-max-error-rate", type=float, default=0.0, show_default=True,
               help="Share of failed probes in the health window that rolls back.")
 @click.option("--health-max-p95-ms", type=float, default=None, help="Roll back when the probes' p95 exceeds this.")
+@click.option("--drift-rate", type=click.FloatRange(0, 1, min_open=True), default=0.05, show_default=True,
+              help="Share of live requests sampled into the drift sketch (off the request path; docs/monitoring.md).")
 @click.option("--admin-token", envvar="EDGEML_ADMIN_TOKEN", default=None,
               help="Turn on the embedded server's repository API (load/unload) behind this bearer token"
                    " (also $EDGEML_ADMIN_TOKEN). Default: off, repository endpoints answer 403.")
@@ -123,7 +125,7 @@ def agent_cmd(device_id, labels, state_dir, trusted_keys, allow_unsigned, http_h
                          health_window_s=bounded_duration(health_window, "--health-window", min_s=0, max_s=3600),
                          health_max_error_rate=health_max_error_rate, health_max_p95_ms=health_max_p95_ms)
     serving = make_serving(Path(state_dir) / "cache", http_host=http_host, http_port=None if http_port < 0 else http_port,
-                           admin_token=admin_token)
+                           admin_token=admin_token, drift_rate=kw.pop("drift_rate"))
     if serving.address:
         config.endpoint = f"http://{serving.address[0]}:{serving.address[1]}"
     agent = Agent(config, broker, serving).start()

@@ -127,7 +127,7 @@ SCHEMAS: dict[str, dict[str, tuple[Any, bool]]] = {
     "telemetry": {
         "device_id": (_STR, True), "ts": (_NUM, True), "interval_s": (_NUM, True), "models": (_LIST, True),
         "active": ((_DICT, _NULL), True), "cpu_percent": (_NUM, False), "memory_mb": (_NUM, False),
-        "throughput_rps": (_NUM, False), "stubbed": (_BOOL, False),
+        "throughput_rps": (_NUM, False), "stubbed": (_BOOL, False), "drift": (_LIST, False),
     },
 }
 # numbers that can never be negative (besides every counter inside telemetry models)
@@ -310,6 +310,7 @@ def _check_desired(msg: Mapping[str, Any], where: str) -> None:
 
 
 def _check_telemetry(msg: Mapping[str, Any], where: str) -> None:
+    _check_drift(msg.get("drift", []), where)
     models = msg["models"]
     if len(models) > MAX_MODELS:
         raise MessageRejected(f"{where}: {len(models)} models; the limit is {MAX_MODELS}")
@@ -330,6 +331,18 @@ def _check_telemetry(msg: Mapping[str, Any], where: str) -> None:
                 raise MessageRejected(f"{at}.latency_buckets_ms[{key!r}] has type {type(count).__name__};"
                                       " expected int")
             _check_number(f"{at}.latency_buckets_ms[{key!r}]", count, non_negative=True)
+
+
+def _check_drift(rows: list[Any], where: str) -> None:
+    """Drift sketches (edgeml.runtime.drift.wire): bounded rows, exact fields, counts that add up."""
+    from edgeml.runtime.drift import wire_problem
+
+    if len(rows) > MAX_MODELS:
+        raise MessageRejected(f"{where}: {len(rows)} drift rows; the limit is {MAX_MODELS}")
+    for i, row in enumerate(rows):
+        problem = wire_problem(row)
+        if problem is not None:
+            raise MessageRejected(f"{where}: drift[{i}] {problem}")
 
 
 # ---------------------------------------------------------------- builders

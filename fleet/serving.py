@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from edgeml.errors import EdgemlError, FleetError
 from edgeml.fleet.metrics import Histogram
+from edgeml.runtime.drift import DEFAULT_RATE, Monitor
 
 log = logging.getLogger("edgeml.fleet.serving")
 
@@ -63,9 +64,10 @@ class LocalServing:
 
     stubbed = False
 
-    def __init__(self, cache_dir: Path, *, check_host: bool = True):
+    def __init__(self, cache_dir: Path, *, check_host: bool = True, drift_rate: float = DEFAULT_RATE):
         self.cache_dir = Path(cache_dir)
         self.check_host = check_host
+        self.drift = Monitor(drift_rate)     # sampled live inputs/outputs -> telemetry ``drift`` rows
         self._lock = threading.RLock()
         self._model = None
         self._golden: dict[str, Any] | None = None
@@ -98,9 +100,12 @@ class LocalServing:
         model = edgeml.load(path, check_host=self.check_host, cache_dir=self.cache_dir)
         golden = golden_inputs(model)
         with self._lock:
-            old = self._model
+            old, was = self._model, self._active
             self._model, self._golden, self._active = model, golden, {"name": name, "version": version}
             self._counters.setdefault((name, version), _Counters(name, version))
+        if was and was != self._active:
+            self.drift.detach(was["name"], was["version"])
+        self.drift.attach(name, version, model.manifest)
         if old is not None:
             old.close()
 
@@ -132,6 +137,7 @@ class LocalServing:
             raise
         counters.requests += 1
         counters.hist.observe((time.perf_counter() - start) * 1000.0)
+        self.drift.offer(active["name"], active["version"], feeds, out)
         return out
 
     def probe(self) -> float:
@@ -147,8 +153,12 @@ class LocalServing:
     def stats(self) -> list[dict[str, Any]]:
         return [c.to_dict() for c in self._counters.values()]
 
+    def drift_windows(self) -> list[dict[str, Any]]:
+        return self.drift.windows()
+
     def close(self) -> None:
         self.deactivate()
+        self.drift.close()
 
 
 class HttpServing:
@@ -159,7 +169,7 @@ class HttpServing:
     stubbed = False
 
     def __init__(self, cache_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, check_host: bool = True,
-                 admin_token: str | None = None):
+                 admin_token: str | None = None, drift_rate: float = DEFAULT_RATE):
         from edgeml.runtime.server import ModelServer
 
         self.cache_dir = Path(cache_dir)
@@ -167,6 +177,8 @@ class HttpServing:
         self._local = LocalServing(cache_dir, check_host=check_host)   # for the self-test only
         self.server = ModelServer(server_config(host=host, port=port, cache_dir=self.cache_dir, check_host=check_host,
                                                 admin_token=admin_token))
+        self.drift = Monitor(drift_rate)
+        self.server.observer = lambda lm, inputs, outputs: self.drift.offer(lm.name, lm.version, inputs, outputs)
         self.address = self.server.start()
         self._active: dict[str, str] | None = None
         self._golden: dict[str, Any] | None = None
@@ -180,7 +192,9 @@ class HttpServing:
         lm = self.server.load(path, name=name, version=version, warmup=True, make_default=True)
         golden = golden_inputs(lm.model)   # read from the verified, extracted artifact
         old, self._active, self._golden = self._active, {"name": name, "version": version}, golden
+        self.drift.attach(name, version, lm.model.manifest)
         if old and old != self._active:
+            self.drift.detach(old["name"], old["version"])
             self._snapshot(old)
             try:
                 self.server.unload(old["name"], old["version"], wait=False)
@@ -263,8 +277,12 @@ class HttpServing:
                 log.debug("stats: %s", exc)
         return list(rows.values())
 
+    def drift_windows(self) -> list[dict[str, Any]]:
+        return self.drift.windows()
+
     def close(self) -> None:
         self.server.stop(drain_timeout=2)
+        self.drift.close()
 
 
 def golden_inputs(model: Any) -> dict[str, Any] | None:
@@ -283,14 +301,15 @@ def server_config(*, admin_token: str | None, **kw: Any) -> Any:
 
 
 def make_serving(cache_dir: Path, *, http_host: str = "127.0.0.1", http_port: int | None = 8000,
-                 admin_token: str | None = None):
+                 admin_token: str | None = None, drift_rate: float = DEFAULT_RATE):
     """HttpServing when a port is given and edgeml.runtime.server is installed, else LocalServing."""
     if http_port is not None:
         try:
-            return HttpServing(cache_dir, host=http_host, port=http_port, admin_token=admin_token)
+            return HttpServing(cache_dir, host=http_host, port=http_port, admin_token=admin_token,
+                               drift_rate=drift_rate)
         except ImportError as exc:
             log.warning("edgeml.runtime.server is not available (%s); serving in process only, no HTTP", exc)
-    return LocalServing(cache_dir)
+    return LocalServing(cache_dir, drift_rate=drift_rate)
 
 
 class StubServing:

@@ -419,3 +419,62 @@ def sampler_for(manifest: Mapping[str, Any], rate: float = DEFAULT_RATE) -> Samp
                  " edgeml)", manifest.get("name"), manifest.get("version"))
         return None
     return Sampler(profile, rate)
+
+
+class Monitor:
+    """The drift samplers of one device, per served (name, version); ``windows()`` drains them into
+    telemetry rows. Versions without a version-2 profile are not sampled (older artifacts)."""
+
+    def __init__(self, rate: float = DEFAULT_RATE):
+        if not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0 < rate <= 1):
+            raise ValueError(f"drift sampling rate {rate!r} must be in (0, 1]")
+        self.rate = float(rate)
+        self._samplers: dict[tuple[str, str], Sampler] = {}
+        self._retired: list[tuple[str, str, Sampler]] = []
+        self._lock = threading.Lock()
+
+    def attach(self, name: str, version: str, manifest: Mapping[str, Any]) -> None:
+        sampler = sampler_for(manifest, self.rate)
+        with self._lock:
+            old = self._samplers.pop((name, version), None)
+            if sampler is not None:
+                self._samplers[(name, version)] = sampler
+            if old is not None:
+                self._retired.append((name, version, old))
+
+    def detach(self, name: str, version: str) -> None:
+        """Stop sampling a version; its last window still goes out with the next ``windows()``."""
+        with self._lock:
+            old = self._samplers.pop((name, version), None)
+            if old is not None:
+                self._retired.append((name, version, old))
+
+    def offer(self, name: str, version: str, inputs: Mapping[str, Any], outputs: Mapping[str, Any] | None) -> None:
+        sampler = self._samplers.get((name, version))
+        if sampler is not None:
+            sampler.offer(inputs, outputs)
+
+    def windows(self) -> list[dict[str, Any]]:
+        """One telemetry row per sampled version with samples (or drops) since the last call."""
+        with self._lock:
+            live = [(n, v, s) for (n, v), s in self._samplers.items()]
+            retired, self._retired = self._retired, []
+        rows = []
+        for name, version, sampler in live + retired:
+            sketch = sampler.take()
+            if sketch.n or sketch.dropped:
+                rows.append(wire(name, version, sketch, sampler.rate))
+        for _, _, sampler in retired:
+            sampler.close()
+        return rows
+
+    def flush(self) -> None:
+        for sampler in list(self._samplers.values()):
+            sampler.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            samplers = list(self._samplers.values()) + [s for _, _, s in self._retired]
+            self._samplers, self._retired = {}, []
+        for sampler in samplers:
+            sampler.close()

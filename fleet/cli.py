@@ -23,7 +23,8 @@ from edgeml.cli import emit, handle_errors, json_option
 if TYPE_CHECKING:
     from edgeml.fleet.transport import BrokerConfig
 
-DB_HELP = "The manager's SQLite file (default $EDGEML_FLEET_DB or fleet.db)."
+DB_HELP = ("The manager's database: an SQLite file, or postgresql://USER@HOST:PORT/DB for replicas"
+           " (default $EDGEML_FLEET_DB or fleet.db).")
 MIN_INTERVAL_S = 0.5     # heartbeat / telemetry: faster would flood the broker (0s sent 17,000 messages in 5 s)
 
 
@@ -56,8 +57,27 @@ def _broker(kw) -> "BrokerConfig":
                         tls_cert=kw.pop("tls_cert"), tls_key=kw.pop("tls_key"), protocol=kw.pop("mqtt_protocol"))
 
 
-def _db_path(db: Path | None) -> Path:
-    return Path(db or os.environ.get("EDGEML_FLEET_DB") or "fleet.db")
+class _DbParam(click.ParamType):
+    """--db: an SQLite path (a Path) or a postgresql:// URL (kept as text: a Path would fold its '//')."""
+
+    name = "FILE|URL"
+
+    def convert(self, value, param, ctx):
+        from edgeml.fleet.db_postgres import is_postgres_url
+
+        if isinstance(value, Path) or is_postgres_url(value):
+            return value
+        return click.Path(dir_okay=False, path_type=Path).convert(value, param, ctx)
+
+
+DB_TYPE = _DbParam()
+
+
+def _db_path(db: Path | str | None) -> Path | str:
+    from edgeml.fleet.db_postgres import is_postgres_url
+
+    value = db or os.environ.get("EDGEML_FLEET_DB") or "fleet.db"
+    return value if is_postgres_url(value) else Path(value)
 
 
 def _wait_for_signal() -> None:
@@ -148,7 +168,7 @@ def fleet_group() -> None:
 
 @fleet_group.command("manager")
 @broker_options
-@click.option("--db", type=click.Path(dir_okay=False, path_type=Path), help=DB_HELP)
+@click.option("--db", type=DB_TYPE, help=DB_HELP)
 @click.option("--store", "store_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Artifact store folder (default: beside the db).")
 @click.option("--http-host", default="127.0.0.1", show_default=True, help="Artifact HTTP server address.")
@@ -185,7 +205,7 @@ def manager_cmd(db, store_dir, http_host, http_port, public_url, sign_key, heart
 
 @fleet_group.command("publish")
 @click.argument("artifact", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--db", type=click.Path(dir_okay=False, path_type=Path), help=DB_HELP)
+@click.option("--db", type=DB_TYPE, help=DB_HELP)
 @click.option("--store", "store_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Refuse the artifact unless signed by one of these keys.")
@@ -208,7 +228,7 @@ def publish_cmd(artifact, db, store_dir, trusted_keys, as_json):
 
 
 @fleet_group.command("devices")
-@click.option("--db", type=click.Path(dir_okay=False, path_type=Path), help=DB_HELP)
+@click.option("--db", type=DB_TYPE, help=DB_HELP)
 @click.option("--selector", default="", help="k=v,... labels to match.")
 @json_option
 @handle_errors
@@ -263,7 +283,7 @@ def _status_text(s: dict) -> str:
 
 @rollout_group.command("start")
 @click.argument("target")
-@click.option("--db", type=click.Path(dir_okay=False, path_type=Path), help=DB_HELP)
+@click.option("--db", type=DB_TYPE, help=DB_HELP)
 @click.option("--selector", default="", help="k=v,... labels of the devices to update (default all).")
 @click.option("--waves", default="5%,25%,100%", show_default=True)
 @click.option("--max-failure-rate", default="10%", show_default=True)
@@ -290,7 +310,7 @@ def rollout_start_cmd(target, db, selector, waves, max_failure_rate, bake, gates
 
 @rollout_group.command("status")
 @click.argument("rollout_id", required=False)
-@click.option("--db", type=click.Path(dir_okay=False, path_type=Path), help=DB_HELP)
+@click.option("--db", type=DB_TYPE, help=DB_HELP)
 @json_option
 @handle_errors
 def rollout_status_cmd(rollout_id, db, as_json):
@@ -310,7 +330,7 @@ def rollout_status_cmd(rollout_id, db, as_json):
 def _op(name: str, doc: str):
     @rollout_group.command(name, help=doc)
     @click.argument("rollout_id")
-    @click.option("--db", type=click.Path(dir_okay=False, path_type=Path), help=DB_HELP)
+    @click.option("--db", type=DB_TYPE, help=DB_HELP)
     @json_option
     @handle_errors
     def cmd(rollout_id, db, as_json):
@@ -328,7 +348,7 @@ _op("rollback", "Return every device this rollout updated to its previous versio
 
 
 @fleet_group.command("telemetry")
-@click.option("--db", type=click.Path(dir_okay=False, path_type=Path), help=DB_HELP)
+@click.option("--db", type=DB_TYPE, help=DB_HELP)
 @click.option("--device", help="Only this device.")
 @json_option
 @handle_errors

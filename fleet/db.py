@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from edgeml.errors import FleetError
+from edgeml.fleet.db_postgres import is_postgres_url, redact
 from edgeml.fleet.states import (CommandStatus, DeploymentKind, DeviceStatus, InstallState, RollbackStatus,
                                  RolloutState, sql_in)
 
@@ -75,16 +76,18 @@ SCHEMA = [
 ]
 
 
+ENUM_COLUMNS = [("rollouts", "state", RolloutState), ("rollout_devices", "status", DeviceStatus),
+                ("rollout_devices", "rollback_status", RollbackStatus), ("deployments", "status", DeviceStatus),
+                ("deployments", "kind", DeploymentKind), ("commands", "status", CommandStatus),
+                ("devices", "state", InstallState)]
+
+
 def _enum_triggers() -> list[str]:
     """v3: every status column holds a value of its enum (fleet/states.py). SQLite cannot add a CHECK to an
     existing table, so the same rule is a pair of BEFORE INSERT / UPDATE triggers: existing databases keep
     their rows and upgrade in place; a write of an unknown status is refused (``sqlite3.IntegrityError``)."""
-    columns = [("rollouts", "state", RolloutState), ("rollout_devices", "status", DeviceStatus),
-               ("rollout_devices", "rollback_status", RollbackStatus), ("deployments", "status", DeviceStatus),
-               ("deployments", "kind", DeploymentKind), ("commands", "status", CommandStatus),
-               ("devices", "state", InstallState)]
     out = []
-    for table, column, enum in columns:
+    for table, column, enum in ENUM_COLUMNS:
         for op, when in (("insert", "INSERT"), ("update", f"UPDATE OF {column}")):
             out.append(f"CREATE TRIGGER {table}_{column}_{op}_check BEFORE {when} ON {table}"
                        f" WHEN NEW.{column} NOT IN {sql_in(enum)}"
@@ -97,8 +100,30 @@ MIGRATIONS: list[str | list[str]] = [*SCHEMA, _enum_triggers()]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+def postgres_migrations() -> list[list[str]]:
+    """The same versions for PostgreSQL: v1/v2 DDL with mapped types, v3 as CHECK constraints."""
+    from edgeml.fleet import db_postgres as pg
+
+    steps = [pg.ddl(script) for script in SCHEMA]
+    steps.append(pg.enum_checks([(t, c, sql_in(e)) for t, c, e in ENUM_COLUMNS]))
+    assert len(steps) == SCHEMA_VERSION, "every migration needs its PostgreSQL form"
+    return steps
+
+
 class FleetDB:
-    def __init__(self, path: Path, *, readonly: bool = False):
+    """The fleet database: an SQLite file (default) or PostgreSQL (``postgresql://...``, fleet/db_postgres.py).
+
+    ``conn.execute(sql, args)`` takes SQLite-dialect SQL on both; ``tx()`` is one transaction."""
+
+    def __init__(self, path: Path | str, *, readonly: bool = False):
+        self.postgres = is_postgres_url(path)
+        self.location = redact(str(path)) if self.postgres else str(path)
+        self.lock = threading.RLock()
+        self.conn: Any
+        if self.postgres:
+            self.path = Path("postgresql")       # not a file; ``location`` names the database
+            self._open_postgres(str(path), readonly)
+            return
         self.path = Path(path)
         if readonly and not self.path.exists():
             raise FleetError(f"fleet database {self.path} does not exist",
@@ -107,14 +132,29 @@ class FleetDB:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = sqlite3.connect(str(self.path), timeout=30, check_same_thread=False, isolation_level=None)
         self.conn.row_factory = sqlite3.Row
-        self.lock = threading.RLock()
         self.conn.execute("PRAGMA busy_timeout = 30000")
         self.conn.execute("PRAGMA journal_mode = WAL")
         self.conn.execute("PRAGMA synchronous = NORMAL")
         self.conn.execute("PRAGMA foreign_keys = ON")
         self.migrate()
 
+    def _open_postgres(self, url: str, readonly: bool) -> None:
+        from edgeml.fleet import db_postgres as pg
+
+        self.conn = pg.PgConnection(url)
+        if readonly and pg.schema_version_or_none(self.conn) is None:
+            self.conn.close()
+            raise FleetError(f"{self.location} holds no edgeml fleet schema yet",
+                             hint="start the manager first: edgeml fleet manager --db postgresql://...")
+        self.migrate()
+
     def migrate(self) -> None:
+        if self.postgres:
+            from edgeml.fleet import db_postgres as pg
+
+            with self.lock:
+                pg.migrate(self.conn, postgres_migrations(), str(self.location))
+            return
         with self.lock:
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
@@ -133,21 +173,25 @@ class FleetDB:
                     raise
 
     def schema_version(self) -> int:
+        if self.postgres:
+            from edgeml.fleet import db_postgres as pg
+
+            return pg.schema_version(self.conn)
         return self.conn.execute("PRAGMA user_version").fetchone()[0]
 
     # ---------------------------------------------------------------- helpers
     def tx(self):
         return _Tx(self)
 
-    def q(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
+    def q(self, sql: str, args: Iterable[Any] = ()) -> list[Any]:
         with self.lock:
             return self.conn.execute(sql, tuple(args)).fetchall()
 
-    def one(self, sql: str, args: Iterable[Any] = ()) -> sqlite3.Row | None:
+    def one(self, sql: str, args: Iterable[Any] = ()) -> Any:
         with self.lock:
             return self.conn.execute(sql, tuple(args)).fetchone()
 
-    def x(self, sql: str, args: Iterable[Any] = ()) -> sqlite3.Cursor:
+    def x(self, sql: str, args: Iterable[Any] = ()) -> Any:
         with self.lock:
             return self.conn.execute(sql, tuple(args))
 
@@ -165,11 +209,13 @@ class FleetDB:
             self.conn.close()
 
 
-def check_database(path: Path) -> None:
+def check_database(path: Path | str) -> None:
     """An existing ``path`` must be an edgeml fleet database (or empty); FleetError otherwise, file untouched.
 
     Opened read-only: a garbage file, another program's SQLite database or one of a newer schema is refused
     with one line, instead of a traceback or (worse) our schema written into it."""
+    if is_postgres_url(path):
+        return     # checked when connecting (db_postgres.migrate refuses a foreign schema)
     path = Path(path)
     if not path.exists():
         return
@@ -204,18 +250,28 @@ class _Tx:
 
     def __enter__(self):
         self.db.lock.acquire()
-        self.db.conn.execute("BEGIN IMMEDIATE")
+        try:
+            if self.db.postgres:
+                self.db.conn.begin()
+            else:
+                self.db.conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.db.lock.release()
+            raise
         return self.db
 
     def __exit__(self, exc_type, exc, tb):
         try:
-            self.db.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+            if self.db.postgres:
+                self.db.conn.end(failed=exc_type is not None)
+            else:
+                self.db.conn.execute("ROLLBACK" if exc_type else "COMMIT")
         finally:
             self.db.lock.release()
         return False
 
 
-def row_dict(row: sqlite3.Row | None, json_fields: tuple[str, ...] = ()) -> dict[str, Any] | None:
+def row_dict(row: Any, json_fields: tuple[str, ...] = ()) -> dict[str, Any] | None:
     if row is None:
         return None
     d = dict(row)

@@ -50,7 +50,7 @@ def _failure_status(code: str | None) -> DeviceStatus:
 
 @dataclass
 class ManagerConfig:
-    db: Path
+    db: Path | str                        # an SQLite file or a postgresql:// URL (fleet/db_postgres.py)
     store_dir: Path | None = None
     http_host: str = "127.0.0.1"
     http_port: int = 8765
@@ -63,7 +63,11 @@ class ManagerConfig:
     tick_s: float = 0.5
 
     def store_path(self) -> Path:
-        return Path(self.store_dir) if self.store_dir else Path(self.db).with_name(Path(self.db).stem + "-store")
+        if self.store_dir:
+            return Path(self.store_dir)
+        if str(self.db).startswith(("postgresql://", "postgres://")):
+            return Path("fleet-store")    # replicas: pass --store on a volume they share
+        return Path(self.db).with_name(Path(self.db).stem + "-store")
 
 
 class Manager:
@@ -208,6 +212,10 @@ class Manager:
                             (msg["device_id"], msg["ts"], msg.get("cpu_percent"), msg.get("memory_mb"),
                              msg.get("throughput_rps"), json.dumps(msg["active"]) if msg["active"] else None,
                              int(bool(msg.get("stubbed")))))
+        if msg.get("drift"):    # the agents' sampled input/output sketches (fleet/drift.py)
+            from edgeml.fleet.drift import record as record_drift
+
+            record_drift(self.db, msg, self.clock())
         self._touch_device(msg, online=True)
 
     # ================================================================ desired out
@@ -457,7 +465,7 @@ class Manager:
         # a device only pending/skipped in an aborted or rolled back rollout was never touched by it
         for row in self.db.q("SELECT rd.device_id, MAX(CASE WHEN r.state IN (?,?,?) OR rd.status NOT IN ('pending', 'skipped')"
                              " THEN CAST(rd.rollout_id AS INTEGER) END) newest,"
-                             f" MAX(r.state IN ({','.join('?' * len(ACTIVE_STATES))})) busy"
+                             f" MAX(CASE WHEN r.state IN ({','.join('?' * len(ACTIVE_STATES))}) THEN 1 ELSE 0 END) busy"
                              " FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id GROUP BY rd.device_id",
                              (*JOINABLE, *ACTIVE_STATES)):
             newest[row["device_id"]] = row["newest"] or 0
@@ -506,8 +514,14 @@ class Manager:
         old = VersionStats()
         if olds:
             old = self._version_stats(r["name"], sorted(v for n, v in olds if v != r["version"]), None)
+        from edgeml.fleet.drift import gate_value
+
+        def drift() -> tuple[float | None, str]:
+            return gate_value(self.db, self.store.root, r["name"], r["version"], updated, since=r["created_at"],
+                              now=self.clock())
+
         return GateContext(wave=r["wave"], wave_devices=len(devs), failed=sum(d["status"] in FAILED for d in devs),
-                           committed=sum(d["status"] == "committed" for d in devs), new=new, old=old)
+                           committed=sum(d["status"] == "committed" for d in devs), new=new, old=old, drift=drift)
 
     def _version_stats(self, name: str, versions: list[str], devices: list[str] | None) -> VersionStats:
         if not versions:

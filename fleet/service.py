@@ -50,7 +50,8 @@ class ManagerService:
         # and two managers of different fleets on one broker do not kick each other off
         import hashlib
 
-        client_id = "edgeml-manager-" + hashlib.sha256(str(Path(self.config.db).resolve()).encode()).hexdigest()[:10]
+        db_id = self.config.db if self.manager.db.postgres else Path(self.config.db).resolve()
+        client_id = "edgeml-manager-" + hashlib.sha256(str(db_id).encode()).hexdigest()[:10]
         self.transport = MqttTransport(broker, client_id, on_message=self.manager.on_message,
                                        on_connect=self.manager.on_connect)
         self.manager.link = self.transport
@@ -108,7 +109,7 @@ class CommandClient:
             time.sleep(0.1)
         self.db.x("UPDATE commands SET status = 'expired' WHERE id = ? AND status = 'pending'", (cid,))
         raise FleetError(f"no manager answered within {wait_s:.0f}s (command withdrawn)",
-                         hint="start one: edgeml fleet manager --broker ... --db " + str(self.db.path))
+                         hint="start one: edgeml fleet manager --broker ... --db " + self.db.location)
 
 
 def default_actor() -> str:

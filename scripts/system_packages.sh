@@ -12,6 +12,9 @@ have debootstrap || need+=(debootstrap)                # aarch64 proof: an arm64
 have aarch64-linux-gnu-gcc || need+=(gcc-aarch64-linux-gnu)   # TVM cross-compiled artifacts
 # the cross gcc alone cannot link: crti.o etc. come from the arm64 libc dev package
 [ -e /usr/aarch64-linux-gnu/lib/crti.o ] || need+=(libc6-dev-arm64-cross)
+have podman || need+=(podman)                          # container image tests (deploy/)
+have runc || need+=(runc)                              # podman's runtime that works without CAP_SYS_RESOURCE
+have systemd-analyze || need+=(systemd)                # `systemd-analyze verify` of the shipped units
 for extra in ${EDGEML_EXTRA_DEBIAN_PACKAGES:-}; do
   dpkg -s "$extra" >/dev/null 2>&1 || need+=("$extra")
 done

@@ -38,6 +38,7 @@ MAX_TENSORS = 1024                     # entries of ``inputs`` / ``outputs``
 MAX_RANK = 32
 MAX_DIM = 1 << 40
 MAX_THREADS = 4096                     # more is an absurd request, refused; less is clamped to the host
+MAX_CACHE_MB = 1 << 16                # a response cache of up to 64 GiB per model
 MAX_FEATURES = 256
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -249,15 +250,35 @@ class BackendDecl:
 @dataclass(frozen=True)
 class RuntimeDecl:
     threads: int | None = None          # None or 0 = all cores; clamped to the host at load
+    cache_mb: float | None = None       # serve's response cache for this model (None/0 = off)
+    deterministic: bool = True          # False: same inputs may give other outputs, never cached
+    fallback: str | None = None         # file name of a sibling .edgepkg to serve when this one fails
 
     @classmethod
     def parse(cls, value: object, f: _Field) -> "RuntimeDecl":
         obj = _obj(value, f)
-        threads = obj.get("threads")
-        return cls(None if threads is None else _int(threads, f.key("threads"), 0, MAX_THREADS))
+        threads, cache_mb, fallback = obj.get("threads"), obj.get("cache_mb"), obj.get("fallback")
+        deterministic = obj.get("deterministic", True)
+        if not isinstance(deterministic, bool):
+            raise f.key("deterministic").expect("true or false", deterministic)
+        mb = None if cache_mb is None else _number(cache_mb, f.key("cache_mb"))
+        if mb is not None and mb > MAX_CACHE_MB:
+            raise f.key("cache_mb").expect(f"a number of MiB from 0 to {MAX_CACHE_MB}", cache_mb)
+        name = None if fallback is None else _str(fallback, f.key("fallback"))
+        if name is not None and (name in (".", "..") or "/" in name or "\\" in name or "\0" in name):
+            raise f.key("fallback").expect("a file name in the artifact's folder (no path)", fallback)
+        return cls(None if threads is None else _int(threads, f.key("threads"), 0, MAX_THREADS),
+                   None if mb is None else float(mb), deterministic, name)
 
     def to_dict(self) -> dict[str, JsonValue]:
-        return {"threads": self.threads}
+        out: dict[str, JsonValue] = {"threads": self.threads}
+        if self.cache_mb is not None:
+            out["cache_mb"] = self.cache_mb
+        if not self.deterministic:
+            out["deterministic"] = False
+        if self.fallback is not None:
+            out["fallback"] = self.fallback
+        return out
 
 
 @dataclass(frozen=True)

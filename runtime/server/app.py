@@ -21,8 +21,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgeml.errors import EdgemlError, ServeError
+from edgeml.runtime.server.admission import Admission, AdmissionLimits
 from edgeml.runtime.server.batching import Batcher
+from edgeml.runtime.server.breaker import BreakerConfig, CircuitBreaker
+from edgeml.runtime.server.cache import cache_for
 from edgeml.runtime.server.dataplane import DataPlane
+from edgeml.runtime.server.fallback import PrimaryRetry, check_compatible, declared_fallback, stand_in_reason
 from edgeml.runtime.server.http import HttpConnection
 from edgeml.runtime.server.logs import LOGGER, configure_logging
 from edgeml.runtime.server.repository import LoadedModel, Repository
@@ -60,12 +64,19 @@ class ServerConfig:
     event_loop: str = "auto"              # auto | uvloop | asyncio
     server_name: str = "edgeml"
     grpc_port: int | None = None          # also serve the v2 gRPC protocol here (None = off, 0 = a free port)
+    # resilience (docs/serving.md "Admission control, circuit breaker, cache, fallback")
+    max_inflight: int | None = None       # per model version: requests admitted and not answered (429 past it)
+    max_queue_ms: float | None = None     # per model version: longest wait for a batch to start (503 past it)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)   # failures=0: no breaker
+    cache_mb: float | None = None         # response cache per model version; None = the artifact's choice, 0 = off
 
     def validate(self) -> None:
         """Refuse limits that cannot work (zero, negative, not finite, out of range), naming the field."""
         ints = {"max_batch": (1, 1 << 16), "max_body_bytes": (1, 1 << 40), "max_buffered_body_bytes": (1, 1 << 42),
                 "max_connections": (1, 1 << 20), "max_versions": (1, 1000), "port": (0, 65535)}
-        optional_ints = {"max_request_rows": (1, 1 << 24), "threads": (1, 4096), "grpc_port": (0, 65535)}
+        optional_ints = {"max_request_rows": (1, 1 << 24), "threads": (1, 4096), "grpc_port": (0, 65535),
+                         "max_inflight": (1, 1 << 20)}
+        optional_floats = {"max_queue_ms": (0.001, 3_600_000.0), "cache_mb": (0.0, float(1 << 16))}
         floats = {"max_delay_ms": (0.0, 60_000.0), "header_timeout_s": (0.001, 86_400.0),
                   "body_timeout_s": (0.001, 86_400.0), "keepalive_timeout_s": (0.001, 86_400.0),
                   "inline_below_ms": (0.0, 60_000.0)}
@@ -75,10 +86,15 @@ class ServerConfig:
                 continue
             if type(value) is not int or not lo <= value <= hi:
                 raise ServeError(f"ServerConfig.{name} is {value!r}; it must be an integer from {lo} to {hi}")
-        for name, (flo, fhi) in floats.items():
+        for name, (flo, fhi) in {**floats, **optional_floats}.items():
             value = getattr(self, name)
+            if value is None and name in optional_floats:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not flo <= value <= fhi:
                 raise ServeError(f"ServerConfig.{name} is {value!r}; it must be a number from {flo:g} to {fhi:g}")
+        if not isinstance(self.breaker, BreakerConfig):
+            raise ServeError(f"ServerConfig.breaker must be a BreakerConfig, not {type(self.breaker).__name__}")
+        self.breaker.validate()
         if self.admin_token is not None and (not isinstance(self.admin_token, str) or len(self.admin_token) < 8):
             raise ServeError("ServerConfig.admin_token must be a string of at least 8 characters",
                              hint="use a long random token, e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`")
@@ -108,6 +124,8 @@ class ModelServer:
         self._api_lock = threading.RLock()
         self._loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeml-load")
         self.plane = DataPlane(self)
+        # (LoadedModel, inputs, outputs) after each answered inference: the fleet agent's drift sampler
+        self.observer: Callable[[Any, dict[str, Any], dict[str, Any]], None] | None = None
         self.router = Router(self)
         if self.config.configure_logs:
             configure_logging(self.config.log_json)
@@ -288,49 +306,113 @@ class ModelServer:
 
     # -- model management -----------------------------------------------------
     def load(self, artifact: str | Path, *, name: str | None = None, version: str | None = None,
-             warmup: bool = True, make_default: bool = True) -> LoadedModel:
+             warmup: bool = True, make_default: bool = True, fallback: str | Path | None = None) -> LoadedModel:
         """Verify, open and warm up an artifact, then switch to it atomically.
 
         A version already loaded under the same name is replaced; in-flight
         requests on the replaced copy finish before it is closed. Versions past
         ``max_versions`` (oldest, non-default first) are drained and unloaded.
+        ``fallback`` (or the manifest's ``runtime.fallback``) is loaded beside it and
+        answers while its breaker is open; if the artifact itself fails to load, the
+        fallback is served in its place and the artifact is retried with backoff.
         """
-        import edgeml
-
         path = Path(artifact)
         with self._api_lock:
             t0 = time.perf_counter()
-            model = edgeml.load(
-                path, trusted_keys=[Path(k) for k in self.config.trusted_keys],
-                require_signature=self.config.require_signature, threads=self.config.threads,
-                check_host=self.config.check_host, cache_dir=self.config.cache_dir)
-            lm = LoadedModel(model, name or model.name, str(version or model.version), path)
             try:
-                mode = self.config.batch_mode
-                if warmup or mode == "auto":
-                    one, full = lm.warmup(self.config.max_batch)
-                    if mode == "auto":
-                        # inline only when neither a lone request nor a full batch would stall the loop
-                        limit = self.config.inline_below_ms
-                        mode = "inline" if one <= limit and full <= 4 * limit else "thread"
-                lm.mode = mode
-                lm.batcher = Batcher(lm.run, self._loop, lm.stats, max_batch=self.config.max_batch,
-                                     max_delay_ms=self.config.max_delay_ms, batchable=lm.batchable,
-                                     mode=mode, clock=self.clock, name=f"{lm.name}:{lm.version}")
-            except EdgemlError:
-                model.close()
+                model = self._open(path)
+            except EdgemlError as exc:
+                fb = Path(fallback) if fallback is not None else declared_fallback(path)
+                if fb is None:
+                    raise
+                return self._load_stand_in(path, fb, exc, name, version, warmup, make_default)
+            lm = self._prepare(model, name or model.name, str(version or model.version), path, warmup)
+            try:
+                fb = Path(fallback) if fallback is not None else declared_fallback(path, model.spec)
+                if fb is not None:
+                    lm.fallback = self._prepare(self._open(fb), lm.name, lm.version, fb, warmup, cache=False)
+                    check_compatible(lm, lm.fallback)
+            except BaseException:
+                _close(lm)
                 raise
-            except Exception as exc:
-                model.close()
-                raise ServeError(f"{path}: warm-up run failed: {exc}",
-                                 hint="run `edgeml run` on the artifact to see the backend error") from exc
-            lm.ready = True
-            retired = self._in_loop(lambda: self._install(lm, make_default))
-            log.info("model loaded", extra={"model": lm.name, "version": lm.version, "default": make_default,
-                                            "batch_mode": lm.mode, "warmup_ms": lm.warmup_ms,
-                                            "load_ms": round((time.perf_counter() - t0) * 1000, 1),
-                                            "retired": [r.version for r in retired]})
-            return lm
+            return self._finish_load(lm, make_default, t0)
+
+    def _finish_load(self, lm: LoadedModel, make_default: bool, t0: float) -> LoadedModel:
+        lm.ready = True
+        if lm.fallback is not None:
+            lm.fallback.ready = True
+        retired = self._in_loop(lambda: self._install(lm, make_default))
+        log.info("model loaded", extra={"model": lm.name, "version": lm.version, "default": make_default,
+                                        "batch_mode": lm.mode, "warmup_ms": lm.warmup_ms,
+                                        "load_ms": round((time.perf_counter() - t0) * 1000, 1),
+                                        "retired": [r.version for r in retired], "cache": lm.cache is not None,
+                                        "fallback": str(lm.fallback.source) if lm.fallback else None,
+                                        "stand_in_for": lm.stand_in_for})
+        return lm
+
+    def _open(self, path: Path) -> Any:
+        import edgeml
+
+        return edgeml.load(
+            path, trusted_keys=[Path(k) for k in self.config.trusted_keys],
+            require_signature=self.config.require_signature, threads=self.config.threads,
+            check_host=self.config.check_host, cache_dir=self.config.cache_dir)
+
+    def _load_stand_in(self, path: Path, fb: Path, exc: EdgemlError, name: str | None, version: str | None,
+                       warmup: bool, make_default: bool) -> LoadedModel:
+        """The primary failed to load: serve its fallback instead and retry the primary with backoff."""
+        t0 = time.perf_counter()
+        log.error("primary failed to load; serving its fallback", extra={
+            "artifact": str(path), "fallback": str(fb), "error": stand_in_reason(exc)})
+        model = self._open(fb)
+        lm = self._prepare(model, name or model.name, str(version or model.version), fb, warmup, cache=False)
+        lm.stand_in_for = stand_in_reason(exc)
+        lm.fallback_switches = 1
+        self._finish_load(lm, make_default, t0)
+        cfg = self.config.breaker
+
+        def attempt() -> None:
+            primary = self.load(path, name=name, version=version, warmup=warmup, make_default=make_default)
+            if primary.version != lm.version and not lm.retired:
+                self.unload(lm.name, lm.version, wait=False)
+
+        lm.retry = PrimaryRetry(path, attempt, lambda: self.running and not lm.retired,
+                                first_s=cfg.open_s, max_s=cfg.max_open_s)
+        lm.retry.schedule()
+        return lm
+
+    def _prepare(self, model: Any, name: str, version: str, path: Path, warmup: bool,
+                 cache: bool = True) -> LoadedModel:
+        """Warm up, pick the batch mode, attach the batcher, admission, breaker and cache."""
+        cfg = self.config
+        lm = LoadedModel(model, name, version, path)
+        try:
+            mode = cfg.batch_mode
+            if warmup or mode == "auto":
+                one, full = lm.warmup(cfg.max_batch)
+                if mode == "auto":
+                    # inline only when neither a lone request nor a full batch would stall the loop
+                    limit = cfg.inline_below_ms
+                    mode = "inline" if one <= limit and full <= 4 * limit else "thread"
+            lm.mode = mode
+            limits = AdmissionLimits(cfg.max_inflight, cfg.max_queue_ms)
+            adm = lm.admission = Admission(limits, cfg.max_batch, lm.warmup_ms) if limits.active else None
+            lm.batcher = Batcher(lm.run, self._loop, lm.stats, max_batch=cfg.max_batch,
+                                 max_delay_ms=cfg.max_delay_ms, batchable=lm.batchable,
+                                 mode=mode, clock=self.clock, name=f"{lm.name}:{lm.version}",
+                                 max_queue_ms=cfg.max_queue_ms, expired=adm.expired if adm else None,
+                                 on_compute=adm.observe_batch if adm else None)
+        except EdgemlError:
+            model.close()
+            raise
+        except Exception as exc:
+            model.close()
+            raise ServeError(f"{path}: warm-up run failed: {exc}",
+                             hint="run `edgeml run` on the artifact to see the backend error") from exc
+        lm.breaker = CircuitBreaker(cfg.breaker, self.clock) if cfg.breaker.enabled else None
+        if cache:
+            lm.cache = cache_for(model, cfg.cache_mb, name, version)
+        return lm
 
     def _install(self, lm: LoadedModel, make_default: bool) -> list[LoadedModel]:
         retired = []
@@ -356,6 +438,13 @@ class ModelServer:
             _close(lm)
             if done is not None:
                 done()
+
+        fb = lm.fallback.batcher if lm.fallback is not None else None
+        if fb is not None:   # the fallback may still hold requests of this version
+            inner = closed
+
+            def closed() -> None:
+                fb.when_idle(inner)
 
         if lm.batcher is None:
             closed()
@@ -444,12 +533,16 @@ class ModelServer:
 
 def _close(lm: LoadedModel) -> None:
     lm.ready = False
+    if lm.retry is not None:
+        lm.retry.cancel()
     if lm.batcher is not None:
         lm.batcher.close()
     try:
         lm.model.close()
     except Exception:  # pragma: no cover - best effort
         log.exception("closing model failed", extra={"model": lm.name, "version": lm.version})
+    if lm.fallback is not None:
+        _close(lm.fallback)
 
 
 def _malloc_trim() -> None:

@@ -60,6 +60,9 @@ class Batcher:
         mode: str = "inline",
         clock: Callable[[], float] = time.monotonic,
         name: str = "model",
+        max_queue_ms: float | None = None,
+        expired: Callable[[], BaseException] | None = None,
+        on_compute: Callable[[float], None] | None = None,
     ):
         if mode not in ("inline", "thread"):
             raise ValueError(f"batch mode must be 'inline' or 'thread', not {mode!r}")
@@ -71,6 +74,10 @@ class Batcher:
         self.batchable = batchable
         self.mode = mode
         self._clock = clock
+        # admission control's backstop: requests queued longer than this get ``expired()`` instead of a run
+        self.max_queue_s = None if max_queue_ms is None else max_queue_ms / 1000.0
+        self._expired = expired or (lambda: TimeoutError("the request waited too long in the queue"))
+        self._on_compute = on_compute     # backend ms per batch, for admission control's queue estimate
         self._queue: deque[_Item] = deque()
         self._queued_rows = 0
         self._busy = False
@@ -104,6 +111,14 @@ class Batcher:
         if not self._busy and not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._tick)
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
 
     @property
     def pending(self) -> int:
@@ -151,6 +166,8 @@ class Batcher:
             self._loop.call_soon(self._tick)
             return
         self._seen = 0
+        if self.max_queue_s is not None and not self._drop_expired():
+            return
         batch = self._take()
         if self.mode == "inline":
             t_start = self._clock()
@@ -161,6 +178,22 @@ class Batcher:
             with self._work_ready:
                 self._work.append(batch)
                 self._work_ready.notify()
+
+    def _drop_expired(self) -> bool:
+        """Answer the requests that waited past ``max_queue_s`` (oldest first); True if any are left."""
+        q, limit, now = self._queue, self.max_queue_s, self._clock()
+        while q and now - q[0].t_enqueue > limit:
+            item = q.popleft()
+            self._queued_rows -= item.rows
+            try:
+                item.callback(self._expired(), (now - item.t_enqueue) * 1000.0)
+            except Exception:  # a broken callback must not stall the batcher
+                import logging
+
+                logging.getLogger("edgeml.serve").exception("response callback failed")
+        if not q and self._idle_waiters and not self._reserved:
+            self._wake_idle_waiters()
+        return bool(q)
 
     def _take(self) -> list[_Item]:
         q = self._queue
@@ -200,6 +233,8 @@ class Batcher:
         st.rows += rows
         st.batch_size.observe(rows)
         st.compute_ms.observe(compute_s * 1000.0)
+        if self._on_compute is not None:
+            self._on_compute(compute_s * 1000.0)
         if self._queue:
             if not self._scheduled:
                 self._scheduled = True

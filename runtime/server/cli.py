@@ -62,11 +62,24 @@ _PORT = click.IntRange(0, 65535)
               help="Enable the repository API (load/unload/index) for requests with 'Authorization: Bearer TOKEN'"
                    " (at least 8 characters). Without it the repository API answers 403.")
 @click.option("--access-log", is_flag=True, help="Log every request (errors are always logged).")
+@click.option("--max-inflight", type=click.IntRange(1, 1 << 20), default=None,
+              help="Per model: requests admitted and not yet answered; more get 429 + Retry-After at once.")
+@click.option("--max-queue-ms", type=float, default=None, callback=_finite(0, 3_600_000, low_open=True),
+              help="Per model: longest a request may wait for its batch to start; past it 503 + Retry-After.")
+@click.option("--cache-mb", type=float, default=None, callback=_finite(0, 65536),
+              help="Response cache per model, in MiB (0 = off; default: the artifact's runtime.cache_mb).")
+@click.option("--breaker-failures", type=click.IntRange(0, 1 << 20), default=5, show_default=True,
+              help="Consecutive backend failures that open a model's circuit breaker (0 = no breaker).")
+@click.option("--breaker-open-s", type=float, default=5.0, show_default=True, callback=_finite(0, 86_400, low_open=True),
+              help="Seconds the breaker stays open before a probe (doubles at each re-open, up to 300).")
+@click.option("--fallback", "fallbacks", multiple=True, metavar="ART=FALLBACK",
+              help="Serve FALLBACK (an .edgepkg of the same model) when ART fails to load or its breaker is open.")
 @json_option
 @handle_errors
 def serve_cmd(artifacts, host, port, grpc_port, max_batch, max_delay_ms, max_body_mb, max_request_rows,
               max_connections, header_timeout_s, body_timeout_s, threads, batch_mode, trusted_keys,
-              allow_unsigned, repository_dir, admin_token, access_log, as_json) -> None:
+              allow_unsigned, repository_dir, admin_token, access_log, max_inflight, max_queue_ms, cache_mb,
+              breaker_failures, breaker_open_s, fallbacks, as_json) -> None:
     """Serve ARTIFACTS over the Open Inference Protocol (KServe v2 HTTP) until SIGINT/SIGTERM.
 
     Logs are JSON lines on stderr with --json (text otherwise); the listening address is printed on stdout.
@@ -74,6 +87,9 @@ def serve_cmd(artifacts, host, port, grpc_port, max_batch, max_delay_ms, max_bod
     if admin_token is not None and len(admin_token) < 8:
         raise click.BadParameter("the token must be at least 8 characters", param_hint="'--admin-token'")
     from edgeml.runtime.server import ModelServer, ServerConfig
+    from edgeml.runtime.server.breaker import BreakerConfig
+
+    fallback_of = _fallback_map(fallbacks, artifacts)
 
     config = ServerConfig(
         host=host, port=port, max_batch=max_batch, max_delay_ms=max_delay_ms,
@@ -81,10 +97,13 @@ def serve_cmd(artifacts, host, port, grpc_port, max_batch, max_delay_ms, max_bod
         max_request_rows=max_request_rows, max_connections=max_connections, header_timeout_s=header_timeout_s,
         body_timeout_s=body_timeout_s, admin_token=admin_token,
         require_signature=False if allow_unsigned else None, threads=threads, log_json=as_json,
-        batch_mode=batch_mode, repository_dir=repository_dir, access_log=access_log, grpc_port=grpc_port)
+        batch_mode=batch_mode, repository_dir=repository_dir, access_log=access_log, grpc_port=grpc_port,
+        max_inflight=max_inflight, max_queue_ms=max_queue_ms, cache_mb=cache_mb,
+        breaker=BreakerConfig(failures=breaker_failures, open_s=breaker_open_s,
+                              max_open_s=max(300.0, breaker_open_s)))
     server = ModelServer(config)
     for artifact in artifacts:
-        server.load(artifact)
+        server.load(artifact, fallback=fallback_of.get(str(artifact)))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -100,3 +119,20 @@ def serve_cmd(artifacts, host, port, grpc_port, max_batch, max_delay_ms, max_bod
     while not stop.wait(0.5):
         pass
     server.stop()
+
+
+def _fallback_map(pairs: tuple[str, ...], artifacts: tuple[Path, ...]) -> dict[str, Path]:
+    """``--fallback ART=FALLBACK`` pairs; ART must be one of the served artifacts, FALLBACK a file."""
+    out: dict[str, Path] = {}
+    served = {str(a) for a in artifacts}
+    for pair in pairs:
+        art, sep, fb = pair.partition("=")
+        if not sep or not art or not fb:
+            raise click.BadParameter(f"{pair!r} is not ART=FALLBACK", param_hint="'--fallback'")
+        if art not in served:
+            raise click.BadParameter(f"{art!r} is not one of the artifacts served ({sorted(served)})",
+                                     param_hint="'--fallback'")
+        if not Path(fb).is_file():
+            raise click.BadParameter(f"fallback {fb!r} is not a file", param_hint="'--fallback'")
+        out[art] = Path(fb)
+    return out

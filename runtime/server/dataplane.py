@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from edgeml.errors import EdgemlError
+from edgeml.runtime.server.admission import Overloaded
+from edgeml.runtime.server.breaker import CLOSED
 from edgeml.runtime.server.logs import LOGGER
 from edgeml.runtime.server.protocol import InferRequest, RequestError, json_dumps
 
@@ -43,6 +45,7 @@ class Call:
     method: str                      # HTTP method, or "grpc"
     path: str                        # HTTP path, or the RPC name
     lm: "LoadedModel | None" = None
+    retry_after_s: int | None = None     # set on 429/503 refusals: the Retry-After header
 
 
 class InferReply(Protocol):
@@ -162,19 +165,84 @@ class DataPlane:
 
     def _refuse(self, call: Call, reply: InferReply, exc: BaseException) -> None:
         status, message = self.error_of(exc, call)
+        if isinstance(exc, Overloaded):
+            call.retry_after_s = exc.retry_after_s
         reply.error(call, status, message)
 
-    def _submit(self, call: Call, lm: "LoadedModel", req: InferRequest, reply: InferReply) -> None:
-        def done(result: Any, queue_ms: float) -> None:
-            if isinstance(result, BaseException):
-                return self._refuse(call, reply, result)
-            try:
-                reply.ok(call, req, result)
-            except Exception as exc:  # noqa: BLE001 - an output the wire format cannot carry
-                reply.error(call, 500, f"could not encode the outputs: {exc}")
+    def _answer(self, call: Call, req: InferRequest, outputs: "dict[str, np.ndarray]", reply: InferReply) -> None:
+        observe = self.s.observer     # drift sampling (edgeml.runtime.drift): one random draw, binning elsewhere
+        if observe is not None and call.lm is not None:
+            observe(call.lm, req.feeds, outputs)
+        try:
+            reply.ok(call, req, outputs)
+        except Exception as exc:  # noqa: BLE001 - an output the wire format cannot carry
+            reply.error(call, 500, f"could not encode the outputs: {exc}")
 
-        assert lm.batcher is not None
-        lm.batcher.submit(req.feeds, req.rows, done)
+    def _submit(self, call: Call, lm: "LoadedModel", req: InferRequest, reply: InferReply) -> None:
+        """Cache, breaker (primary or fallback), admission, then the batcher of the version chosen."""
+        cache, key = lm.cache, None
+        if cache is not None:
+            key = cache.key(req.feeds)
+            hit = cache.get(key)
+            if hit is not None:
+                return self._answer(call, req, hit, reply)
+        try:
+            target = self._route(lm)
+            if target.admission is not None:
+                assert target.batcher is not None
+                try:
+                    target.admission.enter(target.batcher.queued_rows, target.batcher.busy)
+                except Overloaded:
+                    if target.breaker is not None:
+                        target.breaker.cancel()
+                    raise
+        except RequestError as exc:
+            return self._refuse(call, reply, exc)
+        admission, breaker = target.admission, target.breaker
+        if target is not lm:
+            key = None            # only the primary's own answers go in its cache
+
+        def done(result: Any, queue_ms: float) -> None:
+            if admission is not None:
+                admission.leave()
+            if isinstance(result, BaseException):
+                if breaker is not None:
+                    breaker.cancel() if isinstance(result, RequestError) else breaker.record(False)
+                return self._refuse(call, reply, result)
+            if breaker is not None:
+                breaker.record(True)
+            if key is not None:
+                cache.put(key, result)
+            self._answer(call, req, result, reply)
+
+        assert target.batcher is not None
+        target.batcher.submit(req.feeds, req.rows, done)
+
+    def _route(self, lm: "LoadedModel") -> "LoadedModel":
+        """The version that runs this request: the primary, or its fallback while the primary's breaker is open."""
+        b = lm.breaker
+        if b is None or b.allow():
+            if lm.on_fallback and (b is None or b.state == CLOSED):   # back once a probe closed it
+                self._switch(lm, False)
+            return lm
+        fb = lm.fallback
+        if fb is not None and fb.ready and (fb.breaker is None or fb.breaker.allow()):
+            if not lm.on_fallback:
+                self._switch(lm, True)
+            lm.fallback_requests += 1
+            return fb
+        raise Overloaded(f"model {lm.name!r} version {lm.version!r} is failing (circuit breaker open after "
+                         f"{b.consecutive} consecutive failures) and has no working fallback; retry later",
+                         503, b.retry_after_s())
+
+    @staticmethod
+    def _switch(lm: "LoadedModel", to_fallback: bool) -> None:
+        lm.on_fallback = to_fallback
+        lm.fallback_switches += 1
+        fb = lm.fallback
+        log.warning("switched to the fallback" if to_fallback else "switched back to the primary", extra={
+            "model": lm.name, "version": lm.version, "breaker": lm.breaker.state if lm.breaker else "off",
+            "fallback": str(fb.source) if fb is not None and fb.source else None})
 
     # -- other threads (gRPC handlers) ---------------------------------------
     def call_from_thread(self, fn: Callable[[], Any]) -> Any:

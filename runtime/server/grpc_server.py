@@ -95,7 +95,7 @@ def request_doc(request: Any) -> tuple[dict[str, Any], bytes | None]:
 def _grpc_code(grpc: Any, status: int) -> Any:
     codes = grpc.StatusCode
     return {400: codes.INVALID_ARGUMENT, 401: codes.UNAUTHENTICATED, 403: codes.PERMISSION_DENIED,
-            404: codes.NOT_FOUND, 405: codes.UNIMPLEMENTED, 413: codes.RESOURCE_EXHAUSTED,
+            404: codes.NOT_FOUND, 405: codes.UNIMPLEMENTED, 413: codes.RESOURCE_EXHAUSTED, 429: codes.RESOURCE_EXHAUSTED,
             503: codes.UNAVAILABLE}.get(status, codes.INTERNAL if status >= 500 else codes.INVALID_ARGUMENT)
 
 
@@ -176,7 +176,7 @@ class GrpcEndpoint:
         return json_loads(self.plane.call_from_thread(lambda: self.plane.model_metadata(name, version or None)))
 
     def model_ready(self, name: str, version: str) -> bool:
-        return self.plane.call_from_thread(lambda: self.plane.resolve(name, version or None).ready)
+        return self.plane.call_from_thread(lambda: self.plane.resolve(name, version or None).available(self.plane.clock()))
 
     def ready(self) -> bool:
         return self.plane.call_from_thread(self.plane.ready)

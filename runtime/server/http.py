@@ -25,6 +25,7 @@ import httptools
 STATUS_TEXT = {
     100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
     405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict", 413: "Payload Too Large",
+    429: "Too Many Requests",
     500: "Internal Server Error", 503: "Service Unavailable",
 }
 _STATUS_LINE = {code: f"HTTP/1.1 {code} {text}\r\n".encode() for code, text in STATUS_TEXT.items()}

@@ -9,6 +9,7 @@ ints that are at worst one request stale.
 from __future__ import annotations
 
 from bisect import bisect_left
+from dataclasses import dataclass, fields
 from typing import Iterable
 
 # A superset of the fleet protocol's edges (edgeml.fleet.protocol.LATENCY_BUCKETS_MS), so the
@@ -134,4 +135,63 @@ def render_prometheus(models: list[tuple[str, str, bool, ModelStats]], http_code
         out += [f"# HELP {metric} {help_}", f"# TYPE {metric} histogram"]
         for name, version, _ready, st in models:
             out += _hist_lines(metric, getattr(st, attr), {"model": name, "version": version}, scale)
+    return ("\n".join(out) + "\n").encode()
+
+
+@dataclass(frozen=True)
+class ResilienceSample:
+    """One model version's admission, breaker, cache and fallback counters (``LoadedModel.resilience``)."""
+
+    breaker_state: str              # closed | open | half_open | off
+    breaker_opens: int
+    admitted: int                   # requests admitted and not answered
+    refused_inflight: int           # 429: over max in flight
+    refused_queue: int              # 503: over the queue-time limit
+    cache_hits: int
+    cache_misses: int
+    cache_evictions: int
+    cache_bytes: int
+    cache_entries: int
+    fallback_active: bool
+    fallback_switches: int
+    fallback_requests: int
+
+
+_RESILIENCE = {   # field -> (metric, type, help)
+    "breaker_opens": ("edgeml_breaker_opens_total", "counter", "Times the model's circuit breaker opened."),
+    "admitted": ("edgeml_admitted_requests", "gauge", "Requests admitted to the model and not yet answered."),
+    "refused_inflight": ("edgeml_admission_refused_total{reason=\"inflight\"}", "counter",
+                         "Requests refused by admission control (429 in flight, 503 queue time)."),
+    "refused_queue": ("edgeml_admission_refused_total{reason=\"queue_time\"}", "counter", ""),
+    "cache_hits": ("edgeml_cache_hits_total", "counter", "Response cache hits."),
+    "cache_misses": ("edgeml_cache_misses_total", "counter", "Response cache misses."),
+    "cache_evictions": ("edgeml_cache_evictions_total", "counter", "Response cache entries evicted (LRU)."),
+    "cache_bytes": ("edgeml_cache_bytes", "gauge", "Bytes held by the response cache."),
+    "cache_entries": ("edgeml_cache_entries", "gauge", "Entries in the response cache."),
+    "fallback_active": ("edgeml_fallback_active", "gauge", "1 while requests go to the model's fallback."),
+    "fallback_switches": ("edgeml_fallback_switches_total", "counter", "Switches between primary and fallback."),
+    "fallback_requests": ("edgeml_fallback_requests_total", "counter", "Requests answered by the fallback."),
+}
+
+
+def render_resilience(models: list[tuple[str, str, ResilienceSample]]) -> bytes:
+    """The breaker state (0 closed, 1 open, 2 half-open, -1 off) and the counters above, per model version."""
+    from edgeml.runtime.server.breaker import STATE_CODES
+
+    out = ["# HELP edgeml_breaker_state Circuit breaker: 0 closed, 1 open, 2 half-open, -1 off.",
+           "# TYPE edgeml_breaker_state gauge"]
+    out += [f"edgeml_breaker_state{_labels(model=n, version=v)} {STATE_CODES.get(r.breaker_state, -1)}"
+            for n, v, r in models]
+    for f in fields(ResilienceSample):
+        if f.name == "breaker_state":
+            continue
+        metric, kind, help_ = _RESILIENCE[f.name]
+        base, _, extra = metric.partition("{")
+        if help_:
+            out += [f"# HELP {base} {help_}", f"# TYPE {base} {kind}"]
+        for n, v, r in models:
+            labels = _labels(model=n, version=v)
+            if extra:
+                labels = labels[:-1] + "," + extra
+            out.append(f"{base}{labels} {int(getattr(r, f.name))}")
     return ("\n".join(out) + "\n").encode()

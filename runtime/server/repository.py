@@ -14,8 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from edgeml.runtime.server.admission import Admission
 from edgeml.runtime.server.batching import Batcher
-from edgeml.runtime.server.metrics import ModelStats
+from edgeml.runtime.server.breaker import OPEN, CircuitBreaker
+from edgeml.runtime.server.cache import ResponseCache
+from edgeml.runtime.server.metrics import ModelStats, ResilienceSample
 from edgeml.runtime.server.protocol import ModelNotFound, datatype_of, json_dumps, tensor_metadata
 
 
@@ -57,6 +60,16 @@ class LoadedModel:
         self.warmup_max_batch_ms: float | None = None
         self.loaded_at = time.time()
         self._metadata: bytes | None = None
+        # resilience (see admission.py, breaker.py, cache.py and ModelServer.load)
+        self.admission: Admission | None = None
+        self.breaker: CircuitBreaker | None = None
+        self.cache: ResponseCache | None = None
+        self.fallback: LoadedModel | None = None     # served while this one's breaker is open
+        self.on_fallback = False                      # the last request went to the fallback
+        self.fallback_switches = 0                    # primary -> fallback and back, both counted
+        self.fallback_requests = 0
+        self.stand_in_for: str | None = None          # this is a fallback loaded because the primary failed: why
+        self.retry: Any = None                        # fallback.PrimaryRetry of the primary it stands in for
 
     @property
     def backend_name(self) -> str:
@@ -93,12 +106,43 @@ class LoadedModel:
             self.warmup_max_batch_ms = median(self.example_feeds(max_batch))
         return self.warmup_ms, self.warmup_max_batch_ms
 
+    def available(self, now: float) -> bool:
+        """Ready and able to answer: loaded, and its breaker closed (or due a probe) or a fallback ready."""
+        if not self.ready:
+            return False
+        b = self.breaker
+        if b is None or b.state != OPEN or now >= b.open_until:
+            return True
+        return self.fallback is not None and self.fallback.available(now)
+
+    def resilience(self) -> ResilienceSample:
+        b, c, a = self.breaker, self.cache, self.admission
+        return ResilienceSample(
+            breaker_state=b.state if b is not None else "off", breaker_opens=b.opened if b is not None else 0,
+            admitted=a.inflight if a is not None else 0,
+            refused_inflight=a.refused_inflight if a is not None else 0,
+            refused_queue=a.refused_queue if a is not None else 0,
+            cache_hits=c.hits if c is not None else 0, cache_misses=c.misses if c is not None else 0,
+            cache_evictions=c.evictions if c is not None else 0, cache_bytes=c.bytes if c is not None else 0,
+            cache_entries=len(c) if c is not None else 0, fallback_active=self.on_fallback or bool(self.stand_in_for),
+            fallback_switches=self.fallback_switches, fallback_requests=self.fallback_requests)
+
     def info(self, default: bool) -> dict[str, Any]:
+        """What ``ModelServer.models()`` (and so the fleet agent) reports about this version."""
+        fb = self.fallback
         return {
             "name": self.name, "version": self.version, "default": default, "ready": self.ready,
             "backend": self.backend_name, "precision": self.precision, "batch_mode": self.mode,
             "batchable": self.batchable, "source": str(self.source) if self.source else None,
             "warmup_ms": self.warmup_ms, "warmup_max_batch_ms": self.warmup_max_batch_ms,
+            "breaker": self.breaker.state if self.breaker is not None else "off",
+            "cache": self.cache is not None,
+            "fallback": None if fb is None and self.stand_in_for is None else {
+                "active": self.on_fallback or self.stand_in_for is not None,
+                "source": str(fb.source) if fb is not None and fb.source else None,
+                "backend": fb.backend_name if fb is not None else None,
+                "primary_load_error": self.stand_in_for,
+                "switches": self.fallback_switches, "requests": self.fallback_requests},
         }
 
     def metadata(self, versions: list[str]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from urllib.parse import unquote
 from edgeml.errors import EdgemlError
 from edgeml.runtime.server.http import CT_JSON, CT_OCTET, CT_TEXT, build_response
 from edgeml.runtime.server.logs import LOGGER
-from edgeml.runtime.server.metrics import render_prometheus
+from edgeml.runtime.server.metrics import render_prometheus, render_resilience
 from edgeml.runtime.server.dataplane import Call
 from edgeml.runtime.server.protocol import (
     BadRequest,
@@ -71,6 +71,8 @@ class Router:
         self.plane.end(call, status, error)
 
     def _error(self, conn, slot, call: Call, status: int, message: str, extra: bytes = b"") -> None:
+        if call.retry_after_s is not None:
+            extra += b"Retry-After: %d\r\n" % call.retry_after_s
         self._send(conn, slot, call, status, json_dumps({"error": message}), extra=extra, error=message)
 
     def too_big(self, conn, slot, method: bytes, url: bytes, headers) -> None:
@@ -115,8 +117,11 @@ class Router:
         elif parts == ["metrics"]:
             _need(method, b"GET", path)
             s = self.s
-            models = [(lm.name, lm.version, lm.ready, lm.stats) for lm, _ in s.repo.all()]
-            return self._send(conn, slot, call, 200, render_prometheus(models, s.http_codes, s.inflight), CT_TEXT)
+            loaded = [lm for lm, _ in s.repo.all()]
+            models = [(lm.name, lm.version, lm.ready, lm.stats) for lm in loaded]
+            text = render_prometheus(models, s.http_codes, s.inflight) + render_resilience(
+                [(lm.name, lm.version, lm.resilience()) for lm in loaded])
+            return self._send(conn, slot, call, 200, text, CT_TEXT)
         raise NotFound(f"no such endpoint {path}")
 
     def _models(self, conn, slot, call: Call, method: bytes, name: str, rest: list[str], headers, body) -> None:
@@ -177,9 +182,10 @@ class Router:
         if action == "":
             return self._send(conn, slot, call, 200, self.plane.model_metadata(name, version))
         lm = self.plane.resolve(name, version)
-        if action == "ready":
-            body = json_dumps({"name": lm.name, "version": lm.version, "ready": lm.ready})
-            return self._send(conn, slot, call, 200 if lm.ready else 503, body)
+        if action == "ready":   # not ready while its breaker is open and no fallback can answer
+            ready = lm.available(self.s.clock())
+            body = json_dumps({"name": lm.name, "version": lm.version, "ready": ready})
+            return self._send(conn, slot, call, 200 if ready else 503, body)
         if action == "config":
             return self._send(conn, slot, call, 200, json_dumps(self._config(lm)))
         st = {"name": lm.name, "version": lm.version, **lm.stats.to_dict()}

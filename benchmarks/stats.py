@@ -4,7 +4,8 @@ Everything here is pure (no clock, no model) so it can be tested on synthetic
 latencies with known answers.
 
 Percentile definition (documented in docs/bench-schema.md): **nearest rank**, as
-MLPerf LoadGen reports it. For ``n`` sorted latencies ``x[1..n]`` the q-th
+MLPerf LoadGen reports it; the one implementation is ``edgeml.stats.percentile``, also
+used by the compiler's selection and (on histograms) by fleet telemetry. For ``n`` sorted latencies ``x[1..n]`` the q-th
 percentile is ``x[ceil(q/100 * n)]`` (rank clamped to ``1..n``), so it is always
 a latency that was actually observed. For 1..100 ms, p50 = 50 ms, p90 = 90 ms,
 p99 = 99 ms, p99.9 = 100 ms.
@@ -21,6 +22,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from edgeml.errors import UsageError
+from edgeml.stats import percentile  # the one definition (nearest rank), re-exported for bench
 
 PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
 VALID = "VALID"
@@ -33,20 +35,6 @@ def pkey(q: float) -> str:
     """Key of a percentile in result dicts: 50 -> 'p50', 99.9 -> 'p99_9'."""
     text = f"{q:g}".replace(".", "_")
     return f"p{text}"
-
-
-def percentile(values: Sequence[float] | np.ndarray, q: float) -> float:
-    """Nearest-rank percentile (see module doc). ``q`` in [0, 100]."""
-    if not 0.0 <= q <= 100.0:
-        raise UsageError(f"percentile {q} is outside 0..100")
-    data = np.sort(np.asarray(values, dtype=np.float64))
-    n = data.size
-    if n == 0:
-        raise UsageError("no latencies were recorded; cannot compute a percentile",
-                         hint="run longer (--duration) or with more queries (--min-queries)")
-    rank = math.ceil(round(q * n / 100.0, 9))
-    rank = min(max(rank, 1), n)
-    return float(data[rank - 1])
 
 
 def summarize(latencies_ms: Sequence[float] | np.ndarray, percentiles: Iterable[float] = PERCENTILES) -> dict[str, float]:

@@ -3,7 +3,7 @@
 Benchmark: batch 1 (or the model's fixed batch), a warm-up per candidate, then
 interleaved rounds (each round runs every candidate a few times, in a rotated
 order) until the time budget is spent, so machine noise hits all candidates
-alike. Reports p50/p90/mean in ms over all timed runs. Candidates over 5x slower
+alike. Reports p50/p90 (nearest rank, edgeml.stats.percentile) and mean in ms over all timed runs. Candidates over 5x slower
 than the fastest after warm-up are screened out of the rounds.
 
 Selection: where this host executes the target, the fastest passing candidate
@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeml.backends.base import CandidateSkipped  # noqa: F401 - re-exported for callers of the old place
+from edgeml.stats import percentile
 
 
 PRECISION_RANK = {"int8": 0, "fp16": 1, "fp32": 2}
@@ -84,7 +85,7 @@ def benchmark(runners: dict[str, Callable[[], Any]], seconds: float = 3.0, warmu
     for label in runners:
         screened = label not in samples
         ms = np.asarray(warm[label] if screened else samples[label]) * 1000.0
-        result[label] = {"p50": round(float(np.percentile(ms, 50)), 4), "p90": round(float(np.percentile(ms, 90)), 4),
+        result[label] = {"p50": round(percentile(ms, 50), 4), "p90": round(percentile(ms, 90), 4),
                          "mean": round(float(ms.mean()), 4), "runs": int(ms.size),
                          "rounds": 0 if screened else rounds}
         if screened:

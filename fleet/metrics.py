@@ -9,42 +9,23 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 from typing import Iterable, Mapping
 
 from edgeml.fleet.protocol import BUCKET_KEYS, LATENCY_BUCKETS_MS
+from edgeml.stats import Histogram as _Histogram
 
 
-def _key(le: float) -> str:
-    return "+Inf" if math.isinf(le) else (str(int(le)) if float(le).is_integer() else str(le))
+class Histogram(_Histogram):
+    """The one histogram (edgeml.stats) on the fleet protocol's fixed latency edges."""
 
+    __slots__ = ()
 
-class Histogram:
     def __init__(self, edges: Iterable[float] = LATENCY_BUCKETS_MS):
-        self.edges = tuple(sorted(float(e) for e in edges)) + (math.inf,)
-        self.counts = [0] * len(self.edges)       # per bucket (not cumulative)
-        self.sum_ms = 0.0
-        self._lock = threading.Lock()
-
-    def observe(self, ms: float) -> None:
-        with self._lock:
-            for i, edge in enumerate(self.edges):
-                if ms <= edge:
-                    self.counts[i] += 1
-                    break
-            self.sum_ms += ms
+        super().__init__(edges)
 
     @property
-    def count(self) -> int:
-        return sum(self.counts)
-
-    def cumulative(self) -> dict[str, int]:
-        out, running = {}, 0
-        with self._lock:
-            for edge, c in zip(self.edges, self.counts):
-                running += c
-                out[_key(edge)] = running
-        return out
+    def sum_ms(self) -> float:
+        return self.sum
 
 
 def merge(histograms: Iterable[Mapping[str, int]]) -> dict[str, int]:
@@ -78,20 +59,6 @@ def _le(key: str) -> float:
 
 
 def quantile(h: Mapping[str, int], q: float) -> float | None:
-    """Upper bound of the bucket holding quantile ``q`` (None when empty).
-
-    Like Prometheus' histogram_quantile but without interpolation, so the
-    answer is a bound that is never optimistic.
-    """
-    items = sorted(((_le(k), int(v)) for k, v in h.items()), key=lambda kv: kv[0])
-    total = items[-1][1] if items else 0
-    if total <= 0:
-        return None
-    rank = q * total
-    for le, cumulative in items:
-        if cumulative >= rank:
-            if math.isinf(le):   # beyond the last finite bound: report that bound
-                finite = [x for x, _ in items if not math.isinf(x)]
-                return finite[-1] if finite else math.inf
-            return le
-    return items[-1][0]
+    """Quantile ``q`` (0..1) of cumulative buckets: the one nearest-rank rule of edgeml.stats on binned data
+    (the upper bound of the bucket holding the sample, never optimistic); None when empty."""
+    return _Histogram.from_cumulative(h).percentile(q * 100.0)

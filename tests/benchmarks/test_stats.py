@@ -32,7 +32,7 @@ def test_nearest_rank_percentiles_on_1000_values_has_exact_tail():
 
 
 def test_percentile_rejects_empty_and_out_of_range():
-    with pytest.raises(UsageError, match="no latencies"):
+    with pytest.raises(UsageError, match="no samples"):
         stats.percentile([], 50)
     with pytest.raises(UsageError, match="outside"):
         stats.percentile([1.0], 101)

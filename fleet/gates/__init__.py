@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from edgeml.errors import UsageError
 from edgeml.registry import Registry
@@ -24,6 +24,7 @@ GATES = Registry(
         ("p95_ratio", "edgeml.fleet.gates.p95_ratio:P95RatioGate"),
         ("error_rate", "edgeml.fleet.gates.error_rate:ErrorRateGate"),
         ("error_rate_delta", "edgeml.fleet.gates.error_rate_delta:ErrorRateDeltaGate"),
+        ("drift_psi", "edgeml.fleet.gates.drift_psi:DriftPsiGate"),
     ],
 )
 
@@ -55,6 +56,7 @@ class GateContext:
     committed: int
     new: VersionStats
     old: VersionStats
+    drift: Callable[[], tuple[float | None, str]] | None = None   # the new version's drift score (fleet/drift.py)
 
 
 @dataclass

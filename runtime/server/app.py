@@ -376,7 +376,7 @@ class ModelServer:
             if primary.version != lm.version and not lm.retired:
                 self.unload(lm.name, lm.version, wait=False)
 
-        lm.retry = PrimaryRetry(path, attempt, lambda: self.running and not lm.retired,
+        lm.retry = PrimaryRetry(path, attempt, lambda: lm.ready and not lm.retired,
                                 first_s=cfg.open_s, max_s=cfg.max_open_s)
         lm.retry.schedule()
         return lm

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import click
 
 from edgeml.cli import emit, handle_errors, json_option
+from edgeml.fleet.monitor_cli import Monitoring, manager_options, register as register_monitoring
 
 if TYPE_CHECKING:
     from edgeml.fleet.transport import BrokerConfig
@@ -179,6 +180,7 @@ def fleet_group() -> None:
 @click.option("--offline-timeout", default="5m", show_default=True, help="Offline devices in a wave: pending this long.")
 @click.option("--health-window", default="10s", show_default=True, help="Health window agents run after a swap.")
 @click.option("--log-level", default="info", show_default=True)
+@manager_options
 @json_option
 @handle_errors
 def manager_cmd(db, store_dir, http_host, http_port, public_url, sign_key, heartbeat_timeout, offline_timeout,
@@ -195,11 +197,15 @@ def manager_cmd(db, store_dir, http_host, http_port, public_url, sign_key, heart
                            offline_timeout_s=parse_duration(offline_timeout),
                            health_window_s=parse_duration(health_window))
     svc = ManagerService(config, _broker(kw)).start()
-    emit({"db": str(config.db), "artifacts": svc.server.base_url, "broker": svc.broker.url, "pid": os.getpid()}, as_json,
-         lambda i: f"manager (pid {i['pid']}): db {i['db']}, artifacts at {i['artifacts']}, broker {i['broker']}")
+    monitoring = Monitoring(config.db, config.store_path(), kw)   # /metrics + alert webhook (fleet/monitor_cli.py)
+    emit({"db": str(config.db), "artifacts": svc.server.base_url, "broker": svc.broker.url, "pid": os.getpid(),
+          "metrics": monitoring.metrics_url}, as_json,
+         lambda i: f"manager (pid {i['pid']}): db {i['db']}, artifacts at {i['artifacts']}, broker {i['broker']}"
+                   + (f", metrics at {i['metrics']}" if i["metrics"] else ""))
     try:
         _wait_for_signal()
     finally:
+        monitoring.stop()
         svc.stop()
 
 
@@ -426,3 +432,6 @@ def simulate_cmd(devices, fail_rate, waves, bake, workdir, as_json):
     out = run_simulation(devices=devices, fail_fraction=parse_rate(fail_rate), waves=parse_waves(waves),
                          bake_s=parse_duration(bake), workdir=workdir, echo=(lambda s: None) if as_json else click.echo)
     emit(out, as_json, lambda o: "simulation done")
+
+
+register_monitoring(fleet_group)   # edgeml fleet drift (fleet/monitor_cli.py)

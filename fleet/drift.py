@@ -101,7 +101,9 @@ def windows(db: Any, *, model: str | None = None, version: str | None = None, si
         args.append(since)
     try:
         rows = db.q(sql + " ORDER BY ts", tuple(args))
-    except sqlite3.OperationalError:      # no drift_windows table yet: nothing received
+    except Exception as exc:       # no drift_windows table yet (SQLite or PostgreSQL): nothing received
+        if "drift_windows" not in str(exc):
+            raise
         return []
     keep = set(devices) if devices is not None else None
     out = []

@@ -126,6 +126,7 @@ class ModelServer:
         self.plane = DataPlane(self)
         # (LoadedModel, inputs, outputs) after each answered inference: the fleet agent's drift sampler
         self.observer: Callable[[Any, dict[str, Any], dict[str, Any]], None] | None = None
+        self.experiments: Any = None           # edgeml.runtime.experiments.Experiment while one runs here
         self.router = Router(self)
         if self.config.configure_logs:
             configure_logging(self.config.log_json)

@@ -46,6 +46,7 @@ class Call:
     path: str                        # HTTP path, or the RPC name
     lm: "LoadedModel | None" = None
     retry_after_s: int | None = None     # set on 429/503 refusals: the Retry-After header
+    key: str | None = None               # X-Experiment-Key: the sticky key of A/B routing (runtime/experiments.py)
 
 
 class InferReply(Protocol):
@@ -135,6 +136,9 @@ class DataPlane:
     def infer(self, call: Call, name: str, version: str | None, decode: Decode, reply: InferReply,
               size: int) -> None:
         """Resolve, decode (off the loop when ``size`` is large), batch, answer through ``reply``."""
+        exp = self.s.experiments        # A/B or bandit: which version answers (runtime/experiments.py)
+        if exp is not None:
+            version = exp.route(name, version, call.rid, call.key)
         try:
             lm = call.lm = self.resolve(name, version)
         except RequestError as exc:
@@ -173,6 +177,9 @@ class DataPlane:
         observe = self.s.observer     # drift sampling (edgeml.runtime.drift): one random draw, binning elsewhere
         if observe is not None and call.lm is not None:
             observe(call.lm, req.feeds, outputs)
+        exp = self.s.experiments      # arm counters, feedback ids, shadow mirroring: a counter and a put_nowait
+        if exp is not None and call.lm is not None:
+            exp.answered(call.lm, call.rid, req.feeds, outputs, (self.clock() - call.t0) * 1000.0)
         try:
             reply.ok(call, req, outputs)
         except Exception as exc:  # noqa: BLE001 - an output the wire format cannot carry
@@ -243,6 +250,14 @@ class DataPlane:
         log.warning("switched to the fallback" if to_fallback else "switched back to the primary", extra={
             "model": lm.name, "version": lm.version, "breaker": lm.breaker.state if lm.breaker else "off",
             "fallback": str(fb.source) if fb is not None and fb.source else None})
+
+    def feedback(self, name: str, body: bytes) -> bytes:
+        """``POST /v2/models/{m}/feedback``: an application's outcome for an answered request (experiments)."""
+        exp = self.s.experiments
+        if exp is None:
+            raise RequestError(f"no experiment runs on this server, so feedback for model {name!r} has nowhere to"
+                               " go", 404)
+        return json_dumps(exp.feedback(name, body))
 
     # -- other threads (gRPC handlers) ---------------------------------------
     def call_from_thread(self, fn: Callable[[], Any]) -> Any:

@@ -31,7 +31,7 @@ STATUS_TEXT = {
 _STATUS_LINE = {code: f"HTTP/1.1 {code} {text}\r\n".encode() for code, text in STATUS_TEXT.items()}
 WANTED_HEADERS = frozenset({
     b"content-type", b"content-encoding", b"inference-header-content-length", b"x-request-id", b"expect",
-    b"content-length", b"authorization",
+    b"content-length", b"authorization", b"x-experiment-key",
 })
 MAX_HEAD_BYTES = 64 * 1024
 CT_JSON = b"application/json"

@@ -6,6 +6,7 @@ log and the error mapping live in ``dataplane.DataPlane``, shared with gRPC.
 GET  /v2/health/live | /v2/health/ready | /v2 | /metrics
 GET  /v2/models/{m}[/versions/{v}] [/ready | /config | /stats]
 POST /v2/models/{m}[/versions/{v}]/infer
+POST /v2/models/{m}/feedback            (experiments: {"id": request id, "label" | "reward"})
 POST /v2/repository/index | /v2/repository/models/{m}/load | /unload
 """
 
@@ -129,8 +130,11 @@ class Router:
         if len(rest) >= 2 and rest[0] == "versions":
             version, rest = rest[1], rest[2:]
         action = rest[0] if rest else ""
-        if len(rest) > 1 or action not in ("", "infer", "ready", "config", "stats"):
+        if len(rest) > 1 or action not in ("", "infer", "ready", "config", "stats", "feedback"):
             raise NotFound(f"no such endpoint {call.path}")
+        if action == "feedback":       # an application's outcome for an answered request (runtime/experiments.py)
+            _need(method, b"POST", call.path)
+            return self._send(conn, slot, call, 200, self.plane.feedback(name, body))
         if action == "infer":
             _need(method, b"POST", call.path)
             return self._infer(conn, slot, call, name, version, headers, body)
@@ -159,6 +163,7 @@ class Router:
 
         # what decoding costs: the JSON part (binary tensors are read in place) or the whole compressed body
         cost = hl if hl is not None and enc is None else len(body)
+        call.key = _clean_id(headers.get(b"x-experiment-key"))
         self.plane.infer(call, name, version, decode, _HttpReply(self, conn, slot), cost)
 
     def _decompress(self, enc: bytes, body: bytes) -> bytes:

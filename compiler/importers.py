@@ -241,6 +241,8 @@ def _fix_shapes(proto, input_shape: dict[str, tuple[int, ...]]):
             raise ModelError(f"model input {vi.name!r} has no shape",
                              hint=f"pass --input-shape {vi.name}=D0,D1,... (e.g. {vi.name}=1,3,224,224)")
         dyn = [axis for axis, d in enumerate(dims) if not (isinstance(d, int) and d > 0)]
+        if _is_token_input(vi, dims):  # [batch, sequence] ids / masks: the sequence length stays dynamic
+            continue
         if any(axis != 0 for axis in dyn):
             example = ",".join("1" if a == 0 else (str(d) if isinstance(d, int) and d > 0 else "N?")
                                for a, d in enumerate(dims))
@@ -248,6 +250,19 @@ def _fix_shapes(proto, input_shape: dict[str, tuple[int, ...]]):
                 f"model input {vi.name!r} has dynamic non-batch dims {_fmt(dims)}; edgeml needs them fixed",
                 hint=f"pass --input-shape {vi.name}={example} (replace N? by the size you will serve)")
     return proto
+
+
+def _is_token_input(value_info, dims: list[int | str | None]) -> bool:
+    """An integer ``[batch, sequence]`` input (``input_ids``, ``attention_mask``, ``token_type_ids``).
+
+    Text encoders are served at many sequence lengths, and every backend here that serves them (ONNX
+    Runtime, OpenVINO) runs a dynamic sequence axis; a float input's dynamic dims (an image's height and
+    width) must still be fixed, since the conv backends and TVM plan memory for one shape.
+    """
+    from onnx import TensorProto
+
+    integer = value_info.type.tensor_type.elem_type in (TensorProto.INT64, TensorProto.INT32)
+    return integer and len(dims) == 2 and not (isinstance(dims[1], int) and dims[1] > 0)
 
 
 def _fmt(dims) -> str:
@@ -384,3 +399,15 @@ def _export_program(path: Path, input_shape: dict[str, tuple[int, ...]], workdir
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "exporter": "dynamo", "torch": torch.__version__,
     }
 
+
+
+def is_transformer(onnx_path: Path) -> bool:
+    """A transformer-style graph: attention (MatMul + Softmax, or a fused Attention) and no convolution.
+
+    Backends use it to offer transformer recipes (ORT fusions and MatMul-only int8, NNCF's transformer
+    model type); a wrong guess costs only a candidate, since every candidate is measured.
+    """
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(onnx_path), load_external_data=False).graph.node}
+    return "Conv" not in ops and "MatMul" in ops and bool({"Softmax", "Attention", "MultiHeadAttention"} & ops)

@@ -14,6 +14,12 @@ Candidates:
   also try u8u8 and excluding the sensitive first conv / last MatMul-Gemm. The
   pipeline measures each recipe's accuracy; nothing is assumed.
 * ``fp16`` (GPU targets): ``onnxruntime.transformers.float16`` with FP32 I/O.
+* Transformer encoders (a graph with MatMul + Softmax and no Conv; ``compiler.importers.is_transformer``): an extra
+  ``fp32/transformer-fusion`` candidate (``onnxruntime.transformers.optimizer.optimize_model``,
+  ``model_type="bert"``: Attention, SkipLayerNormalization, BiasGelu, EmbedLayerNormalization fusions),
+  and MatMul-only int8 recipes (``TRANSFORMER_INT8_RECIPES``): ``quantize_dynamic`` of the fused graph
+  (weights int8 offline, activations quantized per run: QAttention / DynamicQuantizeMatMul) and static
+  QDQ on MatMul only (LayerNorm, Softmax and GELU stay float, as they lose the most in int8).
 
 Options: ``edgeml.backends.onnxruntime.Options`` (``edgeml.compile(..., ort_int8_recipes=[...],
 ort_calibration="minmax")``).
@@ -44,6 +50,20 @@ INT8_RECIPES: dict[str, dict[str, Any]] = {
     "u8s8-per-channel-reduce-range": {"activation_type": "QUInt8", "weight_type": "QInt8", "per_channel": True, "reduce_range": True},
     "u8u8": {"activation_type": "QUInt8", "weight_type": "QUInt8", "per_channel": False, "reduce_range": False},
 }
+# Transformer encoders: MatMul-only recipes ("dynamic": quantize_dynamic, no calibration ranges).
+MATMUL_ONLY = ["MatMul"]
+INT8_RECIPES.update({
+    "dynamic-matmul-only": {"dynamic": True, "activation_type": "QUInt8", "weight_type": "QInt8", "per_channel": True,
+                            "reduce_range": False, "op_types": MATMUL_ONLY},
+    "dynamic-matmul-only-reduce-range": {"dynamic": True, "activation_type": "QUInt8", "weight_type": "QInt8",
+                                         "per_channel": True, "reduce_range": True, "op_types": MATMUL_ONLY},
+    "s8s8-matmul-only": {"activation_type": "QInt8", "weight_type": "QInt8", "per_channel": True,
+                         "reduce_range": False, "op_types": MATMUL_ONLY},
+    "u8s8-matmul-only-reduce-range": {"activation_type": "QUInt8", "weight_type": "QInt8", "per_channel": True,
+                                      "reduce_range": True, "op_types": MATMUL_ONLY},
+})
+TRANSFORMER_INT8_RECIPES = {False: ["dynamic-matmul-only", "s8s8-matmul-only"],
+                            True: ["dynamic-matmul-only-reduce-range", "u8s8-matmul-only-reduce-range"]}
 EXCLUDE_SUFFIX = "-exclude-ends"
 AWARE_SUFFIX = "-accuracy-aware"
 
@@ -56,7 +76,9 @@ def int8_saturation_hazard(target) -> bool:
     return target.arch == "x86_64" and target.device == "cpu" and not ({"avx512_vnni", "avx_vnni", "amx_int8"} & feats)
 
 
-def default_int8_recipes(target) -> list[str]:
+def default_int8_recipes(target, transformer: bool = False) -> list[str]:
+    if transformer:
+        return list(TRANSFORMER_INT8_RECIPES[int8_saturation_hazard(target)])
     if int8_saturation_hazard(target):
         return ["u8s8-per-channel-reduce-range", "u8u8", "u8s8-per-channel-reduce-range" + EXCLUDE_SUFFIX]
     return ["s8s8-per-channel", "u8s8-per-channel", "s8s8-per-channel" + EXCLUDE_SUFFIX]
@@ -101,9 +123,16 @@ class OnnxRuntimeCompiler(CompilerBackend):
     def candidates(self, ctx: BuildContext, precisions: list[str]) -> list[CandidateSpec]:
         target = ctx.target
         specs: list[CandidateSpec] = []
+        from edgeml.compiler.importers import is_transformer
+
+        transformer = is_transformer(ctx.onnx_path)
         if "fp32" in precisions:
             level = "basic" if target.device != "cpu" else "extended"
             specs.append(CandidateSpec(self.name, "fp32", {"offline_optimization": level}, "onnxruntime/fp32"))
+            if transformer and target.device == "cpu":
+                specs.append(CandidateSpec(self.name, "fp32", {"offline_optimization": "transformer-fusion",
+                                                               "model_type": "bert"},
+                                           "onnxruntime/fp32/transformer-fusion"))
         if "fp16" in precisions and target.device in ("cuda", "gpu"):
             specs.append(CandidateSpec(self.name, "fp16", {"conversion": "float16", "keep_io_types": True},
                                        "onnxruntime/fp16"))
@@ -111,20 +140,22 @@ class OnnxRuntimeCompiler(CompilerBackend):
             opts = _options(ctx)
             names = list(opts.ort_int8_recipes or [])
             if not names:
-                names = default_int8_recipes(target)
+                names = default_int8_recipes(target, transformer)
                 # Fallback when every plain recipe loses too much: keep the most sensitive nodes in FP32.
-                if opts.ort_accuracy_aware and ctx.reference is not None:
-                    names = [*names, names[0] + AWARE_SUFFIX]
+                static = [n for n in names if not INT8_RECIPES[n].get("dynamic")]
+                if opts.ort_accuracy_aware and ctx.reference is not None and static:
+                    names = [*names, static[0] + AWARE_SUFFIX]
             calibration = opts.ort_calibration
             for name in names:
                 aware = name.endswith(AWARE_SUFFIX)
                 base = name[: -len(AWARE_SUFFIX)] if aware else name
                 base = base[: -len(EXCLUDE_SUFFIX)] if base.endswith(EXCLUDE_SUFFIX) else base
-                if base not in INT8_RECIPES:
+                if base not in INT8_RECIPES or (base != name and INT8_RECIPES[base].get("dynamic")):
                     raise UsageError(f"unknown ONNX Runtime int8 recipe {name!r}",
                                        hint=f"choose among {sorted(INT8_RECIPES)} (optionally with "
                                             f"'{EXCLUDE_SUFFIX}' or '{AWARE_SUFFIX}')")
-                recipe = {"method": "static-qdq", "name": name, "base": base, **INT8_RECIPES[base],
+                method = "dynamic" if INT8_RECIPES[base].get("dynamic") else "static-qdq"
+                recipe = {"method": method, "name": name, "base": base, **INT8_RECIPES[base],
                           "exclude_sensitive": name.endswith(EXCLUDE_SUFFIX), "accuracy_aware": aware,
                           "calibration": calibration,
                           "saturation_hazard": int8_saturation_hazard(target)}
@@ -140,7 +171,9 @@ class OnnxRuntimeCompiler(CompilerBackend):
         out = out_dir / ENTRY
         notes: list[str] = []
         recipe = dict(spec.recipe)
-        if spec.precision == "fp32":
+        if spec.precision == "fp32" and spec.recipe.get("offline_optimization") == "transformer-fusion":
+            recipe["fused_operators"] = self._fuse_transformer(ctx, out)
+        elif spec.precision == "fp32":
             self._optimize(ctx.onnx_path, out, spec.recipe.get("offline_optimization", "extended"))
         elif spec.precision == "fp16":
             self._fp16(ctx.onnx_path, out)
@@ -174,6 +207,32 @@ class OnnxRuntimeCompiler(CompilerBackend):
         except Exception as exc:
             raise ort_error(exc, "optimize the FP32 model") from exc
 
+    def _fuse_transformer(self, ctx: BuildContext, out: Path) -> dict[str, int]:
+        """ONNX Runtime's transformer optimizer.
+
+        The Attention fusion needs the head count and hidden size: read from the model's metadata
+        (``num_attention_heads`` / ``hidden_size``, as edgeml's encoder export and Hugging Face configs
+        name them), else left for the optimizer to detect (it often cannot, and then fuses
+        LayerNorm/GELU only).
+        """
+        import onnx
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        meta = {p.key: p.value for p in onnx.load(str(ctx.onnx_path), load_external_data=False).metadata_props}
+        heads, hidden = (int(meta[k]) if meta.get(k, "").isdigit() else 0
+                         for k in ("num_attention_heads", "hidden_size"))
+        try:
+            fused = optimize_model(str(ctx.onnx_path), model_type="bert", num_heads=heads, hidden_size=hidden,
+                                   opt_level=0, use_gpu=False)
+        except Exception as exc:
+            raise CompileError(f"ONNX Runtime's transformer optimizer failed: {str(exc)[:300]}") from exc
+        stats = {k: int(v) for k, v in fused.get_fused_operator_statistics().items() if v}
+        if not stats:
+            raise CandidateSkipped("ONNX Runtime's transformer optimizer fused nothing in this graph")
+        fused.save_model_to_file(str(out))   # adds the com.microsoft opset import the fused ops need
+        out.write_bytes(onnx.load(str(out)).SerializeToString(deterministic=True))
+        return stats
+
     def _fp16(self, src: Path, out: Path) -> None:
         import onnx
         from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -191,6 +250,8 @@ class OnnxRuntimeCompiler(CompilerBackend):
         if not ctx.calib:
             raise CompileError("int8 needs calibration data", hint="pass --calib CALIB.npz")
         recipe = dict(spec.recipe)
+        if recipe.get("dynamic"):
+            return self._dynamic(recipe, ctx, out, notes)
         pre = self._preprocessed(ctx, notes)
         if recipe.get("accuracy_aware"):
             return self._accuracy_aware(recipe, ctx, pre, out, notes)
@@ -199,6 +260,35 @@ class OnnxRuntimeCompiler(CompilerBackend):
             exclude = sensitive_nodes(onnx.load(str(pre)))
             recipe["excluded_nodes"] = exclude
         self._quantize(recipe, ctx, pre, out, exclude)
+        self._hazard_note(recipe, notes)
+        return recipe
+
+    def _dynamic(self, recipe: dict[str, Any], ctx: BuildContext, out: Path, notes: list[str]) -> dict[str, Any]:
+        """quantize_dynamic of the transformer-fused graph (QAttention, DynamicQuantizeMatMul); no ranges."""
+        import onnx
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        fused = ctx.workdir / "ort-transformer-fused.onnx"
+        src = ctx.onnx_path
+        try:
+            if not fused.exists():
+                self._fuse_transformer(ctx, fused)
+            src = fused
+            recipe["fused_first"] = True
+        except (CompileError, CandidateSkipped) as exc:
+            notes.append(f"quantized the unfused graph: {exc}")
+            recipe["fused_first"] = False
+        op_types = list(recipe.get("op_types") or MATMUL_ONLY)
+        if recipe["fused_first"]:
+            op_types.append("Attention")
+        try:
+            quantize_dynamic(str(src), str(out), weight_type=getattr(QuantType, recipe["weight_type"]),
+                             per_channel=recipe["per_channel"], reduce_range=recipe["reduce_range"],
+                             op_types_to_quantize=op_types)
+        except Exception as exc:
+            raise ort_error(exc, f"quantize the model to int8 ({recipe['name']})") from exc
+        recipe["quantized_op_types"] = op_types
+        out.write_bytes(onnx.load(str(out)).SerializeToString(deterministic=True))
         self._hazard_note(recipe, notes)
         return recipe
 
@@ -235,6 +325,7 @@ class OnnxRuntimeCompiler(CompilerBackend):
                 per_channel=recipe["per_channel"],
                 reduce_range=recipe["reduce_range"],
                 nodes_to_exclude=exclude or None,
+                op_types_to_quantize=recipe.get("op_types"),
                 calibrate_method=method,
                 calibration_cache_path=str(cache),
                 # Ranges are merged chunk by chunk, so memory stays bounded for big models.

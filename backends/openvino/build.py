@@ -141,7 +141,11 @@ class OpenVinoCompiler(CompilerBackend):
         n_calib = _samples(ctx.calib)
         items = n_calib // (_fixed_batch(ctx.inputs) or 1)
         scope = o.ov_ignored_scope or {}
+        from edgeml.compiler.importers import is_transformer
+
         return {
+            # NNCF's transformer scheme keeps LayerNorm/Softmax/GELU float and adds SmoothQuant-style care
+            "model_type": "transformer" if is_transformer(ctx.onnx_path) else None,
             "method": "nncf.quantize",
             "device": ov_device(ctx.target),
             "target_device": "GPU" if ov_device(ctx.target) == "GPU" else "CPU",
@@ -252,6 +256,7 @@ class OpenVinoCompiler(CompilerBackend):
             subset_size=max(1, recipe["subset_size"]),
             fast_bias_correction=recipe["fast_bias_correction"],
             ignored_scope=ignored,
+            model_type=nncf.ModelType.TRANSFORMER if recipe.get("model_type") == "transformer" else None,
         )
         try:
             if recipe["method"] == "nncf.quantize":

@@ -155,6 +155,58 @@ def import_relax(model, opset: int | None = None):
     return mod, list(params.get("main", []))
 
 
+def _refuse_dynamic_inner_dims(inputs: list[Any]) -> None:
+    """TVM plans memory for one shape: a dynamic sequence axis (a text encoder's tokens) cannot be built."""
+    from edgeml.backends.base import CandidateSkipped
+
+    for spec in inputs:
+        if any(d is None for d in list(spec.shape)[1:]):
+            fixed = ",".join("1" if i == 0 else ("128" if d is None else str(d)) for i, d in enumerate(spec.shape))
+            raise CandidateSkipped(
+                f"TVM needs static shapes; input {spec.name!r} has a dynamic non-batch axis "
+                f"({['?' if d is None else d for d in spec.shape]}). To build TVM for one sequence length, "
+                f"compile with --input-shape {spec.name}={fixed} (and the same for the other inputs)")
+
+
+def import_relax_folding_shapes(model, shapes: dict[str, list[int | None]], workdir: Path, notes: list[str]):
+    """``import_relax``; when it fails on a fully static model, fold its shape arithmetic first and retry.
+
+    Transformer exports compute reshape targets from ``Shape`` -> ``Gather`` chains, which TVM's Relax
+    importer cannot follow (``Gather`` over ``shape_of``). With every input shape known, ONNX Runtime's
+    basic (constant-folding, provider-independent) optimization turns those chains into constants.
+    """
+    try:
+        return import_relax(model)
+    except ModelError as first:
+        if any(d is None for dims in shapes.values() for d in dims):
+            raise
+        folded = _fold_constants(model, workdir)
+        try:
+            result = import_relax(folded)
+        except ModelError:
+            raise first from None
+        notes.append(f"TVM's importer failed on the exported graph ({first.message[:160]}); imported after "
+                     "folding its shape arithmetic with ONNX Runtime's basic optimizations")
+        return result
+
+
+def _fold_constants(model, workdir: Path):
+    import onnx
+    import onnxruntime as ort
+
+    src, dst = workdir / "tvm-static.onnx", workdir / "tvm-folded.onnx"
+    src.write_bytes(model.SerializeToString())
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(dst)
+    so.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(src), sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelError(f"cannot fold the model's shape arithmetic for TVM: {str(exc)[:300]}") from exc
+    return onnx.load(str(dst))
+
+
 def lift_and_split(mod, params: list, host_target) -> tuple[Any, list]:
     """Run the weight-only part of the model here; return (device module, device params)."""
     import tvm
@@ -288,10 +340,11 @@ class TvmCompiler(CompilerBackend):
         out_dir.mkdir(parents=True)
         tuned = bool(spec.recipe.get("tuned"))
         static_batch = _options(ctx).tune_batch if tuned else None
+        _refuse_dynamic_inner_dims(ctx.inputs)
         ctx.progress(f"tvm: importing {Path(ctx.onnx_path).name} into Relax")
         model, input_names, shapes = prepare_onnx(Path(ctx.onnx_path), ctx.inputs, static_batch)
-        mod, params = import_relax(model)
         notes: list[str] = []
+        mod, params = import_relax_folding_shapes(model, shapes, out_dir, notes)
         recipe: dict[str, Any] = {"backend": "tvm", "tvm_target": str(target)}
         tuning_report = None
         if tuned:

@@ -311,7 +311,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loadgen", dest="loadgen_kind", choices=["auto", "wrk", "python"], default="auto")
     ap.add_argument("--serve-args", default="", help="extra arguments for edgeml serve, e.g. '--max-delay-ms 0'")
     ap.add_argument("--json", dest="as_json", action="store_true", help="also print the rows as JSON")
+    ap.add_argument("--resilience", action="store_true",
+                    help="only the response-cache replay and the 2x-overload admission-control runs (side by side)")
     args = ap.parse_args(argv)
+    if args.resilience:
+        from edgeml.benchmarks.serve_resilience import run as run_resilience
+
+        with tempfile.TemporaryDirectory(prefix="edgeml-serve-resilience-") as tmp:
+            rows = run_resilience(args.duration, Path(tmp))
+        if args.as_json:
+            print(json.dumps(rows))
+        return 0
     mlp = args.model == "mlp"
     levels = [int(c) for c in (args.concurrency or ("1,8,32,64" if mlp else "1,2,4")).split(",")]
     threads = args.threads or (1 if mlp else (os.cpu_count() or 1))

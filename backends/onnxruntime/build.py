@@ -142,7 +142,7 @@ class OnnxRuntimeCompiler(CompilerBackend):
             if not names:
                 names = default_int8_recipes(target, transformer)
                 # Fallback when every plain recipe loses too much: keep the most sensitive nodes in FP32.
-                static = [n for n in names if not INT8_RECIPES[n].get("dynamic")]
+                static = [n for n in names if not INT8_RECIPES.get(n, {}).get("dynamic")]
                 if opts.ort_accuracy_aware and ctx.reference is not None and static:
                     names = [*names, static[0] + AWARE_SUFFIX]
             calibration = opts.ort_calibration

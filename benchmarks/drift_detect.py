@@ -126,7 +126,7 @@ def run_case(case: Case, *, windows: int, trials: int, sizes: tuple[int, ...] = 
         profile, live = split(CLEAN_N)
         alarms += judge(case, profile, live, settings).drifted
     clean = {"condition": "clean held-out data", "n": CLEAN_N, "windows": windows, "alarms": alarms,
-             "false_alarm_rate": alarms / windows}
+             "false_alarm_rate": alarms / windows if windows else None}
     rows = []
     for label, shift in shifts(case).items():
         rates = {}
@@ -135,7 +135,7 @@ def run_case(case: Case, *, windows: int, trials: int, sizes: tuple[int, ...] = 
             for _ in range(trials):
                 profile, live = split(n)
                 hits += judge(case, profile, shift(live, rng), settings).drifted
-            rates[n] = hits / trials
+            rates[n] = hits / trials if trials else 0.0
         needed = next((n for n in sizes if rates[n] >= 0.95), None)
         rows.append({"condition": label, "detection_rate": rates, "samples_needed": needed})
     return {"case": case.name, "reference_samples": n_ref, "pool": len(pool), "alpha": settings.alpha,

@@ -102,6 +102,10 @@ class AgentCore:
         self._cpu_mark = (time.monotonic(), time.process_time())
         self._req_mark: tuple[float, int] | None = None
         self._serving_ok = True
+        from edgeml.fleet.arms import ExperimentRunner   # challenger beside the champion (fleet/experiments.py)
+
+        self.experiments = ExperimentRunner(config.device_id, self.state_dir, serving, config.trusted_keys,
+                                            config.require_signed)
 
     # ------------------------------------------------------------------ lifecycle
     def restore(self) -> None:
@@ -215,6 +219,10 @@ class AgentCore:
 
     def on_message(self, topic: str, payload: bytes, retained: bool = False) -> None:
         try:
+            from edgeml.fleet.experiments import topic as experiment_topic
+
+            if topic == experiment_topic(self.config.device_id):
+                return self.experiments.on_message(payload)
             if topic != P.topic(self.config.device_id, "desired"):
                 log.debug("ignoring a message on %s (not subscribed here; amqtt over-delivers retained messages)", topic)
                 return
@@ -320,6 +328,8 @@ class AgentCore:
         drift_windows = getattr(self.serving, "drift_windows", None)   # sampled inputs/outputs (runtime/drift.py)
         if drift_windows is not None and (rows := drift_windows()):
             msg["drift"] = rows
+        if exp_rows := self.experiments.rows():     # running experiment's per-arm counters (fleet/arms.py)
+            msg["experiments"] = exp_rows
         return msg
 
     def publish_telemetry(self) -> None:
@@ -614,6 +624,9 @@ class Agent:
                                        on_message=self.core.on_message, on_connect=self.core.on_connect)
         self.core.link = self.transport
         self.transport.subscribe(P.topic(config.device_id, "desired"), 1)
+        from edgeml.fleet.experiments import topic as experiment_topic
+
+        self.transport.subscribe(experiment_topic(config.device_id), 1)
 
     def start(self) -> "Agent":
         self.core.start()
@@ -625,4 +638,5 @@ class Agent:
         self.core.stop()
         time.sleep(0.1)
         self.transport.stop()
+        self.core.experiments.close()
         self.core.serving.close()

@@ -435,3 +435,6 @@ def simulate_cmd(devices, fail_rate, waves, bake, workdir, as_json):
 
 
 register_monitoring(fleet_group)   # edgeml fleet drift (fleet/monitor_cli.py)
+from edgeml.fleet.experiment_cli import register as register_experiments  # noqa: E402
+
+register_experiments(fleet_group)   # edgeml fleet experiment (fleet/experiment_cli.py)

@@ -216,6 +216,10 @@ class Manager:
             from edgeml.fleet.drift import record as record_drift
 
             record_drift(self.db, msg, self.clock())
+        if msg.get("experiments"):   # per-arm experiment counters (fleet/experiments.py)
+            from edgeml.fleet.experiments import record as record_experiments
+
+            record_experiments(self.db, msg)
         self._touch_device(msg, online=True)
 
     # ================================================================ desired out
@@ -354,6 +358,9 @@ class Manager:
                              (RolloutState.RUNNING, RolloutState.ROLLING_BACK)):
             step = self._advance if row["state"] == RolloutState.RUNNING else self._advance_rollback
             self._guarded(f"rollout {row['id']}", lambda rid=row["id"], step=step: step(self._rollout(rid), now))
+        from edgeml.fleet.experiments import tick as experiments_tick
+
+        self._guarded("experiments", experiments_tick, self)
 
     def _guarded(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
         try:
@@ -585,6 +592,10 @@ class Manager:
             return self.start_rollout(args["target"], selector=args.get("selector", {}), waves=args["waves"],
                                       max_failure_rate=args["max_failure_rate"], bake_s=args["bake_s"],
                                       gates=args.get("gates", []), actor=actor, health_window_s=args.get("health_window_s"))
+        if command.startswith("experiment."):     # fleet/experiments.py
+            from edgeml.fleet.experiments import execute as experiment_command
+
+            return experiment_command(self, command, args, actor)
         ops = {"rollout.pause": self.pause, "rollout.resume": self.resume, "rollout.abort": self.abort,
                "rollout.rollback": self.rollback}
         if command not in ops:

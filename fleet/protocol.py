@@ -128,6 +128,7 @@ SCHEMAS: dict[str, dict[str, tuple[Any, bool]]] = {
         "device_id": (_STR, True), "ts": (_NUM, True), "interval_s": (_NUM, True), "models": (_LIST, True),
         "active": ((_DICT, _NULL), True), "cpu_percent": (_NUM, False), "memory_mb": (_NUM, False),
         "throughput_rps": (_NUM, False), "stubbed": (_BOOL, False), "drift": (_LIST, False),
+        "experiments": (_LIST, False),
     },
 }
 # numbers that can never be negative (besides every counter inside telemetry models)
@@ -311,6 +312,7 @@ def _check_desired(msg: Mapping[str, Any], where: str) -> None:
 
 def _check_telemetry(msg: Mapping[str, Any], where: str) -> None:
     _check_drift(msg.get("drift", []), where)
+    _check_experiments(msg.get("experiments", []), where)
     models = msg["models"]
     if len(models) > MAX_MODELS:
         raise MessageRejected(f"{where}: {len(models)} models; the limit is {MAX_MODELS}")
@@ -343,6 +345,18 @@ def _check_drift(rows: list[Any], where: str) -> None:
         problem = wire_problem(row)
         if problem is not None:
             raise MessageRejected(f"{where}: drift[{i}] {problem}")
+
+
+def _check_experiments(rows: list[Any], where: str) -> None:
+    """Experiment counters (edgeml.fleet.experiments.wire_problem): at most a few rows, exact fields."""
+    from edgeml.fleet.experiments import wire_problem
+
+    if len(rows) > 4:
+        raise MessageRejected(f"{where}: {len(rows)} experiment rows; the limit is 4")
+    for i, row in enumerate(rows):
+        problem = wire_problem(row)
+        if problem is not None:
+            raise MessageRejected(f"{where}: experiments[{i}] {problem}")
 
 
 # ---------------------------------------------------------------- builders

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from edgeml.cli import check_output_file, emit, handle_errors, json_option
-from edgeml.errors import DataError, UsageError
+from edgeml.errors import UsageError
 
 
 @click.command("targets")
@@ -102,13 +102,92 @@ def _describe(m: dict, signer: str | None) -> str:
 
 @click.command("run")
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--input", "input_path", required=True, type=click.Path(path_type=Path), help=".npz keyed by input name.")
-@click.option("--output", "output_text", type=str, help="Write outputs to this .npz (its folder must exist).")
+@click.option("--input", "input_text", type=str,
+              help="An .npz keyed by input name; or, for a batch job, a folder, a quoted glob ('data/*.npy') "
+                   "or '-' (paths on stdin) of .npy/.npz/image items.")
+@click.option("--output", "output_text", type=str,
+              help="With one .npz input: write its outputs to this .npz. Batch job: the folder of <item>.npz.")
+@click.option("--mqtt-in", "mqtt_in", type=str, help="Stream job: consume v2 inference requests from this topic.")
+@click.option("--mqtt-out", "mqtt_out", type=str, help="Stream job: publish the responses on this topic.")
+@click.option("--broker", type=str, help="Stream job: the MQTT broker, mqtt://HOST[:PORT].")
+@click.option("--max-messages", type=click.IntRange(1, 1 << 40), default=None,
+              help="Stream job: stop after this many messages (default: until SIGINT/SIGTERM).")
+@click.option("--idle-timeout", "idle_timeout_s", type=click.FloatRange(0.001, 86_400 * 365), default=None,
+              help="Stream job: stop after this many seconds without a message.")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path))
 @json_option
 @handle_errors
-def run_cmd(artifact: Path, input_path: Path, output_text: str | None, trusted_keys: tuple[Path, ...], as_json: bool) -> None:
-    """Run ARTIFACT on the arrays in --input."""
+def run_cmd(artifact: Path, input_text: str | None, output_text: str | None, mqtt_in: str | None,
+            mqtt_out: str | None, broker: str | None, max_messages: int | None, idle_timeout_s: float | None,
+            trusted_keys: tuple[Path, ...], as_json: bool) -> None:
+    """Run ARTIFACT on one .npz (--input X.npz [--output Y.npz]), a batch of items (--input DIR|GLOB|- --output
+    DIR: resumable, one .npz per item), or an MQTT stream (--mqtt-in/--mqtt-out/--broker)."""
+    stream = (mqtt_in, mqtt_out, broker)
+    if any(v is not None for v in stream):
+        if not all(stream) or input_text is not None:
+            raise UsageError("a stream job needs --mqtt-in, --mqtt-out and --broker together, and no --input")
+        return _run_stream(artifact, mqtt_in, mqtt_out, broker, max_messages, idle_timeout_s,  # type: ignore[arg-type]
+                           trusted_keys, as_json)
+    if input_text is None:
+        raise UsageError("give --input (an .npz, a folder, a glob or '-') or a stream (--mqtt-in ...)")
+    if input_text.endswith(".npz") and Path(input_text).is_file():     # the one-file form, unchanged
+        return _run_one(artifact, Path(input_text), output_text, trusted_keys, as_json)
+    return _run_batch(artifact, input_text, output_text, trusted_keys, as_json)
+
+
+def _run_batch(artifact: Path, input_text: str, output_text: str | None, trusted_keys: tuple[Path, ...],
+               as_json: bool) -> None:
+    import edgeml
+    from edgeml.runtime.jobs import list_items, prepare_output_dir, run_batch
+
+    if output_text is None:
+        raise UsageError("a batch job needs --output DIR (one .npz per item is written there)")
+    items = list_items(input_text)          # refuse a bad --input before creating anything
+    out_dir = prepare_output_dir(output_text, input_text)
+    model = edgeml.load(artifact, trusted_keys=list(trusted_keys))
+
+    def progress(i: int, n: int, item: str, status: str) -> None:
+        click.echo(f"[{i}/{n}] {status} {item}", err=True)
+
+    try:
+        summary = run_batch(model, items, out_dir, progress)
+    finally:
+        model.close()
+    result = {**summary.to_dict(), "output": str(out_dir)}
+    emit(result, as_json, lambda r: f"{r['done']} done, {r['skipped']} skipped (already done), {r['failed']} failed "
+         f"of {r['total']} in {r['seconds']} s -> {r['output']}" + "".join(
+             f"\n  failed: {f['item']}: {f['error']}" for f in r["failures"]))
+    if summary.failed:
+        raise click.exceptions.Exit(1)
+
+
+def _run_stream(artifact: Path, topic_in: str, topic_out: str, broker: str, max_messages: int | None,
+                idle_timeout_s: float | None, trusted_keys: tuple[Path, ...], as_json: bool) -> None:
+    import signal
+    import threading
+
+    import edgeml
+    from edgeml.runtime.stream import StreamConfig, run_stream
+
+    cfg = StreamConfig(broker, topic_in, topic_out, max_messages=max_messages, idle_timeout_s=idle_timeout_s)
+    cfg.check()
+    model = edgeml.load(artifact, trusted_keys=list(trusted_keys))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    def ready() -> None:
+        click.echo(f"consuming {topic_in} on {broker}, publishing to {topic_out}", err=True)
+
+    try:
+        stats = run_stream(model, cfg, stop, on_ready=ready)
+    finally:
+        model.close()
+    emit(stats, as_json, lambda r: f"{r['messages']} messages: {r['requests'] - r['failures'] - r['rejected']} "
+         f"answered, {r['rejected']} rejected (bad input), {r['failures']} failed")
+
+
+def _run_one(artifact: Path, input_path: Path, output_text: str | None, trusted_keys: tuple[Path, ...],
+             as_json: bool) -> None:
     import numpy as np
 
     import edgeml
@@ -142,12 +221,6 @@ def run_cmd(artifact: Path, input_path: Path, output_text: str | None, trusted_k
 
 def _cast_feeds(feeds: dict, model, input_path: Path) -> dict:
     """Cast each array to its input's dtype; an array that cannot be (strings, objects) is a DataError."""
-    out = {}
-    for name, value in feeds.items():
-        want = model._input_by_name[name].dtype
-        try:
-            out[name] = value.astype(want, copy=False)
-        except (ValueError, TypeError) as exc:
-            raise DataError(f"input file {input_path}: array {name!r} ({value.dtype}) cannot be read as {want}: {exc}",
-                            hint="save the arrays with the dtype the model expects (edgeml inspect shows it)") from None
-    return out
+    from edgeml.runtime.jobs import cast_feeds
+
+    return cast_feeds(feeds, model, input_path)

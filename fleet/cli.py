@@ -403,12 +403,23 @@ def telemetry_cmd(db, device, as_json):
 @click.option("--broker-kind", type=click.Choice(["auto", "mosquitto", "amqtt"]), default="auto", show_default=True)
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), help="Keep files here (default: temp).")
 @click.option("--bake", default="3s", show_default=True)
+@click.option("--scenario", type=click.Choice(["rollout", "experiment"]), default="rollout", show_default=True,
+              help="experiment: shadow agreement, then an A/B test to its decision and promotion (fleet/demo_experiment.py).")
 @json_option
 @handle_errors
-def demo_cmd(broker_kind, workdir, bake, as_json):
+def demo_cmd(broker_kind, workdir, bake, scenario, as_json):
     """Broker + manager + 3 agents on this machine: v1, canary v2, telemetry, broken v3 rolled back."""
     from edgeml.fleet.demo import run_demo
     from edgeml.fleet.waves import parse_duration
+
+    if scenario == "experiment":
+        from edgeml.fleet.demo_experiment import run_experiment_demo
+
+        out = run_experiment_demo(broker_kind=broker_kind, workdir=workdir,
+                                  echo=(lambda s: None) if as_json else click.echo)
+        emit(out, as_json, lambda o: f"demo finished in {o['seconds']:.1f}s: A/B {o['ab']['decision']['decision']}"
+             f" (p={o['ab']['test']['p_value']:.3g})")
+        return
 
     summary = run_demo(broker_kind=broker_kind, workdir=workdir, bake_s=parse_duration(bake),
                        echo=(lambda s: None) if as_json else click.echo)

@@ -73,7 +73,8 @@ def measure(model: str, *, seconds: float, rounds: int, rate: float, concurrency
         monitor = D.Monitor(rate)
         monitor.attach(lm.name, lm.version, manifest)
         body, path = _body(inp, rows[:1]), f"/v2/models/{lm.name}/infer"
-        on_rps, off_rps = [], []
+        on_rps: list[float] = []
+        off_rps: list[float] = []
         _load(port, path, body, min(seconds, 2.0), concurrency)       # warm up
         for r in range(rounds):
             for sampling in ((False, True) if r % 2 == 0 else (True, False)):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
 import os
@@ -498,7 +499,9 @@ class ModelServer:
     def stats(self, name: str, version: str | None = None) -> dict[str, Any]:
         def do() -> dict[str, Any]:
             lm = self.repo.resolve(name, version)
-            return {"name": lm.name, "version": lm.version, **lm.stats.to_dict()}
+            # "resilience": breaker state, admission refusals, cache and fallback counters (fleet telemetry)
+            return {"name": lm.name, "version": lm.version, **lm.stats.to_dict(),
+                    "resilience": dataclasses.asdict(lm.resilience())}
 
         return self._in_loop(do)
 

@@ -43,6 +43,8 @@ def test_open_breaker_sends_requests_to_the_fallback_and_back(tmp_path):
         assert metric(text, "edgeml_fallback_active", "gather") == 1
         assert metric(text, "edgeml_fallback_switches_total", "gather") == 1
         assert metric(text, "edgeml_fallback_requests_total", "gather") == 1
+        res = srv.stats("gather")["resilience"]                # what the fleet agent can forward
+        assert res["fallback_active"] is True and res["breaker_state"] == "open" and res["fallback_requests"] == 1
         clock.advance(5.0)                               # backoff passed: the next request probes the primary
         status, _, data = call(srv, "POST", URL, gather_body(1))
         assert status == 200 and y_of(data) == [3.0, 4.0, 5.0]

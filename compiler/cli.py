@@ -68,7 +68,7 @@ def _parse_backend_option(values: tuple[str, ...]) -> dict:
 @click.argument("model")
 @click.option("-t", "--target", required=True, help="Target name (edgeml targets).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact to write (.edgepkg).")
-@click.option("--precision", default="auto", type=click.Choice(["auto", "fp32", "fp16", "int8"]), show_default=True)
+@click.option("--precision", default="auto", type=click.Choice(["auto", "fp32", "fp16", "bf16", "int8"]), show_default=True)
 @click.option("--backend", default="auto", type=click.Choice(["auto", *backend_names()]), show_default=True,
               help="auto: every backend the target lists (the null test double only by name).")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration .npz keyed by input name.")

@@ -26,7 +26,8 @@ TOOL_PACKAGES = ("edgeml", "numpy", "onnx", "onnxruntime", "openvino", "nncf", "
                  "neural-compressor", "onnxscript")
 
 # Self-test tolerances by precision: the device may use other kernels (ISA) than the compile host.
-SELFTEST_TOLERANCE = {"fp32": (1e-3, 1e-4), "fp16": (1e-2, 1e-2)}
+# bf16 keeps 8 mantissa bits: another CPU (AMX vs AVX512-BF16 kernels) may round each layer differently
+SELFTEST_TOLERANCE = {"fp32": (1e-3, 1e-4), "fp16": (1e-2, 1e-2), "bf16": (3e-2, 3e-2)}
 GOLDEN_SAMPLES = 4
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 
 from edgeml.errors import UsageError
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 EVAL_BUDGET_S = 120.0   # per candidate; a slower one is scored on the samples it ran in that time
 # Semantic Versioning 2.0.0 (https://semver.org), the official regular expression.
 _SEMVER = re.compile(
@@ -98,7 +98,7 @@ class CompileOptions:
 
     def validate(self) -> "CompileOptions":
         if self.precision not in ("auto", *PRECISIONS):
-            raise UsageError(f"unknown precision {self.precision!r}", hint="choose auto, fp32, fp16 or int8")
+            raise UsageError(f"unknown precision {self.precision!r}", hint="choose auto, fp32, fp16, bf16 or int8")
         self._validate_backend_options()
         self._validate_metric()
         if not _SEMVER.match(str(self.version)):

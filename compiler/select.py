@@ -8,10 +8,10 @@ than the fastest after warm-up are screened out of the rounds.
 
 Selection: where this host executes the target, the fastest passing candidate
 by p50. Otherwise (cross targets) the documented static order ``STATIC_ORDER``:
-precision int8 > fp16 > fp32, then the order of backends in the target file,
+precision int8 > fp16 = bf16 > fp32, then the order of backends in the target file,
 and an untuned TVM build (recipe ``tuned`` false) after every other backend.
 When no candidate runs on this host at all (an OpenCL / Intel GPU target), none
-has a measured accuracy, and int8 goes last: fp16 > fp32 > int8.
+has a measured accuracy, and int8 goes last: fp16 = bf16 > fp32 > int8.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from edgeml.backends.base import CandidateSkipped  # noqa: F401 - re-exported fo
 from edgeml.stats import percentile
 
 
-PRECISION_RANK = {"int8": 0, "fp16": 1, "fp32": 2}
-UNVERIFIED_PRECISION_RANK = {"fp16": 0, "fp32": 1, "int8": 2}
+PRECISION_RANK = {"int8": 0, "fp16": 1, "bf16": 1, "fp32": 2}
+UNVERIFIED_PRECISION_RANK = {"fp16": 0, "bf16": 0, "fp32": 1, "int8": 2}
 SCREEN_FACTOR = 5.0
-STATIC_ORDER = ("precision: int8 > fp16 > fp32; then the target file's backend order; "
+STATIC_ORDER = ("precision: int8 > fp16 = bf16 > fp32; then the target file's backend order; "
                 "untuned TVM builds last")
-UNVERIFIED_ORDER = ("precision: fp16 > fp32 > int8 (int8 needs a measured accuracy); then the target file's "
+UNVERIFIED_ORDER = ("precision: fp16 = bf16 > fp32 > int8 (int8 needs a measured accuracy); then the target file's "
                     "backend order; untuned TVM builds last")
 
 

@@ -20,6 +20,14 @@ from edgeml.errors import TargetError, UnsupportedHost
 TARGET_DIR = Path(__file__).parent
 _REQUIRED_KEYS = ("name", "description", "arch", "required_features", "backends", "precisions", "device")
 _ARCHES = ("x86_64", "aarch64")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+# A CPU target may list a reduced-precision float only when it requires the hardware for it, so the
+# capability is detected (the host's /proc/cpuinfo flags, checked before an artifact runs), never assumed.
+# (GPU targets run fp16 natively.)
+CPU_FLOAT_FEATURES: dict[str, dict[str, tuple[str, ...]]] = {
+    "bf16": {"x86_64": ("avx512_bf16", "amx_bf16")},
+    "fp16": {"aarch64": ("asimdhp",)},
+}
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,7 @@ def parse_target_file(path: Path) -> Target:
         raise TargetError(f"target file {path} names itself '{data['name']}'; the name must match the file name")
     if data["arch"] not in _ARCHES:
         raise TargetError(f"target file {path}: arch '{data['arch']}' is not one of {_ARCHES}")
+    _check_precisions(path, data)
     return Target(
         name=data["name"],
         description=data["description"],
@@ -89,6 +98,23 @@ def parse_target_file(path: Path) -> Target:
         int8_saturation_hazard=bool(data.get("int8_saturation_hazard", False)),
         tvm=dict(data.get("tvm", {})),
     )
+
+
+def _check_precisions(path: Path, data: dict[str, Any]) -> None:
+    unknown = [p for p in data["precisions"] if p not in PRECISIONS]
+    if unknown:
+        raise TargetError(f"target file {path}: precisions {unknown} are not among {list(PRECISIONS)}")
+    if data["device"] != "cpu":
+        return
+    for precision, by_arch in CPU_FLOAT_FEATURES.items():
+        if precision not in data["precisions"]:
+            continue
+        needs = by_arch.get(data["arch"], ())
+        if not set(needs) & set(data["required_features"]):
+            what = f"one of {list(needs)} in required_features" if needs else f"a {data['arch']} CPU cannot"
+            raise TargetError(f"target file {path} lists precision {precision} for a {data['arch']} CPU without "
+                              f"requiring the hardware for it ({what})",
+                              hint="require the CPU feature, so hosts without it refuse the artifact")
 
 
 @lru_cache(maxsize=None)

@@ -9,6 +9,10 @@ Candidates:
 * ``fp16``: the same IR with FP16 weights (``compress_to_fp16=True``); offered when
   the pipeline asks for fp16 (the target lists it). On GPU it computes in f16; on CPU
   the weights are decompressed at load and computed in f32 (half-size files).
+* ``bf16`` (targets listing it: x86 with AVX512-BF16 / AMX): the fp32 IR run with
+  ``inference_precision=bf16`` (what OpenVINO's CPU plugin does by default on such CPUs; edgeml pins it
+  per candidate so FP32 stays FP32 and BF16 is measured like every candidate). On an ARM target with
+  FP16 arithmetic, ``fp16`` runs with ``inference_precision=f16``.
 * ``int8``: post-training quantization with ``nncf.quantize`` over the calibration
   data (preset, subset size, bias correction, overflow fix and ignored scope go into
   the recipe). On x86 targets with the no-VNNI saturation hazard the recipe uses
@@ -123,6 +127,9 @@ class OpenVinoCompiler(CompilerBackend):
         if "fp16" in precisions:
             specs.append(CandidateSpec(self.name, "fp16", {"method": "ir", "compress_to_fp16": True,
                                                            "device": device}, "openvino/fp16"))
+        if "bf16" in precisions and device == "CPU":   # the target requires avx512_bf16 / amx_bf16
+            specs.append(CandidateSpec(self.name, "bf16", {"method": "ir", "compress_to_fp16": False,
+                                                           "device": device}, "openvino/bf16"))
         if "int8" in precisions and ctx.calib is not None and _have("nncf"):
             base = self._int8_recipe(ctx)
             specs.append(CandidateSpec(self.name, "int8", base, PLAIN_INT8))
@@ -181,8 +188,8 @@ class OpenVinoCompiler(CompilerBackend):
             compress = False
         elif spec.precision == "fp16":
             compress = True
-        elif spec.precision == "fp32":
-            compress = False
+        elif spec.precision in ("fp32", "bf16"):
+            compress = False   # bf16: the CPU plugin converts the f32 weights at load
         else:
             raise CompileError(f"the OpenVINO backend cannot build precision {spec.precision!r}")
         _normalize(model)
@@ -192,6 +199,10 @@ class OpenVinoCompiler(CompilerBackend):
             raise CompileError(f"OpenVINO could not save the IR for {spec.label}: {exc}") from exc
         if device == "GPU" and spec.precision in ("fp16", "int8"):
             precision_hint = "f16"     # the GPU plugin's native float precision
+        elif spec.precision == "bf16":
+            precision_hint = "bf16"    # AVX512-BF16 / AMX kernels; the target requires the feature
+        elif spec.precision == "fp16" and ctx.target.arch == "aarch64":
+            precision_hint = "f16"     # ARMv8.2 FP16 arithmetic; the target requires asimdhp
         else:
             # CPU: float layers stay f32 (int8 layers run int8 regardless); never the bf16 default
             precision_hint = "f32"

@@ -169,9 +169,9 @@ def test_unsupported_op_is_named(tmp_path, example):
     ctx.onnx_path = tmp_path / "junk.onnx"
     with pytest.raises(ModelError, match="junk.onnx"):
         OpenVinoCompiler().build(CandidateSpec("openvino", "fp32", {}, "openvino/fp32"), ctx)
-    with pytest.raises(CompileError, match="bf16"):
+    with pytest.raises(CompileError, match="int4"):   # bf16 is a candidate now (tests/compiler/test_bf16.py)
         ctx.onnx_path = example["onnx"]
-        OpenVinoCompiler().build(CandidateSpec("openvino", "bf16", {}, "openvino/bf16"), ctx)
+        OpenVinoCompiler().build(CandidateSpec("openvino", "int4", {}, "openvino/int4"), ctx)
 
 
 def test_runtime_errors_are_backend_errors(tmp_path, example):

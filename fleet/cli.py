@@ -403,8 +403,9 @@ def telemetry_cmd(db, device, as_json):
 @click.option("--broker-kind", type=click.Choice(["auto", "mosquitto", "amqtt"]), default="auto", show_default=True)
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), help="Keep files here (default: temp).")
 @click.option("--bake", default="3s", show_default=True)
-@click.option("--scenario", type=click.Choice(["rollout", "experiment"]), default="rollout", show_default=True,
-              help="experiment: shadow agreement, then an A/B test to its decision and promotion (fleet/demo_experiment.py).")
+@click.option("--scenario", type=click.Choice(["rollout", "experiment", "drift"]), default="rollout", show_default=True,
+              help="experiment: shadow agreement, then an A/B test to its decision and promotion (fleet/demo_experiment.py);"
+                   " drift: clean vs shifted digits, drift detected and its alert posted to a webhook (fleet/demo_drift.py).")
 @json_option
 @handle_errors
 def demo_cmd(broker_kind, workdir, bake, scenario, as_json):
@@ -419,6 +420,13 @@ def demo_cmd(broker_kind, workdir, bake, scenario, as_json):
                                   echo=(lambda s: None) if as_json else click.echo)
         emit(out, as_json, lambda o: f"demo finished in {o['seconds']:.1f}s: A/B {o['ab']['decision']['decision']}"
              f" (p={o['ab']['test']['p_value']:.3g})")
+        return
+    if scenario == "drift":
+        from edgeml.fleet.demo_drift import run_drift_demo
+
+        out = run_drift_demo(broker_kind=broker_kind, workdir=workdir, echo=(lambda s: None) if as_json else click.echo)
+        emit(out, as_json, lambda o: f"demo finished in {o['seconds']:.1f}s: clean drifted={o['clean']['drifted']},"
+             f" shifted drifted={o['shifted']['drifted']} (p={o['shifted']['p_value']:.3g}), alert posted")
         return
 
     summary = run_demo(broker_kind=broker_kind, workdir=workdir, bake_s=parse_duration(bake),

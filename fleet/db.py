@@ -119,6 +119,7 @@ class FleetDB:
         self.postgres = is_postgres_url(path)
         self.location = redact(str(path)) if self.postgres else str(path)
         self.lock = threading.RLock()
+        self._depth = 0          # nesting of tx(): only the outermost begins and commits
         self.conn: Any
         if self.postgres:
             self.path = Path("postgresql")       # not a file; ``location`` names the database
@@ -245,27 +246,35 @@ def check_database(path: Path | str) -> None:
 
 
 class _Tx:
+    """One transaction; a ``tx()`` inside another joins it (the outer one commits or rolls back everything).
+    The manager's ingest wraps a whole batch of device messages in one outer transaction: one commit per batch,
+    not per message."""
+
     def __init__(self, db: FleetDB):
         self.db = db
 
     def __enter__(self):
         self.db.lock.acquire()
-        try:
-            if self.db.postgres:
-                self.db.conn.begin()
-            else:
-                self.db.conn.execute("BEGIN IMMEDIATE")
-        except BaseException:
-            self.db.lock.release()
-            raise
+        if self.db._depth == 0:
+            try:
+                if self.db.postgres:
+                    self.db.conn.begin()
+                else:
+                    self.db.conn.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self.db.lock.release()
+                raise
+        self.db._depth += 1
         return self.db
 
     def __exit__(self, exc_type, exc, tb):
         try:
-            if self.db.postgres:
-                self.db.conn.end(failed=exc_type is not None)
-            else:
-                self.db.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+            self.db._depth -= 1
+            if self.db._depth == 0:
+                if self.db.postgres:
+                    self.db.conn.end(failed=exc_type is not None)
+                else:
+                    self.db.conn.execute("ROLLBACK" if exc_type else "COMMIT")
         finally:
             self.db.lock.release()
         return False

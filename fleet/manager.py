@@ -21,9 +21,11 @@ import json
 import logging
 import time
 import uuid
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from edgeml.errors import EdgemlError, FleetError, MessageRejected, UsageError
 from edgeml.fleet import protocol as P
@@ -83,6 +85,12 @@ class Manager:
         self.rejected: list[str] = []
         self._log = RateLimitedLog(log)
         self._changes, self._changes_done = 1, 0   # bumped when a device appears/relabels or a rollout changes state
+        self._handlers: dict[str, Callable[[dict[str, Any]], None]] = {
+            "presence": self._on_presence, "heartbeat": self._on_heartbeat, "events": self._on_event,
+            "telemetry": self._on_telemetry}
+        self._held: list[tuple[str, bytes]] | None = None   # desired messages waiting for their commit
+        self._labels: dict[str, str] = {}          # device -> labels last seen here: a change wakes late joining
+        self._settled: OrderedDict[str, str] = OrderedDict()   # deployment -> status known applied (bounded)
 
     # ================================================================ messages in
     def on_connect(self) -> None:
@@ -92,37 +100,78 @@ class Manager:
 
     def on_message(self, topic: str, payload: bytes, retained: bool = False) -> None:
         """One device's message: validated at the edge; whatever it holds, it cannot raise out of here."""
+        checked = self._validated(topic, payload)
+        if checked is not None:
+            self._apply_logged(topic, *checked)
+
+    def on_messages(self, batch: list[tuple[str, bytes]]) -> None:
+        """A batch of device messages (fleet/ingest.py) applied in ONE transaction: one commit per batch, not per
+        message. Sorted by device (stable: each device's messages keep their order), so replicas writing the same
+        rows take their locks in one order. If anything in the batch fails, it is rolled back and replayed one
+        message per transaction, so one bad message costs only itself."""
+        checked = [(t, *c) for t, p in batch if (c := self._validated(t, p)) is not None]
+        checked.sort(key=lambda item: item[2]["device_id"])
         try:
-            device_id, kind, msg = P.validate(topic, payload)
-            if kind == "desired":
-                return   # our own retained messages
-            handler = {"presence": self._on_presence, "heartbeat": self._on_heartbeat, "events": self._on_event,
-                       "telemetry": self._on_telemetry}[kind]
-            handler(msg)
+            with self.db.tx():
+                for _topic, kind, msg in checked:
+                    self._handlers[kind](msg)
+        except Exception:  # noqa: BLE001 - replayed one by one below, where the culprit is logged
+            self._settled.clear()     # it may hold statuses of the rolled-back batch
+            for topic, kind, msg in checked:
+                self._apply_logged(topic, kind, msg)
+
+    def _validated(self, topic: str, payload: bytes) -> tuple[str, dict[str, Any]] | None:
+        try:
+            _, kind, msg = P.validate(topic, payload)
         except MessageRejected as exc:
             self.rejected = (self.rejected + [f"{topic}: {exc.message}"[:500]])[-50:]
             self._log.warning(topic, "refused message on %s: %s", topic, exc.message[:500])
+            return None
+        return None if kind == "desired" else (kind, msg)   # desired: our own retained messages
+
+    def _apply_logged(self, topic: str, kind: str, msg: dict[str, Any]) -> None:
+        try:
+            with self.db.tx():
+                self._handlers[kind](msg)
         except Exception as exc:  # noqa: BLE001 - a bug or odd data of one device must not stop the others
             self._log.error(topic, "dropped message on %s: %s: %s", topic, type(exc).__name__, str(exc)[:300])
 
-    def _touch_device(self, msg: dict[str, Any], *, online: bool | None = None, **fields: Any) -> None:
+    def _touch_device(self, msg: dict[str, Any], *, online: bool | None = None, guarded: dict[str, Any] | None = None,
+                      **fields: Any) -> None:
+        """One upsert per message. ``guarded`` columns are written only when the message's ``committed_seq`` is
+        not older than the stored one (or is -1: a fresh state dir), decided by the database in the same
+        statement, so no read comes first."""
         now = self.clock()
         sets: dict[str, Any] = {"last_seen": now}
         if "labels" in msg:
-            sets["labels"] = json.dumps(msg["labels"], sort_keys=True)
+            sets["labels"] = labels = json.dumps(msg["labels"], sort_keys=True)
+            if self._labels.get(msg["device_id"]) != labels:
+                self._labels[msg["device_id"]] = labels
+                self._changes += 1
+        elif msg["device_id"] not in self._labels:
+            self._changes += 1
         if online is not None:
             sets["online"] = int(online)
         sets.update(fields)
-        cols = ", ".join(f"{k} = ?" for k in sets)
-        with self.db.tx() as db:
-            old = db.conn.execute("SELECT labels FROM devices WHERE device_id = ?", (msg["device_id"],)).fetchone()
-            db.conn.execute("INSERT OR IGNORE INTO devices (device_id, first_seen) VALUES (?, ?)", (msg["device_id"], now))
-            db.conn.execute(f"UPDATE devices SET {cols} WHERE device_id = ?", (*sets.values(), msg["device_id"]))
-        if old is None or ("labels" in sets and sets["labels"] != old["labels"]):
-            self._changes += 1
+        newer = "(excluded.committed_seq >= devices.committed_seq OR excluded.committed_seq = -1)"
+        updates = [f"{k} = excluded.{k}" for k in sets]
+        if guarded:
+            sets.update(guarded)
+            updates += [f"{k} = CASE WHEN {newer} THEN excluded.{k} ELSE devices.{k} END" for k in guarded
+                        if k != "committed_seq"]
+            if "committed_seq" in guarded:   # last: every CASE above reads the stored (old) row anyway
+                updates.append(f"committed_seq = CASE WHEN {newer} THEN excluded.committed_seq ELSE devices.committed_seq END")
+        cols = ["device_id", "first_seen", *sets]
+        values = [msg["device_id"], now, *sets.values()]
+        if "labels" not in sets:
+            cols.append("labels")
+            values.append("{}")
+            updates.append("labels = devices.labels")
+        self.db.x(f"INSERT INTO devices ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+                  f" ON CONFLICT (device_id) DO UPDATE SET {', '.join(updates)}", values)
 
     def _on_presence(self, msg: dict[str, Any]) -> None:
-        extra = {}
+        extra: dict[str, Any] = {}
         active = msg.get("active")
         if msg["online"] and "active" in msg and (active or {}).get("seq", -1) >= self._known_seq(msg["device_id"]):
             extra["active"] = json.dumps(active) if active else None
@@ -139,14 +188,12 @@ class Manager:
         return row["committed_seq"] if row else -1
 
     def _on_heartbeat(self, msg: dict[str, Any]) -> None:
-        fields: dict[str, Any] = {"refused": msg.get("refused", 0)}
         # a heartbeat taken just before a commit can arrive after the commit event: never go backwards
-        # (committed_seq -1 = a device with a fresh state dir: believe it)
-        if msg["committed_seq"] >= self._known_seq(msg["device_id"]) or msg["committed_seq"] == -1:
-            fields.update(state=msg["state"], committed_seq=msg["committed_seq"],
-                          active=json.dumps(msg["active"]) if msg["active"] else None,
-                          last_failed=json.dumps(msg["last_failed"]) if msg.get("last_failed") else None)
-        self._touch_device(msg, online=True, **fields)
+        # (committed_seq -1 = a device with a fresh state dir: believe it) -- decided inside the upsert
+        guarded = {"state": msg["state"], "committed_seq": msg["committed_seq"],
+                   "active": json.dumps(msg["active"]) if msg["active"] else None,
+                   "last_failed": json.dumps(msg["last_failed"]) if msg.get("last_failed") else None}
+        self._touch_device(msg, online=True, guarded=guarded, refused=msg.get("refused", 0))
         # reconcile from the heartbeat too: events can be lost while the manager or broker is away
         active = msg["active"]
         if active and active.get("deployment_id"):
@@ -169,13 +216,15 @@ class Manager:
         status = (DeviceStatus.COMMITTED if state is InstallState.COMMITTED
                   else _failure_status(msg.get("code")) if state in FINAL_FAILURES else DeviceStatus.INSTALLING)
         self._apply_status(msg["deployment_id"], status, msg.get("reason"), event_seq=msg["event_seq"])
-        fields = {"state": state.value if status == DeviceStatus.INSTALLING else "idle"}
+        fields: dict[str, Any] = {"state": state.value if status == DeviceStatus.INSTALLING else "idle"}
         if status == "committed" and msg["deploy_seq"] >= self._known_seq(msg["device_id"]):
             fields["active"] = json.dumps(msg.get("active")) if msg.get("active") else None
             fields["committed_seq"] = msg["deploy_seq"]
         self._touch_device(msg, online=True, **fields)
 
     def _apply_status(self, deployment_id: str, status: str, reason: str | None, event_seq: int | None = None) -> None:
+        if event_seq is None and self._settled.get(deployment_id) == status:
+            return   # a heartbeat repeating what is applied already: no read, no write
         now = self.clock()
         with self.db.tx() as db:
             dep = db.conn.execute("SELECT * FROM deployments WHERE deployment_id = ?", (deployment_id,)).fetchone()
@@ -186,6 +235,7 @@ class Manager:
             if dep["status"] in ("committed", "failed", "superseded") and status == "installing":
                 return   # a late "installing" never undoes a final state
             if dep["status"] == status:
+                self._remember(deployment_id, status)
                 return
             db.conn.execute("UPDATE deployments SET status = ?, reason = COALESCE(?, reason), updated_at = ?,"
                             " last_event_seq = MAX(last_event_seq, ?) WHERE deployment_id = ?",
@@ -199,8 +249,15 @@ class Manager:
                                 " WHERE rollout_id = ? AND rollback_deployment_id = ?",
                                 ({"committed": "done", "failed": "failed"}.get(status, status), now,
                                  dep["rollout_id"], deployment_id))
+        self._remember(deployment_id, status)
         if status in ("committed", "failed", "superseded"):
             log.info("device %s: deployment %s %s%s", dep["device_id"], deployment_id, status, f" ({reason})" if reason else "")
+
+    def _remember(self, deployment_id: str, status: str) -> None:
+        self._settled[deployment_id] = status
+        self._settled.move_to_end(deployment_id)
+        if len(self._settled) > 200_000:
+            self._settled.popitem(last=False)
 
     def _on_telemetry(self, msg: dict[str, Any]) -> None:
         with self.db.tx() as db:
@@ -255,8 +312,25 @@ class Manager:
             db.conn.execute("INSERT OR REPLACE INTO desired VALUES (?,?,?,?)", (device_id, dep, seq, payload))
             if record is not None:
                 record(db.conn, dep, seq)
-        self._publish(P.topic(device_id, "desired"), payload)
+        if self._held is not None:
+            self._held.append((P.topic(device_id, "desired"), payload))
+        else:
+            self._publish(P.topic(device_id, "desired"), payload)
         return dep, seq
+
+    @contextmanager
+    def _sending(self) -> Iterator[None]:
+        """Many desired messages in ONE transaction, published only after it commits (an answer can never
+        arrive before its rows; a rolled-back batch sends nothing)."""
+        self._held = []
+        try:
+            with self.db.tx():
+                yield
+            held = self._held
+        finally:
+            self._held = None
+        for topic, payload in held:
+            self._publish(topic, payload)
 
     # ================================================================ API (audited)
     def publish_artifact(self, path: Path, actor: str, trusted_keys: list[Path] | None = None) -> dict[str, Any]:
@@ -345,6 +419,16 @@ class Manager:
         self._set_state(rid, "rolling_back", actor, "rollout.rollback", reason)
         return self.rollout_status(rid)
 
+    def took_leadership(self, replica: str) -> None:
+        """This replica now drives rollouts (fleet/leader.py): audit the hand-over, and republish every retained
+        desired state once -- the old leader may have committed messages it never published."""
+        prev = self.db.one("SELECT actor FROM audit WHERE action = 'manager.leader' ORDER BY id DESC LIMIT 1")
+        self.db.audit(self.clock(), f"manager:{replica}", "manager.leader", None,
+                      {"replica": replica, "previous": prev["actor"] if prev else None})
+        log.info("replica %s leads rollouts (previous leader: %s)", replica, prev["actor"] if prev else "none")
+        self._changes += 1
+        self.on_connect()
+
     # ================================================================ the loop
     def tick(self) -> None:
         """One round. Each step and each rollout is isolated: one bad record (a device's odd telemetry, a
@@ -385,12 +469,14 @@ class Manager:
         rid, wave, waves = r["id"], r["wave"], r["waves"]
         devs = self._wave_devices(rid, wave)
         if r["wave_started_at"] is None:
-            for d in devs:
-                if d["status"] == "pending":
-                    self._send_install(r, d, now)
-            self.db.x("UPDATE rollouts SET wave_started_at = ?, bake_started_at = NULL, updated_at = ? WHERE id = ?",
-                      (now, now, rid))
-            self.db.audit(now, "manager", "rollout.wave_start", rid, {"wave": wave + 1, "of": len(waves), "devices": len(devs)})
+            with self._sending():   # the wave's rows and its start mark commit together: never sent twice
+                for d in devs:
+                    if d["status"] == "pending":
+                        self._send_install(r, d, now)
+                self.db.x("UPDATE rollouts SET wave_started_at = ?, bake_started_at = NULL, updated_at = ? WHERE id = ?",
+                          (now, now, rid))
+                self.db.audit(now, "manager", "rollout.wave_start", rid,
+                              {"wave": wave + 1, "of": len(waves), "devices": len(devs)})
             log.info("rollout %s: wave %d/%d started on %d device(s)", rid, wave + 1, len(waves), len(devs))
             return
         late = [d for d in devs if d["status"] == "pending"]   # late joiners of the (last) wave now under way
@@ -517,9 +603,11 @@ class Manager:
             "SELECT device_id FROM rollout_devices WHERE rollout_id = ? AND status = 'committed'", (r["id"],))]
         olds = {(d["prev_name"], d["prev_version"]) for d in self.db.q(
             "SELECT prev_name, prev_version FROM rollout_devices WHERE rollout_id = ? AND prev_version IS NOT NULL", (r["id"],))}
-        new = self._version_stats(r["name"], [r["version"]], updated)
+        # only telemetry gates read the merged histograms: a failure-rate-only rollout skips the O(fleet) merge
+        telemetry_gates = any(g["name"] not in ("failure_rate", "drift_psi") for g in r["gates"])
+        new = self._version_stats(r["name"], [r["version"]], updated) if telemetry_gates else VersionStats()
         old = VersionStats()
-        if olds:
+        if olds and telemetry_gates:
             old = self._version_stats(r["name"], sorted(v for n, v in olds if v != r["version"]), None)
         from edgeml.fleet.drift import gate_value
 
@@ -546,18 +634,19 @@ class Manager:
         rid = r["id"]
         todo = self.db.q("SELECT * FROM rollout_devices WHERE rollout_id = ? AND status IN"
                          " ('sent', 'installing', 'committed', 'failed', 'timeout', 'superseded') AND rollback_status IS NULL", (rid,))
-        for d in todo:
-            prev = d["prev_sha"]
-            if prev is not None and self.db.one("SELECT 1 FROM artifacts WHERE sha256 = ?", (prev,)) is None:
-                self.db.x("UPDATE rollout_devices SET rollback_status = 'failed', reason = ? WHERE rollout_id = ? AND device_id = ?",
-                          (f"previous artifact {prev[:12]} is not in the store", rid, d["device_id"]))
-                continue
-            def record(conn, dep, seq, d=d):
-                conn.execute("UPDATE rollout_devices SET rollback_status = 'sent', rollback_deployment_id = ?,"
-                             " rollback_sent_at = ? WHERE rollout_id = ? AND device_id = ?", (dep, now, rid, d["device_id"]))
+        with self._sending():   # every rollback message of this round in one commit
+            for d in todo:
+                prev = d["prev_sha"]
+                if prev is not None and self.db.one("SELECT 1 FROM artifacts WHERE sha256 = ?", (prev,)) is None:
+                    self.db.x("UPDATE rollout_devices SET rollback_status = 'failed', reason = ? WHERE rollout_id = ? AND device_id = ?",
+                              (f"previous artifact {prev[:12]} is not in the store", rid, d["device_id"]))
+                    continue
+                def record(conn, dep, seq, d=d):
+                    conn.execute("UPDATE rollout_devices SET rollback_status = 'sent', rollback_deployment_id = ?,"
+                                 " rollback_sent_at = ? WHERE rollout_id = ? AND device_id = ?", (dep, now, rid, d["device_id"]))
 
-            self.send_desired(d["device_id"], rollout_id=rid, kind="rollback", sha256=prev,
-                              health_window_s=r["health_window_s"], record=record)
+                self.send_desired(d["device_id"], rollout_id=rid, kind="rollback", sha256=prev,
+                                  health_window_s=r["health_window_s"], record=record)
         if todo:
             log.info("rollout %s: rolling back %d device(s)", rid, len(todo))
             self.db.x("UPDATE rollout_devices SET status = 'skipped' WHERE rollout_id = ? AND status = 'pending'", (rid,))

@@ -50,13 +50,31 @@ class ManagerService:
         # and two managers of different fleets on one broker do not kick each other off
         import hashlib
 
-        db_id = self.config.db if self.manager.db.postgres else Path(self.config.db).resolve()
+        from edgeml.fleet.leader import Leadership, replica_name
+
+        replicas = self.manager.db.postgres       # PostgreSQL: any number of replicas, one leader (fleet/leader.py)
+        self.leadership = Leadership(str(self.config.db) if replicas else None)
+        db_id = self.config.db if replicas else Path(self.config.db).resolve()
         client_id = "edgeml-manager-" + hashlib.sha256(str(db_id).encode()).hexdigest()[:10]
-        self.transport = MqttTransport(broker, client_id, on_message=self.manager.on_message,
+        if replicas:
+            # each replica its own CLEAN session: a dead replica's membership in the shared subscription ends with
+            # its connection (a persistent one would keep taking its share of messages into a queue no one reads;
+            # heartbeats reconcile anything missed while every replica was down)
+            broker.persistent_session = False
+        if replicas:     # each replica its own session; the shared subscription spreads the devices' messages
+            client_id += "-" + hashlib.sha256(replica_name().encode()).hexdigest()[:8]
+        from edgeml.fleet.ingest import IngestQueue
+
+        self.ingest = IngestQueue(self.manager.on_messages).start()    # batched: one commit per burst
+        self.transport = MqttTransport(broker, client_id, on_message=self.ingest.put,
                                        on_connect=self.manager.on_connect)
         self.manager.link = self.transport
         for kind in ("presence", "heartbeat", "events", "telemetry"):
-            self.transport.subscribe(P.wildcard(kind), 1)
+            # MQTT 5 shared subscription: the broker hands each message to ONE replica of group "edgeml".
+            # (Mosquitto 2 also honours $share for 3.1.1 clients; on a broker without it, run without
+            # --shared-subscriptions and every replica ingests everything: writes are idempotent.)
+            topic = P.wildcard(kind)
+            self.transport.subscribe(f"$share/edgeml/{topic}" if replicas else topic, 1)
         self.transport.start()
         self._thread = threading.Thread(target=self._loop, name="fleet-manager", daemon=True)
         self._thread.start()
@@ -69,9 +87,17 @@ class ManagerService:
     def _loop(self) -> None:
         manager = self.manager
         assert manager is not None, "start() creates the manager before the loop"
+        leading = False
         while not self._stop.is_set():
             try:
-                manager.tick()
+                if self.leadership.is_leader():
+                    if not leading:
+                        leading = True
+                        manager.took_leadership(self.leadership.name)
+                    manager.tick()
+                elif leading:
+                    leading = False
+                    log.warning("replica %s is no longer the leader", self.leadership.name)
             except Exception:  # noqa: BLE001 - the loop must survive one bad round
                 log.exception("manager tick failed")
             self._stop.wait(self.config.tick_s)
@@ -80,8 +106,12 @@ class ManagerService:
         self._stop.set()
         if self._thread:
             self._thread.join(10)
+        if getattr(self, "leadership", None) is not None:
+            self.leadership.close()
         if self.transport:
             self.transport.stop()
+        if getattr(self, "ingest", None) is not None:
+            self.ingest.stop()
         if self.server:
             self.server.stop()
         if self.manager:

@@ -9,12 +9,20 @@ events, heartbeats, telemetry). What differs from a real agent:
   telemetry messages carry ``stubbed: true``;
 * all devices share one MQTT connection (one subscription to
   ``edgeml/v1/devices/+/desired``), so there is no per-device Last Will:
-  presence is a retained birth per device and liveness comes from heartbeats.
+  presence is a retained birth per device and liveness comes from heartbeats;
+* the artifact is fetched over HTTP ONCE per simulator process and hard-linked
+  into each device's slot (``SharedDownloader``, like a site cache): each device
+  still verifies hashes and the signature itself;
+* heartbeat and telemetry intervals grow with the fleet (``scaled_intervals``:
+  at most ~500 heartbeats/s and ~200 telemetry messages/s in all), as a real
+  fleet of thousands would be configured; ``benchmarks/fleet_scale.py``
+  measures the manager's ingest rate separately, at full speed.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import threading
 import time
@@ -25,6 +33,7 @@ from pathlib import Path
 from edgeml.fleet import protocol as P
 from edgeml.fleet.agent import AgentConfig, AgentCore
 from edgeml.fleet.serving import StubServing
+from edgeml.fleet.store import download
 from edgeml.fleet.transport import BrokerConfig, MqttTransport
 
 log = logging.getLogger("edgeml.fleet.simulator")
@@ -49,6 +58,44 @@ class SimConfig:
         return [f"{self.prefix}-{i:04d}" for i in range(self.devices)]
 
 
+def scaled_intervals(devices: int) -> tuple[float, float]:
+    """(heartbeat_s, telemetry_s) for a simulated fleet: 2 s / 5 s up to 1,000 devices, then slower so the
+    whole fleet sends about 500 heartbeats/s and 200 telemetry messages/s."""
+    return max(2.0, devices / 500), max(5.0, devices / 200)
+
+
+class SharedDownloader:
+    """``AgentCore.downloader`` for simulated devices: one real, verified HTTP download per artifact, then a
+    hard link (a copy across file systems) into each device's slot path."""
+
+    def __init__(self, cache: Path):
+        self.cache = cache
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+        self.downloads = 0
+
+    def __call__(self, url: str, dest: Path, *, sha256: str, size: int, **kw) -> Path:
+        with self._guard:
+            lock = self._locks.setdefault(sha256, threading.Lock())
+        cached = self.cache / f"{sha256}.edgepkg"
+        with lock:
+            if not cached.exists():
+                download(url, cached, sha256=sha256, size=size, **kw)
+                self.downloads += 1
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".link")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(cached, tmp)
+        except OSError:
+            import shutil
+
+            shutil.copyfile(cached, tmp)
+        os.replace(tmp, dest)
+        return dest
+
+
 class FleetSimulator:
     def __init__(self, config: SimConfig, broker: BrokerConfig):
         self.config = config
@@ -60,13 +107,15 @@ class FleetSimulator:
         self.transport = MqttTransport(broker, f"edgeml-sim-{config.prefix}", on_message=self._on_message,
                                        on_connect=self._on_connect)
         self.cores: dict[str, AgentCore] = {}
+        self.downloader = SharedDownloader(self.root / "_shared-downloads")
         for dev in config.device_ids():
             ac = AgentConfig(dev, self.root / dev, labels=dict(config.labels), trusted_keys=config.trusted_keys,
                              allow_unsigned=config.allow_unsigned, heartbeat_s=config.heartbeat_s,
                              telemetry_s=config.telemetry_s, health_window_s=config.health_window_s,
                              health_probe_s=0.05, check_host=True)
             self.cores[dev] = AgentCore(ac, self.transport, StubServing(fail_selftest=dev in config.failing,
-                                                                      fail_versions=config.failing_versions))
+                                                                      fail_versions=config.failing_versions),
+                                        downloader=self.downloader)
         self.pool = ThreadPoolExecutor(config.workers, thread_name_prefix="sim-install")
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
@@ -162,9 +211,28 @@ class FleetSimulator:
         return out
 
 
+MANAGER_THREADS = ("fleet-manager", "fleet-ingest", "mqtt-edgeml-manager", "artifact-store")
+
+
+def manager_cpu_s() -> float:
+    """CPU seconds used so far by the manager's threads in this process (tick loop, ingest writer, its MQTT
+    network thread, artifact server): "manager time" while the simulator shares the process (Linux /proc)."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for t in threading.enumerate():
+        if t.native_id is None or not t.name.startswith(MANAGER_THREADS):
+            continue
+        try:
+            fields = Path(f"/proc/self/task/{t.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick    # utime + stime
+    return total
+
+
 def run_simulation(*, devices: int = 500, fail_fraction: float = 0.2, waves: list[float] | None = None,
                    bake_s: float = 0.5, max_failure_rate: float = 0.1, workdir: Path | None = None,
-                   echo=print, seed: int = 7) -> dict:
+                   echo=print, seed: int = 7, db: str | None = None) -> dict:
     """Broker + manager + ``devices`` simulated agents: roll out v1 (all good), then v2 that fails the
     self-test on ``fail_fraction`` of the devices. Returns the two outcomes with their durations."""
     import random
@@ -181,32 +249,36 @@ def run_simulation(*, devices: int = 500, fail_fraction: float = 0.2, waves: lis
     key, pub = generate_keypair(work / "signing.key", overwrite=True)
     arts = [make_artifact(work / f"tiny-{v}.edgepkg", "tiny", v, sign_key=key) for v in ("1.0.0", "2.0.0")]
     broker = Broker(work / "broker", persistence=False).start()
-    svc = ManagerService(ManagerConfig(db=work / "fleet.db", http_port=free_port(), tick_s=0.2, sign_key=key,
-                                       health_window_s=0.0, heartbeat_timeout_s=30), BrokerConfig(broker.url)).start()
+    heartbeat_s, telemetry_s = scaled_intervals(devices)
+    svc = ManagerService(ManagerConfig(db=db or work / "fleet.db", store_dir=work / "store", http_port=free_port(), tick_s=0.2, sign_key=key,
+                                       health_window_s=0.0, heartbeat_timeout_s=max(30.0, 3 * heartbeat_s)),
+                          BrokerConfig(broker.url)).start()
     ids = [f"sim-{i:04d}" for i in range(devices)]
     failing = set(random.Random(seed).sample(ids, int(round(devices * fail_fraction))))
     sim = None
-    out: dict = {"devices": devices, "failing": len(failing), "broker": broker.kind, "rollouts": []}
+    out: dict = {"heartbeat_s": heartbeat_s, "telemetry_s": telemetry_s, "devices": devices, "failing": len(failing), "broker": broker.kind, "rollouts": []}
     try:
         m = svc.manager
         for a in arts:
             m.publish_artifact(a, "simulator")
         sim = FleetSimulator(SimConfig(devices=devices, failing=failing, failing_versions={"2.0.0"},
-                                       trusted_keys=[pub]), BrokerConfig(broker.url)).start()
+                                       trusted_keys=[pub], heartbeat_s=heartbeat_s, telemetry_s=telemetry_s),
+                             BrokerConfig(broker.url)).start()
         t = time.monotonic()
         wait_until(lambda: m.db.one("SELECT COUNT(*) FROM devices WHERE online = 1")[0] == devices, 120,
                    f"{devices} simulated devices to register")
         echo(f"{devices} simulated devices registered in {time.monotonic() - t:.1f}s (model run stubbed)")
         for target in ("tiny@1.0.0", "tiny@2.0.0"):
-            t = time.monotonic()
+            t, cpu = time.monotonic(), manager_cpu_s()
             r = m.start_rollout(target, selector={"fleet": "sim"}, waves=waves, max_failure_rate=max_failure_rate,
                                 bake_s=bake_s, gates=[], actor="simulator")
             s = wait_until(lambda rid=r["id"]: (s := m.rollout_status(rid))["state"] in ("completed", "rolled_back") and s,
                            600, f"rollout of {target}")
-            secs = time.monotonic() - t
+            secs, cpu = time.monotonic() - t, manager_cpu_s() - cpu
             echo(f"{target}: {s['state']} in {secs:.1f}s; per wave {s['per_wave']}"
                  + (f"; rollback {s['rollback']}; {s['reason']}" if s["reason"] else ""))
             out["rollouts"].append({"target": target, "state": s["state"], "seconds": round(secs, 2),
+                                    "manager_cpu_s": round(cpu, 2),
                                     "per_wave": s["per_wave"], "rollback": s["rollback"], "reason": s["reason"]})
         wait_until(lambda: sim.versions() == {"tiny@1.0.0": devices}, 60, "every device back on 1.0.0")
         out["final_versions"] = sim.versions()

@@ -1,0 +1,150 @@
+"""Fleet at scale: manager ingest rate per core, a 3-wave rollout and a rollback over simulated devices.
+
+    python -m benchmarks.fleet_scale --devices 10000            # the issue-11 run (several minutes)
+    python -m benchmarks.fleet_scale --devices 1000 --ingest 5000 --json   # the small version the test runs
+
+Prints a Markdown table. What is measured:
+* ingest msgs/s per core: pre-encoded telemetry + heartbeat messages of ``--devices`` devices handed to
+  ``Manager.on_messages`` in the batches the ingest writer forms (validation + database writes), divided by the
+  CPU seconds the process spent (``time.process_time``): the rate one manager core sustains, on SQLite and on
+  PostgreSQL (when one answers at $EDGEML_TEST_PG or 127.0.0.1:5432/test). MQTT decoding is not included.
+* rollout / rollback: ``fleet.simulator.run_simulation`` (real Mosquitto, real HTTP downloads, real signature
+  checks; model run stubbed) -- v1 to every device in waves 5%,25%,100% with bake 0, then v2 failing on 20% of
+  the devices: the gate breaches and every updated device is rolled back. Wall seconds and the CPU seconds of
+  the manager's own threads ("manager time"; the simulator shares the process).
+* RSS of that process (manager + simulator together), and database bytes per device after the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from edgeml.fleet import protocol as P
+
+
+def _messages(devices: int, count: int) -> list[tuple[str, bytes]]:
+    out = []
+    for i in range(count):
+        d = f"dev-{i % devices:05d}"
+        if i % 3 == 0:
+            msg = {"schema_version": 1, "type": "heartbeat", "device_id": d, "ts": 1000.0 + i, "labels": {"fleet": "b"},
+                   "state": "idle", "active": None, "committed_seq": -1, "refused": 0}
+            out.append((P.topic(d, "heartbeat"), P.encode(msg)))
+        else:
+            msg = {"schema_version": 1, "type": "telemetry", "device_id": d, "ts": 1000.0 + i, "interval_s": 5.0,
+                   "active": None, "cpu_percent": 3.0, "memory_mb": 40.0, "throughput_rps": 2.0,
+                   "models": [{"name": "tiny", "version": "1.0.0", "requests": 10 + i, "failures": 0,
+                               "latency_buckets_ms": {"1": 5, "5": 5}, "latency_sum_ms": 20.0}]}
+            out.append((P.topic(d, "telemetry"), P.encode(msg)))
+    return out
+
+
+def ingest_rate(db: str | Path, devices: int, count: int, batch: int = 2000) -> dict:
+    from edgeml.fleet.manager import Manager, ManagerConfig
+
+    m = Manager(ManagerConfig(db=db, store_dir=Path(tempfile.mkdtemp(prefix="edgeml-bench-store-"))), None)
+    msgs = _messages(devices, count)
+    m.on_messages(msgs[:batch])             # warm-up: devices registered, statements prepared
+    cpu, wall = time.process_time(), time.perf_counter()
+    for i in range(0, len(msgs), batch):
+        m.on_messages(msgs[i:i + batch])
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    stored = m.db.one("SELECT COUNT(*) FROM devices")[0]
+    m.db.close()
+    return {"messages": count, "cpu_s": round(cpu, 3), "wall_s": round(wall, 3),
+            "per_core_msgs_s": round(count / max(cpu, 1e-9)), "devices_stored": stored}
+
+
+def _pg_url() -> tuple[str, str] | None:
+    base = os.environ.get("EDGEML_TEST_PG", "postgresql://127.0.0.1:5432/test")
+    try:
+        import psycopg
+
+        conn = psycopg.connect(base, autocommit=True, connect_timeout=3)
+    except Exception as exc:  # noqa: BLE001 - reported in the table, not fatal
+        print(f"(PostgreSQL not measured: {str(exc).strip()[:100]})", file=sys.stderr)
+        return None
+    schema = f"edgeml_bench_{uuid.uuid4().hex[:8]}"
+    conn.execute(f"CREATE SCHEMA {schema}")
+    conn.close()
+    return f"{base}?options=-csearch_path%3D{schema}", schema
+
+
+def _drop_schema(schema: str) -> None:
+    import psycopg
+
+    with psycopg.connect(os.environ.get("EDGEML_TEST_PG", "postgresql://127.0.0.1:5432/test"), autocommit=True) as c:
+        c.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+def sqlite_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+
+
+def run(devices: int, ingest: int, pg: bool) -> dict:
+    from edgeml.fleet.simulator import run_simulation
+
+    work = Path(tempfile.mkdtemp(prefix="edgeml-fleet-scale-"))
+    out: dict = {"devices": devices, "cpus": os.cpu_count()}
+    out["ingest_sqlite"] = ingest_rate(work / "ingest.db", devices, ingest)
+    pg_target = _pg_url() if pg else None
+    if pg_target:
+        try:
+            out["ingest_postgres"] = ingest_rate(pg_target[0], devices, ingest)
+        finally:
+            _drop_schema(pg_target[1])
+    sim = run_simulation(devices=devices, fail_fraction=0.2, waves=[0.05, 0.25, 1.0], bake_s=0.0,
+                         workdir=work / "sim", echo=lambda s: print(s, file=sys.stderr))
+    out["simulation"] = sim
+    out["rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["db_bytes_per_device"] = round(sqlite_bytes(work / "sim" / "fleet.db") / devices)
+    return out
+
+
+def table(o: dict) -> str:
+    v1, v2 = o["simulation"]["rollouts"]
+    updated = sum(n for w in v2["per_wave"] for s, n in w.items() if s not in ("pending", "skipped"))
+    rolled = v2["rollback"].get("done", 0)
+    rows = [("devices (simulated, model run stubbed)", f"{o['devices']:,}"),
+            ("ingest, SQLite: msgs/s per manager core", f"{o['ingest_sqlite']['per_core_msgs_s']:,}"),
+            ("ingest, PostgreSQL: msgs/s per manager core",
+             f"{o['ingest_postgres']['per_core_msgs_s']:,}" if "ingest_postgres" in o else "not measured"),
+            ("3-wave rollout (bake 0): wall s / manager CPU s",
+             f"{v1['seconds']} / {v1['manager_cpu_s']} ({v1['state']})"),
+            ("abort + roll back, 20% failing: wall s / manager CPU s",
+             f"{v2['seconds']} / {v2['manager_cpu_s']} ({v2['state']})"),
+            ("rolled back / updated devices", f"{rolled} / {updated} ({100 * rolled / max(updated, 1):.0f}%)"),
+            ("process RSS, manager + simulator (MB)", f"{o['rss_mb']}"),
+            ("SQLite bytes per device after both rollouts", f"{o['db_bytes_per_device']:,}")]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"| {'measure':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
+    lines += [f"| {k:<{width}} | {v} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--devices", type=int, default=10_000)
+    ap.add_argument("--ingest", type=int, default=60_000, help="messages for the ingest measurement")
+    ap.add_argument("--no-postgres", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print the raw results as JSON after the table")
+    a = ap.parse_args(argv)
+    if not 10 <= a.devices <= 100_000 or not 1000 <= a.ingest <= 1_000_000:
+        ap.error("--devices must be 10..100000 and --ingest 1000..1000000")
+    o = run(a.devices, a.ingest, not a.no_postgres)
+    print(table(o))
+    if a.json:
+        print(json.dumps(o, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -42,6 +42,7 @@ import numpy as np
 from edgeml.compiler_data import load_npz
 from edgeml.errors import DataError
 from edgeml.runtime.model import TensorSpec
+from edgeml.runtime.model import fixed_batch as fixed_batch  # the one helper; the pipeline calls ev.fixed_batch
 
 MAX_CHUNK = 64
 METRICS = ("top1", "fp32_agreement", "cosine_similarity", "relative_error_score")
@@ -150,13 +151,6 @@ def split_holdout(calib: Dataset) -> tuple[Dataset, Dataset]:
     ev = calib.take(slice(n - hold, n))
     ev.source = "calib-holdout"
     return cal, ev
-
-
-def fixed_batch(inputs: list[TensorSpec]) -> int | None:
-    for spec in inputs:
-        if spec.shape and spec.shape[0] is not None:
-            return int(spec.shape[0])
-    return None
 
 
 def run_batched(run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], inputs: dict[str, np.ndarray],

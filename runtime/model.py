@@ -6,7 +6,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -49,6 +49,17 @@ class TensorSpec:
         ):
             want = "[" + ", ".join("?" if s is None else str(s) for s in self.shape) + "]"
             raise DataError(f"input '{self.name}' has shape {list(array.shape)}; the model expects {want}")
+
+
+def fixed_batch(inputs: "Iterable[TensorSpec] | None") -> int | None:
+    """The model's fixed batch: the first input whose first axis is static fixes it; None when dynamic.
+
+    The one definition for the compiler's evaluation chunks and the backends' calibration batches.
+    """
+    for spec in inputs or ():
+        if spec.shape and spec.shape[0] is not None:
+            return int(spec.shape[0])
+    return None
 
 
 @dataclass

@@ -40,6 +40,7 @@ from edgeml.backends.base import CandidateSkipped
 from edgeml.backends.onnxruntime import Options
 from edgeml.backends.onnxruntime.errors import ort_error
 from edgeml.errors import CompileError, UsageError
+from edgeml.runtime.model import fixed_batch
 
 ENTRY = "model/model.onnx"
 
@@ -310,10 +311,10 @@ class OnnxRuntimeCompiler(CompilerBackend):
 
         method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                   "percentile": CalibrationMethod.Percentile}[recipe.get("calibration", "minmax")]
-        reader = _Reader(ctx.calib, _fixed_batch(ctx.inputs), _options(ctx).ort_calibration_samples)
+        reader = _Reader(ctx.calib, fixed_batch(ctx.inputs) or 1, _options(ctx).ort_calibration_samples)
         recipe["calibration_samples"] = reader.samples
         if reader.samples == 0:
-            raise CompileError(f"int8 calibration needs at least {_fixed_batch(ctx.inputs)} samples")
+            raise CompileError(f"int8 calibration needs at least {fixed_batch(ctx.inputs) or 1} samples")
         # Activation ranges do not depend on the recipe: calibrate once per method, reuse for every recipe.
         cache = ctx.workdir / f"ort-calibration-{recipe.get('calibration', 'minmax')}-{reader.samples}.json"
         try:
@@ -408,13 +409,6 @@ def sensitive_nodes(model) -> list[str]:
                 raise CompileError("cannot exclude unnamed nodes from quantization")
             names.append(n.name)
     return names
-
-
-def _fixed_batch(inputs) -> int:
-    for spec in inputs:
-        if spec.shape and spec.shape[0] is not None:
-            return int(spec.shape[0])
-    return 1
 
 
 def _Reader(arrays: dict[str, np.ndarray], batch: int, limit: int):

@@ -46,6 +46,7 @@ from edgeml.backends.base import CandidateSkipped
 from edgeml.backends.openvino import Options
 from edgeml.backends.openvino.errors import CONVERT_TABLE
 from edgeml.errors import CompileError, DataError, MissingDependency
+from edgeml.runtime.model import fixed_batch
 
 ENTRY = "model/model.xml"
 WEIGHTS = "model/model.bin"
@@ -146,7 +147,7 @@ class OpenVinoCompiler(CompilerBackend):
         o = _options(ctx)
         hazard = saturation_hazard(ctx.target)
         n_calib = _samples(ctx.calib)
-        items = n_calib // (_fixed_batch(ctx.inputs) or 1)
+        items = n_calib // (fixed_batch(ctx.inputs) or 1)
         scope = o.ov_ignored_scope or {}
         from edgeml.compiler.importers import is_transformer
 
@@ -246,7 +247,7 @@ class OpenVinoCompiler(CompilerBackend):
         if ctx.calib is None:
             raise DataError("OpenVINO int8 needs calibration data", hint="pass --calib CALIB.npz")
         names = [p.get_any_name() for p in model.inputs]
-        batch = _fixed_batch(ctx.inputs)
+        batch = fixed_batch(ctx.inputs)
         batches = _batches(ctx.calib, names, batch)
         if not batches:
             raise DataError(f"the calibration data has {_samples(ctx.calib)} samples; the model's fixed batch "
@@ -389,14 +390,6 @@ def _samples(arrays: dict[str, np.ndarray] | None) -> int:
     if not arrays:
         return 0
     return int(next(iter(arrays.values())).shape[0])
-
-
-def _fixed_batch(inputs) -> int | None:
-    for spec in inputs or []:
-        shape = getattr(spec, "shape", None)
-        if shape and shape[0] is not None:
-            return int(shape[0])
-    return None
 
 
 def _batches(arrays: dict[str, np.ndarray], names: list[str], batch: int | None) -> list[dict[str, np.ndarray]]:

@@ -8,42 +8,18 @@ ints that are at worst one request stale.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from dataclasses import dataclass, fields
-from typing import Iterable
+
+from edgeml.stats import Histogram, bound_key
+
+__all__ = ["BATCH_BUCKETS", "LATENCY_BUCKETS_MS", "Histogram", "ModelStats", "ResilienceSample",
+           "render_prometheus", "render_resilience"]
 
 # A superset of the fleet protocol's edges (edgeml.fleet.protocol.LATENCY_BUCKETS_MS), so the
 # agent can read its buckets straight out of these cumulative counts.
 LATENCY_BUCKETS_MS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 25.0, 50.0, 100.0, 200.0, 500.0,
                       1000.0, 2000.0, 5000.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-class Histogram:
-    __slots__ = ("bounds", "counts", "sum", "count")
-
-    def __init__(self, bounds: Iterable[float]):
-        self.bounds = tuple(bounds)
-        self.counts = [0] * (len(self.bounds) + 1)   # last = +Inf overflow
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
-        self.count += 1
-
-    def cumulative(self) -> list[tuple[str, int]]:
-        out, running = [], 0
-        for bound, c in zip(self.bounds, self.counts):
-            running += c
-            out.append((_fmt(bound), running))
-        out.append(("+Inf", running + self.counts[-1]))
-        return out
-
-
-def _fmt(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else repr(float(v))
 
 
 class ModelStats:
@@ -96,8 +72,8 @@ def _escape(v: str) -> str:
 
 def _hist_lines(name: str, h: Histogram, labels: dict[str, str], scale: float = 1.0) -> list[str]:
     lines = []
-    for le, c in h.cumulative():
-        le_s = le if le == "+Inf" else _fmt(float(le) * scale)
+    for le, c in h.cumulative().items():   # edgeml.stats.Histogram: {le text: cumulative count}
+        le_s = le if le == "+Inf" else bound_key(float(le) * scale)
         lines.append(f"{name}_bucket{_labels(**labels, le=le_s)} {c}")
     lines.append(f"{name}_sum{_labels(**labels)} {h.sum * scale!r}")
     lines.append(f"{name}_count{_labels(**labels)} {h.count}")

@@ -15,7 +15,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edgeml.errors import ServeError
+from edgeml.errors import DataError, ServeError
+from edgeml.runtime.dtypes import DATATYPE_TO_DTYPE, DTYPE_TO_DATATYPE, numpy_dtype  # DTYPE_TO_DATATYPE: also gRPC
+from edgeml.runtime.dtypes import datatype_of as _shared_datatype_of
+
 
 try:  # orjson is a base dependency; keep a stdlib fallback so a broken wheel is not fatal
     import orjson as _orjson
@@ -86,20 +89,17 @@ class PayloadTooLarge(RequestError):
     default_status = 413
 
 
-# v2 datatype <-> numpy dtype name
-DATATYPE_TO_DTYPE = {
-    "BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32", "UINT64": "uint64",
-    "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64",
-    "FP16": "float16", "FP32": "float32", "FP64": "float64",
-}
-DTYPE_TO_DATATYPE = {v: k for k, v in DATATYPE_TO_DTYPE.items()}
-_NP_DTYPES = {k: np.dtype(v) for k, v in DATATYPE_TO_DTYPE.items()}
+# The v2 datatype <-> numpy map lives in edgeml.runtime.dtypes (one map for the manifest, this decoder
+# and the fleet); the names are re-exported here for the transports (gRPC encodes with DTYPE_TO_DATATYPE).
+_NP_DTYPES = {k: numpy_dtype(v) for k, v in DATATYPE_TO_DTYPE.items()}
 
 
 def datatype_of(dtype: str) -> str:
+    """v2 datatype for the model metadata: the shared map, BYTES for strings/objects, else the name in capitals
+    (metadata describes what the model declares; requests for such a tensor are refused by the decoder)."""
     try:
-        return DTYPE_TO_DATATYPE[str(np.dtype(dtype))]
-    except (KeyError, TypeError):
+        return _shared_datatype_of(dtype)
+    except DataError:
         return "BYTES" if dtype in ("object", "str", "bytes") else str(dtype).upper()
 
 

@@ -241,6 +241,8 @@ def test_prometheus_metrics(server):
     assert 'edgeml_request_duration_seconds_count{model="mlp",version="1"} 4' in text
     assert 'edgeml_batch_size_bucket{model="mlp",version="1",le="2"} 3' in text
     assert 'edgeml_queue_duration_seconds_sum{model="mlp",version="1"}' in text
+    assert 'edgeml_queue_duration_seconds_count{model="mlp",version="1"} 3' in text, "bad JSON never queues"
+    assert 'edgeml_queue_duration_seconds_bucket{model="mlp",version="1",le="0.0001"}' in text, "ms -> s bounds"
     assert 'edgeml_compute_duration_seconds_bucket{model="mlp",version="1",le="+Inf"} 3' in text
     assert 'edgeml_http_responses_total{code="400"} 1' in text
 
@@ -252,7 +254,10 @@ def test_stats_are_raw_mergeable_counters(server):
     assert st["requests"] == 5 and st["failures"] == 0
     buckets = list(st["latency_buckets_ms"].values())
     assert buckets == sorted(buckets) and buckets[-1] == 5, "cumulative bucket counts"
-    assert st["latency_sum_ms"] > 0 and st["compute_ms_sum"] > 0 and st["queue_ms_sum"] >= 0
+    assert st["latency_sum_ms"] > 0 and st["compute_ms_sum"] > 0
+    # one queue-time sample per request, each a real wait (enqueue -> batch start) inside its latency
+    assert st["queue_ms_buckets"]["+Inf"] == 5 and st["compute_ms_buckets"]["+Inf"] == st["batches"]
+    assert 0 < st["queue_ms_sum"] < st["latency_sum_ms"]
     assert [m["name"] for m in server.models()] == ["mlp", "gather"]
     assert server.models()[0] == {**server.models()[0], "default": True, "ready": True, "backend": "onnxruntime",
                                   "precision": "fp32", "version": "1"}

@@ -12,6 +12,10 @@
   accuracy: their calibration/eval data are seeded standard-normal images, and
   without labels the compiler measures agreement with FP32.
 
+* ``bert-mini``: a BERT-class sentence encoder (MiniLM-L6's shape, random weights) built from a
+  ``transformers`` config in ``benchmarks/encoder.py``: int64 ``input_ids`` / ``attention_mask`` with a
+  dynamic sequence axis, output ``sentence_embedding``; seeded token data (the metric is cosine).
+
 API: ``build(name) -> torch.nn.Module``, ``export_onnx(name, path, batch=1 | "dynamic")``,
 ``data(name, n_calib, n_eval) -> (calib, eval)`` dicts keyed by input name (eval adds
 ``labels`` where real labels exist), ``write_data(name, folder)``.
@@ -32,7 +36,8 @@ import numpy as np
 
 from edgeml.errors import UsageError
 
-NAMES = ("digits", "mlp", "mobilenetv2", "resnet18")
+TRANSFORMERS = ("bert-mini",)
+NAMES = ("digits", "mlp", "mobilenetv2", "resnet18", *TRANSFORMERS)
 SEED = 1234
 OPSET = 17
 REPO = Path(__file__).resolve().parents[1]
@@ -210,6 +215,10 @@ def build(name: str):
     """The torch module of a reference model (digits: the trained example re-read from ONNX is not a
     torch module, so ``build('digits')`` retrains it with examples/digits/train.py's recipe)."""
     _check(name)
+    if name in TRANSFORMERS:
+        from edgeml.benchmarks import encoder
+
+        return encoder.build(name)
     if name == "resnet18":
         return resnet18()
     if name == "mobilenetv2":
@@ -255,6 +264,10 @@ def export_onnx(name: str, path: str | Path, batch: int | str = 1) -> Path:
     if batch != "dynamic" and (not isinstance(batch, int) or batch < 1):
         raise UsageError(f"batch must be a positive integer or 'dynamic', got {batch!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
+    if name in TRANSFORMERS:  # batch and sequence stay dynamic: served at many lengths
+        from edgeml.benchmarks import encoder
+
+        return encoder.export_onnx(name, path)
     if name == "digits" and (DIGITS_DIR / "digits.onnx").is_file():
         if batch == "dynamic":
             shutil.copyfile(DIGITS_DIR / "digits.onnx", path)
@@ -297,6 +310,10 @@ def data(name: str, n_calib: int = 64, n_eval: int = 64) -> tuple[dict[str, np.n
     ranges and speed, not for accuracy claims.
     """
     _check(name)
+    if name in TRANSFORMERS:
+        from edgeml.benchmarks import encoder
+
+        return encoder.data(name, n_calib, n_eval)
     if name == "digits":
         calib_file = dict(np.load(DIGITS_DIR / "calib.npz"))
         eval_file = dict(np.load(DIGITS_DIR / "eval.npz"))
@@ -324,6 +341,13 @@ def write_data(name: str, folder: str | Path, n_calib: int = 64, n_eval: int = 6
 
 def describe(name: str) -> dict[str, Any]:
     _check(name)
+    if name in TRANSFORMERS:
+        from edgeml.benchmarks import encoder
+
+        return {"name": name, "input": list(encoder.INPUTS), "input_shape": ["N", "sequence"],
+                "output": encoder.OUTPUT, "weights": f"random (seed {encoder.SEED})", "data": "seeded token ids",
+                "config": {k: encoder.CONFIGS[name][k] for k in ("hidden_size", "num_hidden_layers",
+                                                                  "num_attention_heads", "vocab_size")}}
     return {"name": name, "input": "input", "input_shape": ["N", *INPUT_SHAPES[name]], "output": "logits",
             "weights": "trained" if name in ("digits", "mlp") else f"random (seed {SEED})",
             "data": "real" if name in ("digits", "mlp") else "seeded standard-normal"}

@@ -22,8 +22,8 @@ import numpy as np
 
 from edgeml.errors import UsageError
 
-TOOL_PACKAGES = ("edgeml", "numpy", "onnx", "onnxruntime", "openvino", "nncf", "apache-tvm", "torch",
-                 "neural-compressor", "onnxscript")
+# neural-compressor is not used (docs/compiler.md says why), so it is not recorded either.
+TOOL_PACKAGES = ("edgeml", "numpy", "onnx", "onnxruntime", "openvino", "nncf", "apache-tvm", "torch", "onnxscript")
 
 # Self-test tolerances by precision: the device may use other kernels (ISA) than the compile host.
 # bf16 keeps 8 mantissa bits: another CPU (AMX vs AVX512-BF16 kernels) may round each layer differently

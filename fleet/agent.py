@@ -320,7 +320,7 @@ class AgentCore:
         self._req_mark = (now_m, total)
         msg = {"schema_version": P.SCHEMA_VERSION, "type": "telemetry", "device_id": self.config.device_id,
                "ts": self.clock(), "interval_s": round(interval, 3),
-               "models": [{k: v for k, v in m.items() if k in P.MODEL_FIELDS} for m in models],
+               "models": [{k: v for k, v in m.items() if k in P.MODEL_FIELDS or k == "resilience"} for m in models],
                "active": self.active(), "cpu_percent": round(100.0 * (now_cpu - last_cpu) / interval, 2),
                "memory_mb": round(resident_memory_mb(), 1), "throughput_rps": round(rps, 3)}
         if getattr(self.serving, "stubbed", False):

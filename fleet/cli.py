@@ -243,9 +243,13 @@ def devices_cmd(db, selector, as_json):
     from edgeml.fleet.db import FleetDB
     from edgeml.fleet.protocol import parse_labels, selector_matches
 
+    from edgeml.fleet.resilience import latest
+
     sel = parse_labels(selector)
     rows = []
-    for r in FleetDB(_db_path(db), readonly=True).q("SELECT * FROM devices ORDER BY device_id"):
+    fdb = FleetDB(_db_path(db), readonly=True)
+    resilience = latest(fdb)
+    for r in fdb.q("SELECT * FROM devices ORDER BY device_id"):
         labels = json.loads(r["labels"])
         if not selector_matches(sel, labels):
             continue
@@ -254,7 +258,8 @@ def devices_cmd(db, selector, as_json):
                      "active": f"{active['name']}@{active['version']}" if active and active.get("name") else None,
                      "committed_seq": r["committed_seq"], "state": r["state"], "last_seen": r["last_seen"],
                      "refused_messages": r["refused"],
-                     "last_failed": json.loads(r["last_failed"]) if r["last_failed"] else None})
+                     "last_failed": json.loads(r["last_failed"]) if r["last_failed"] else None,
+                     "resilience": resilience.get(r["device_id"], {})})
 
     def human(rows):
         lines = [f"{'DEVICE':<20} {'ONLINE':<7} {'ACTIVE':<24} {'STATE':<12} LABELS"]
@@ -379,8 +384,12 @@ def telemetry_cmd(db, device, as_json):
     for k, v in by_version.items():
         h = merge(v.pop("h"))
         versions[k] = {**v, "p50_ms_le": quantile(h, 0.5), "p95_ms_le": quantile(h, 0.95), "buckets": h}
+    from edgeml.fleet.resilience import latest, summary
+
+    resilience = latest(fdb, device)      # {device: {name@version: breaker/admission/fallback state}}
     for d in devices:
         d["active"] = json.loads(d["active"]) if d["active"] else None
+        d["resilience"] = resilience.get(d["device_id"], {})
     out = {"devices": devices, "versions": versions}
 
     def human(o):
@@ -390,6 +399,7 @@ def telemetry_cmd(db, device, as_json):
             lines.append(f"{d['device_id']:<20} {(a['name'] + '@' + a['version']) if a else '-':<20} "
                          f"{d['cpu_percent'] or 0:>6.1f} {d['memory_mb'] or 0:>8.1f} {d['throughput_rps'] or 0:>7.1f}"
                          f"{'  (stubbed model)' if d['stubbed'] else ''}")
+            lines += [f"  {model:<30} {summary(row)}" for model, row in d["resilience"].items()]
         lines.append("")
         for k, v in o["versions"].items():
             lines.append(f"{k:<24} devices={v['devices']} requests={v['requests']} failures={v['failures']} "

@@ -273,6 +273,10 @@ class Manager:
             from edgeml.fleet.drift import record as record_drift
 
             record_drift(self.db, msg, self.clock())
+        if any("resilience" in m for m in msg["models"]):   # breaker/admission/fallback state (fleet/resilience.py)
+            from edgeml.fleet.resilience import record as record_resilience
+
+            record_resilience(self.db, msg)
         if msg.get("experiments"):   # per-arm experiment counters (fleet/experiments.py)
             from edgeml.fleet.experiments import record as record_experiments
 

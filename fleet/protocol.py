@@ -318,6 +318,9 @@ def _check_telemetry(msg: Mapping[str, Any], where: str) -> None:
         raise MessageRejected(f"{where}: {len(models)} models; the limit is {MAX_MODELS}")
     for i, model in enumerate(models):
         at = f"{where}: models[{i}]"
+        if isinstance(model, dict) and "resilience" in model:   # optional: breaker/admission/fallback state
+            _check_resilience(at, model["resilience"])
+            model = {k: v for k, v in model.items() if k != "resilience"}
         _check_fields(at, model, MODEL_FIELDS, required=True)
         for name in ("requests", "failures", "latency_sum_ms"):
             _check_number(f"{at}.{name}", model[name], non_negative=True)
@@ -333,6 +336,15 @@ def _check_telemetry(msg: Mapping[str, Any], where: str) -> None:
                 raise MessageRejected(f"{at}.latency_buckets_ms[{key!r}] has type {type(count).__name__};"
                                       " expected int")
             _check_number(f"{at}.latency_buckets_ms[{key!r}]", count, non_negative=True)
+
+
+def _check_resilience(at: str, row: Any) -> None:
+    """A model row's ``resilience`` object (fleet/resilience.py): exact fields, enum state, bounded values."""
+    from edgeml.fleet.resilience import wire_problem
+
+    problem = wire_problem(row)
+    if problem is not None:
+        raise MessageRejected(f"{at}.resilience {problem}")
 
 
 def _check_drift(rows: list[Any], where: str) -> None:

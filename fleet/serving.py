@@ -122,7 +122,7 @@ class LocalServing:
     def ready(self) -> bool:
         return self._model is not None
 
-    def predict(self, feeds: dict[str, Any]) -> dict[str, Any]:
+    def predict(self, feeds: dict[str, Any], *, sample: bool = True) -> dict[str, Any]:
         with self._lock:
             model, active = self._model, self._active
         if model is None:
@@ -137,7 +137,8 @@ class LocalServing:
             raise
         counters.requests += 1
         counters.hist.observe((time.perf_counter() - start) * 1000.0)
-        self.drift.offer(active["name"], active["version"], feeds, out)
+        if sample:
+            self.drift.offer(active["name"], active["version"], feeds, out)
         return out
 
     def probe(self) -> float:
@@ -147,7 +148,7 @@ class LocalServing:
                 raise FleetError("no model is active")
             return 0.0
         start = time.perf_counter()
-        self.predict(self._golden)
+        self.predict(self._golden, sample=False)     # the same golden input every probe is not live data
         return (time.perf_counter() - start) * 1000.0
 
     def stats(self) -> list[dict[str, Any]]:
@@ -178,7 +179,11 @@ class HttpServing:
         self.server = ModelServer(server_config(host=host, port=port, cache_dir=self.cache_dir, check_host=check_host,
                                                 admin_token=admin_token))
         self.drift = Monitor(drift_rate)
-        self.server.observer = lambda lm, inputs, outputs: self.drift.offer(lm.name, lm.version, inputs, outputs)
+        # probes are not sampled into drift sketches: the same golden input every health window would skew
+        # them (requests answered while a probe runs are skipped too: the draw stays independent of the data)
+        self._probing = threading.Event()
+        self.server.observer = lambda lm, inputs, outputs: (
+            None if self._probing.is_set() else self.drift.offer(lm.name, lm.version, inputs, outputs))
         self.address = self.server.start()
         self._active: dict[str, str] | None = None
         self._golden: dict[str, Any] | None = None
@@ -247,8 +252,12 @@ class HttpServing:
                f"/versions/{self._active['version']}/infer")
         req = urllib.request.Request(url, data=_json.dumps(body).encode(), headers={"Content-Type": "application/json"})
         start = time.perf_counter()
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            resp.read()
+        self._probing.set()
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                resp.read()
+        finally:
+            self._probing.clear()
         return (time.perf_counter() - start) * 1000.0
 
     def _snapshot(self, which: dict[str, str]) -> None:
@@ -266,7 +275,16 @@ class HttpServing:
         # the server's edges are a superset of the protocol's: project, never re-bucket
         return {"name": which["name"], "version": which["version"], "requests": int(s.get("requests", 0)),
                 "failures": int(s.get("failures", 0)), "latency_buckets_ms": {k: buckets[k] for k in wanted if k in buckets},
-                "latency_sum_ms": round(float(s.get("latency_sum_ms", 0.0)), 3)}
+                "latency_sum_ms": round(float(s.get("latency_sum_ms", 0.0)), 3),
+                "resilience": self._resilience(which, s.get("resilience") or {})}
+
+    def _resilience(self, which: dict[str, str], sample: dict[str, Any]) -> dict[str, Any]:
+        """Breaker / admission / fallback state for telemetry (fleet/resilience.py), incl. why the primary failed."""
+        from edgeml.fleet.resilience import from_server
+
+        info = next((m for m in self.server.models()
+                     if m["name"] == which["name"] and m["version"] == which["version"]), None)
+        return from_server(sample, info).to_wire()
 
     def stats(self) -> list[dict[str, Any]]:
         rows = dict(self._last)

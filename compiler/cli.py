@@ -88,6 +88,9 @@ def _parse_backend_option(values: tuple[str, ...]) -> dict:
 @click.option("--no-benchmark", is_flag=True, help="Do not time candidates (select by the static order).")
 @click.option("--benchmark-seconds", default=3.0, type=float, show_default=True,
               help="Time budget of the interleaved candidate benchmark.")
+@click.option("--keep-fallback", is_flag=True,
+              help="Also write OUTPUT-stem.fallback.edgepkg: the best passing candidate of another backend (else "
+                   "FP32), served when the primary fails (named by the primary's runtime.fallback).")
 @click.option("--tune-budget", help="TVM tuning budget, e.g. 10m (TVM backend only).")
 @click.option("--option", "backend_option", multiple=True, help="Backend option KEY=VALUE (JSON values allowed).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
@@ -96,7 +99,7 @@ def _parse_backend_option(values: tuple[str, ...]) -> dict:
 def compile_cmd(model: str, target: str, output: Path, precision: str, backend: str, calib: Path | None,
                 eval_path: Path | None, max_accuracy_drop: float, metric: str, input_shape: tuple[str, ...], name: str | None,
                 version: str, sign_key: Path | None, cache_dir: Path | None, no_cache: bool, no_benchmark: bool,
-                benchmark_seconds: float, tune_budget: str | None, backend_option: tuple[str, ...], quiet: bool, as_json: bool) -> None:
+                benchmark_seconds: float, keep_fallback: bool, tune_budget: str | None, backend_option: tuple[str, ...], quiet: bool, as_json: bool) -> None:
     """Compile MODEL (.onnx, .pt2, or pkg.module:factory) into a verified artifact for TARGET."""
     from edgeml.compiler import compile_with_report
 
@@ -110,7 +113,8 @@ def compile_cmd(model: str, target: str, output: Path, precision: str, backend: 
             model, target=target, output=output, precision=precision, backend=backend, calib=calib,
             eval=eval_path, max_accuracy_drop=max_accuracy_drop, metric=metric, input_shape=list(input_shape) or None, name=name,
             version=version, sign_key=sign_key, cache_dir=cache_dir, use_cache=not no_cache,
-            benchmark=not no_benchmark, benchmark_seconds=benchmark_seconds, progress=_Progress(quiet), **extra)
+            benchmark=not no_benchmark, benchmark_seconds=benchmark_seconds, progress=_Progress(quiet),
+            keep_fallback=keep_fallback, **extra)
     emit(result.to_dict(), as_json, render)
 
 
@@ -144,6 +148,8 @@ def render(report: dict) -> str:
         f"cache: {report['cache']}   time: {report['seconds']:.1f} s",
         f"wrote {report['output']}  ({report['name']} {report['version']}, target {report['target']})",
     ]
+    if report.get("fallback"):
+        lines.append(f"fallback: {report['fallback']} (beside it; served when the primary fails)")
     return "\n".join(lines)
 
 

@@ -76,6 +76,7 @@ class CompileOptions:
     benchmark_seconds: float = 3.0
     progress: Callable[[str], None] | None = None
     eval_budget_s: float = EVAL_BUDGET_S
+    keep_fallback: bool = False                 # also write <out-stem>.fallback.edgepkg (compiler/fallback.py)
     backend_options: dict[str, Any] = field(default_factory=dict)   # as given (cache key, provenance)
     # backend name -> its typed Options, filled by validate()
     typed_options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -111,6 +112,8 @@ class CompileOptions:
             raise UsageError(f"max_accuracy_drop {self.max_accuracy_drop!r} is not a number") from None
         if not (0.0 <= self.max_accuracy_drop <= 100.0):
             raise UsageError(f"max_accuracy_drop must be between 0 and 100 points, got {self.max_accuracy_drop}")
+        if not isinstance(self.keep_fallback, bool):
+            raise UsageError(f"keep_fallback must be true or false, got {self.keep_fallback!r}")
         self.output = Path(self.output)
         if self.output.exists() and self.output.is_dir():
             raise UsageError(f"output {self.output} is a folder", hint="give a file name, e.g. model.edgepkg")
@@ -168,6 +171,8 @@ class CompileOptions:
             d["backend_options"] = {**self.backend_options, "eval_budget_s": self.eval_budget_s}
         if self.metric == "auto":  # keep the keys of earlier compiles (no new field unless set)
             d.pop("metric")
+        if not self.keep_fallback:  # the same: only a compile that keeps a fallback records it
+            d.pop("keep_fallback")
         d["input_shape"] = {k: list(v) for k, v in sorted(self.input_shape.items())}
         d["backend_options"] = {k: _jsonable(v) for k, v in sorted(d["backend_options"].items())}
         return d

@@ -46,7 +46,8 @@ def compile_with_report(model: Any, *, target: Any, output: Any, **options: Any)
 
 
 def _compile(s: CompileSession, model: Any) -> CompileResult:
-    cache = CompileCache(s.opts.cache_dir) if s.opts.use_cache else None
+    # --keep-fallback writes a second file; the compile cache holds one artifact per key
+    cache = CompileCache(s.opts.cache_dir) if s.opts.use_cache and not s.opts.keep_fallback else None
     key = _cache_key(s, model, cache)
     if cache is not None:
         hit = _from_cache(s, cache, key)
@@ -64,7 +65,12 @@ def _compile(s: CompileSession, model: Any) -> CompileResult:
     chosen.status = "selected"
     selection["host_runs_target"] = s.target.runs_on_host()
     s.say(f"selected {chosen.spec.label}: {selection['reason']}")
-    return _package(s, chosen, selection, cache, key)
+    fallback = None
+    if s.opts.keep_fallback:   # compiler/fallback.py: a sibling artifact named by runtime.fallback
+        from edgeml.compiler.fallback import write_fallback
+
+        fallback = write_fallback(s, passing, chosen, measured=measured, verified=passing[0].status != "unverified")
+    return _package(s, chosen, selection, cache, key, fallback)
 
 
 # ------------------------------------------------------------------ session and cache
@@ -420,9 +426,11 @@ def _target_file_sha(name: str) -> str:
 
 
 def _package(s: CompileSession, chosen: Candidate, selection: dict[str, Any], cache: CompileCache | None,
-             key: str) -> CompileResult:
+             key: str, fallback: str | None = None) -> CompileResult:
     assert chosen.built is not None
     manifest, golden = _manifest(s, chosen, selection)
+    if fallback is not None:
+        manifest["runtime"]["fallback"] = fallback
     files: dict[str, Any] = dict(chosen.built.files)
     files[SELFTEST_FILE] = golden
     unsigned = s.workdir / "unsigned.edgepkg"

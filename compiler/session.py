@@ -114,7 +114,7 @@ class CompileResult:
                 "target": m["target"], "backend": m["backend"], "precision": m["precision"],
                 "quantization": m.get("quantization"), "accuracy": m.get("accuracy"),
                 "selection": m.get("selection"), "selected": self.selected, "candidates": self.candidates,
-                "notes": self.notes}
+                "notes": self.notes, "fallback": (m.get("runtime") or {}).get("fallback")}
 
 
 @dataclass

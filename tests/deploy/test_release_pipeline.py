@@ -85,7 +85,11 @@ def test_pipeline_releases_to_canary_and_stops_an_accuracy_regression(fleet, tmp
     code, data, out = pipeline(fleet, tmp_path, better, "1.2.0", eval_npz, "--max-slowdown", "10")
     assert code == 0, out + fleet.logs()
     assert steps(data)["accuracy-gate"] == "passed" and steps(data)["speed-gate"] == "passed"
-    assert data["steps"][3]["data"]["verdict"] in ("better", "worse", "within noise")
+    speed = data["steps"][3]["data"]
+    # the verdict agrees with the measured ratio, and "passed" agrees with the gate's own rule
+    assert {"better": speed["p50_ratio"] < 1.0, "worse": speed["p50_ratio"] > 1.0,
+            "within noise": True}[speed["verdict"]], speed
+    assert not (speed["verdict"] == "worse" and speed["p50_ratio"] > 1.0 + speed["max_slowdown"]), speed
     assert active(fleet, "canary-1") == "clf@1.2.0"
 
 

@@ -189,13 +189,14 @@ def write_cpuinfo(rootfs: Path, cpu: str, cores: int = 4) -> None:
 
 
 def edgeml_runtime_tree(dest: Path) -> Path:
-    """edgeml's runtime as importable source: edgeml/, edgeml/runtime, edgeml/targets (no compiler)."""
+    """edgeml's runtime as importable source: edgeml/, edgeml/runtime, edgeml/targets, edgeml/backends (no compiler)."""
     pkg = dest / "edgeml"
     shutil.rmtree(dest, ignore_errors=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "server")
     shutil.copytree(REPO / "edgeml", pkg, ignore=ignore)
     shutil.copytree(REPO / "runtime", pkg / "runtime", ignore=ignore)
     shutil.copytree(REPO / "targets", pkg / "targets", ignore=ignore)
+    shutil.copytree(REPO / "backends", pkg / "backends", ignore=ignore)   # run sides (build sides unused there)
     return dest
 
 

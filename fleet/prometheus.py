@@ -3,7 +3,8 @@
 Read from the manager's database at scrape time (so it is right after a manager restart):
 devices online/offline, active versions, per model@version request/failure counters and the
 merged latency histogram, rollout state and progress, gate values, and per model@version drift
-(score, Holm p-value, drifted, samples; recomputed at most every ``drift_every_s``).
+(score, Holm p-value, drifted, samples; recomputed at most every ``drift_every_s``), and the
+experiment arms (fleet/prometheus_experiments.py).
 deploy/prometheus/alerts.yml alerts on these names; deploy/grafana/edgeml-fleet.json plots them.
 Served by ``MetricsServer`` (loopback by default; ``edgeml fleet manager --metrics-port``).
 """
@@ -62,8 +63,11 @@ class FleetMetrics:
         self._lock = threading.Lock()
 
     def render(self) -> str:
+        from edgeml.fleet.prometheus_experiments import experiment_families
+
         with self._lock:
-            fams = self._devices() + self._models() + self._rollouts() + self._drift_families()
+            fams = (self._devices() + self._models() + self._rollouts() + self._drift_families()
+                    + experiment_families(self.db, self.clock()))      # per experiment and arm
         lines = [line for f in fams for line in f.render()]
         return "\n".join(lines) + "\n"
 

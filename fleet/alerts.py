@@ -3,7 +3,7 @@
 ``evaluate(db, ...)`` checks the same conditions as deploy/prometheus/alerts.yml, from the
 manager's database: a device offline, a model version's error rate, a p95 latency regression
 of one version against the other versions of the model, drift (fleet/drift.py), a stalled
-rollout. ``Notifier`` runs it every ``interval_s`` and POSTs the Alertmanager webhook payload
+rollout, an experiment arm's error rate. ``Notifier`` runs it every ``interval_s`` and POSTs the Alertmanager webhook payload
 (``version: "4"``, ``status``, ``alerts[]`` with ``labels``, ``annotations``, ``startsAt``,
 ``endsAt``, ``fingerprint``) when an alert starts firing and when it resolves, so any receiver
 written for Alertmanager (Slack/PagerDuty bridges, custom hooks) works unchanged. Delivery:
@@ -70,7 +70,7 @@ def _rfc3339(ts: float) -> str:
 def evaluate(db: Any, store_root: Path | None, now: float, t: Thresholds | None = None) -> list[Alert]:
     t = t or Thresholds()
     return (_offline(db, now, t) + _error_rates(db, t) + _p95_regressions(db, t) + _drift(db, store_root, now)
-            + _stalled(db, now, t))
+            + _stalled(db, now, t) + _experiment_arm_errors(db, t))
 
 
 def _offline(db: Any, now: float, t: Thresholds) -> list[Alert]:
@@ -133,6 +133,26 @@ def _stalled(db: Any, now: float, t: Thresholds) -> list[Alert]:
         if idle >= t.stall_s:
             out.append(Alert("EdgemlRolloutStalled", {"rollout": r["id"], "model": r["name"], "version": r["version"]},
                              f"rollout {r['id']} ({r['name']}@{r['version']}) has not progressed for {idle:.0f} s"))
+    return out
+
+
+def _experiment_arm_errors(db: Any, t: Thresholds) -> list[Alert]:
+    """An arm of a running experiment failing too often (the challenger is served beside the champion and
+    reported per arm, so the model version error rate above does not see it)."""
+    from edgeml.fleet.experiments import _tables_exist, status
+
+    if not _tables_exist(db):
+        return []
+    out = []
+    for r in db.q("SELECT id FROM experiments WHERE state = 'running' ORDER BY created_at"):
+        s = status(db, r["id"])
+        for arm in s["arms"]:
+            if arm["requests"] >= t.min_requests and arm["failures"] / arm["requests"] > t.error_rate:
+                out.append(Alert("EdgemlExperimentArmErrorRate",
+                                 {"experiment": s["id"], "name": s["name"], "model": s["model"], "arm": arm["version"],
+                                  "role": arm["role"]},
+                                 f"experiment {s['name']}: {arm['role']} {s['model']}@{arm['version']} failed"
+                                 f" {arm['failures']}/{arm['requests']} requests (> {t.error_rate:.0%})", "critical"))
     return out
 
 

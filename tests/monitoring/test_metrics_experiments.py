@@ -117,3 +117,18 @@ def test_grafana_dashboard_plots_experiment_series_the_manager_exports(tmp_path)
             "edgeml_fleet_experiment_arm_p95_latency_seconds", "edgeml_fleet_experiment_decision"} <= used
     assert used <= exported, used - exported
     assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
+
+
+def test_manager_notifier_fires_when_an_experiment_arm_fails_too_often(tmp_path):
+    from edgeml.fleet.alerts import Thresholds, evaluate
+
+    db, _ = _ab_db(tmp_path, horizon_reached=False)
+    quiet = [a for a in evaluate(db, None, 200.0, Thresholds(min_requests=100)) if "Experiment" in a.name]
+    assert quiet == []                               # 2 of 200 failed: 1 % is under 5 %
+    report = json.loads(db.one("SELECT report FROM experiment_reports WHERE device_id = 'd1'")["report"])
+    report["arms"][1]["failures"] = 30              # the challenger now fails 31 of its 200 requests
+    E.record(db, {"device_id": "d1", "ts": 102.0, "experiments": [report]})
+    fired = [a for a in evaluate(db, None, 200.0, Thresholds(min_requests=100)) if "Experiment" in a.name]
+    assert [(a.name, a.labels["arm"], a.labels["role"], a.severity) for a in fired] == [
+        ("EdgemlExperimentArmErrorRate", "2.0.0", "challenger", "critical")]
+    assert "31/200" in fired[0].summary

@@ -20,7 +20,7 @@ from edgeml.fleet.prometheus import FleetMetrics, MetricsServer, families
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus"
 ALERTS = ("EdgemlDeviceOffline", "EdgemlModelErrorRateHigh", "EdgemlP95LatencyRegression", "EdgemlModelDrift",
-          "EdgemlRolloutStalled")
+          "EdgemlRolloutStalled", "EdgemlExperimentArmErrorRate")
 
 
 def _binary(name: str) -> str:

@@ -36,6 +36,7 @@ class Thresholds:
     error_rate: float = 0.05
     min_requests: int = 100
     p95_ratio: float = 1.5
+    p95_min_increase_ms: float = 5.0     # and at least this much slower: sub-ms models jitter by a whole bucket
     stall_s: float = 1800.0
 
 
@@ -109,7 +110,7 @@ def _p95_regressions(db: Any, t: Thresholds) -> list[Alert]:
     out = []
     for (name, version), v in sorted(rows.items()):
         others = [o["p95"] for (n, ver), o in rows.items() if n == name and ver != version]
-        if others and v["p95"] > t.p95_ratio * min(others):
+        if others and v["p95"] > t.p95_ratio * min(others) and v["p95"] - min(others) >= t.p95_min_increase_ms:
             out.append(Alert("EdgemlP95LatencyRegression", {"model": name, "version": version},
                              f"{name}@{version}: p95 <= {v['p95']} ms vs {min(others)} ms for another version"))
     return out

@@ -98,4 +98,16 @@ def quiet_reasons(db: Any, fired: set[str], thresholds: Any = None) -> list[str]
                    f" p95 exceeds {t.p95_ratio}x another version's of the same model. Experiment arms are served"
                    " beside the champion and reported per arm (experiment status, /metrics), not in the telemetry"
                    " these alerts read")
+    if "EdgemlDeviceOffline" not in fired:
+        online = db.one("SELECT COUNT(*) FROM devices WHERE online = 1")[0]
+        total = db.one("SELECT COUNT(*) FROM devices")[0]
+        out.append(f"EdgemlDeviceOffline quiet: {online}/{total} devices online; fires {t.offline_for_s:.0f} s after"
+                   " a device goes offline")
+    if "EdgemlRolloutStalled" not in fired:
+        running = db.one("SELECT COUNT(*) FROM rollouts WHERE state IN ('running', 'rolling_back')")[0]
+        out.append(f"EdgemlRolloutStalled quiet: {running} rollout(s) in progress; fires after {t.stall_s:.0f} s"
+                   " without progress")
+    if "EdgemlModelDrift" not in fired:
+        out.append("EdgemlModelDrift quiet: no model version drifted in the last hour (`edgeml fleet drift` says why;"
+                   " an artifact without a drift_profile, like the demo's tiny models, is never compared)")
     return out

@@ -1,6 +1,9 @@
 """``edgeml fleet demo --scenario experiment``: a real broker, manager and two agents serving real ONNX models;
 a shadow experiment with its agreement, then an A/B test driven by simulated user feedback to its decision
-(with the p-value), then the promotion rolls the challenger out. Under two minutes on a laptop."""
+(with the p-value), then the promotion rolls the challenger out; last, an A/B test against a broken challenger
+(its lookup table is one entry short: it passes its self-test and warm-up, then fails live requests) fires the manager's
+EdgemlExperimentArmErrorRate alert to a local webhook receiver, and stopping it resolves the alert; the
+alerts that stay quiet are listed with their measured values. Under two minutes on a laptop."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable
@@ -34,9 +38,11 @@ def _infer(port: int, x: np.ndarray, rid: str) -> str:
 def run_experiment_demo(*, broker_kind: str = "auto", workdir: Path | None = None,
                         echo: Callable[[str], None] = print) -> dict[str, Any]:
     from edgeml.fleet.broker import Broker, free_port
+    from edgeml.fleet.demo_alerts import WebhookReceiver
     from edgeml.fleet.experiment_cli import status_text
     from edgeml.fleet.experiments import status
     from edgeml.fleet.manager import ManagerConfig
+    from edgeml.fleet.monitor_cli import Monitoring
     from edgeml.fleet.service import ManagerService
     from edgeml.fleet.testing import make_artifact
     from edgeml.fleet.transport import BrokerConfig
@@ -52,17 +58,22 @@ def run_experiment_demo(*, broker_kind: str = "auto", workdir: Path | None = Non
     key, pub = generate_keypair(work / "signing.key", overwrite=True)
     broker = Broker(work / "broker", kind=broker_kind, persistence=False).start()
     procs: list[subprocess.Popen[bytes]] = []
-    svc = None
+    svc = monitoring = None
+    receiver = WebhookReceiver(say)
     ports: dict[str, int] = {}
     summary: dict[str, Any] = {"workdir": str(work), "broker": broker.kind}
     try:
-        svc = ManagerService(ManagerConfig(db=work / "fleet.db", http_port=free_port(), heartbeat_timeout_s=6,
-                                           tick_s=0.2, sign_key=key, health_window_s=0.5),
-                             BrokerConfig(broker.url)).start()
+        config = ManagerConfig(db=work / "fleet.db", http_port=free_port(), heartbeat_timeout_s=6, tick_s=0.2,
+                               sign_key=key, health_window_s=0.5)
+        svc = ManagerService(config, BrokerConfig(broker.url)).start()
         m = svc.manager
-        for v in ("1.0.0", "2.0.0"):
-            m.publish_artifact(make_artifact(work / f"tiny-{v}.edgepkg", "tiny", v, sign_key=key), "demo")
-        say(f"broker {broker.kind} on {broker.url}; published tiny@1.0.0 (champion) and tiny@2.0.0 (challenger)")
+        monitoring = Monitoring(config.db, config.store_path(),
+                                {"metrics_port": 0, "alert_webhook": receiver.url, "alert_interval": "1s"})
+        for v in ("1.0.0", "2.0.0", "3.0.0"):
+            m.publish_artifact(make_artifact(work / f"tiny-{v}.edgepkg", "tiny", v, sign_key=key,
+                                             kind="bad_lookup" if v == "3.0.0" else "good"), "demo")
+        say(f"broker {broker.kind} on {broker.url}; published tiny@1.0.0 (champion), tiny@2.0.0 (challenger) and"
+            f" tiny@3.0.0 (broken: a lookup out of range on inputs holding 1.0); the manager's notifier posts alerts to {receiver.url}")
         for i in range(2):
             dev = f"shop-{i + 1}"
             ports[dev] = free_port()
@@ -125,6 +136,8 @@ def run_experiment_demo(*, broker_kind: str = "auto", workdir: Path | None = Non
         else:
             m.execute("experiment.stop", {"id": eid}, "demo")
             summary["promoted"] = False
+        champion = "tiny@2.0.0" if summary["promoted"] else "tiny@1.0.0"
+        summary["alerts"] = _guardrail(m, ports, receiver, say, champion, str(monitoring.metrics_url))
         summary["seconds"] = round(time.monotonic() - t0, 1)
         return summary
     finally:
@@ -135,6 +148,45 @@ def run_experiment_demo(*, broker_kind: str = "auto", workdir: Path | None = Non
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
+        if monitoring is not None:
+            monitoring.stop()
         if svc is not None:
             svc.stop()
         broker.stop()
+        receiver.close()
+
+
+def _try_infer(port: int, rid: str) -> bool:
+    """One request; False when the server answered an error (the broken challenger)."""
+    try:
+        _infer(port, np.ones((1, 4), np.float32), rid)
+        return True
+    except urllib.error.HTTPError:
+        return False
+
+
+def _guardrail(m: Any, ports: dict[str, int], receiver: Any, say: Callable[[str], None], champion: str,
+               metrics_url: str) -> dict[str, Any]:
+    """A/B against the broken tiny@3.0.0: the arm error-rate alert fires, then resolves when the test is stopped."""
+    from edgeml.fleet.demo_alerts import quiet_reasons
+    from edgeml.fleet.experiments import status
+
+    st = m.execute("experiment.start", {"name": "guardrail-demo", "mode": "ab", "split": 0.5, "champion": champion,
+                                        "challenger": "tiny@3.0.0", "selector": {"fleet": "demo"}}, "demo")
+    _wait(lambda: status(m.db, st["id"])["reporting"] == 2, 30, "both devices to run the guardrail experiment")
+    failed = sum(not _try_infer(ports[f"shop-{i % 2 + 1}"], f"g{i}") for i in range(300))
+    say(f"A/B {champion} vs the broken tiny@3.0.0: 300 requests, {failed} answered with an error")
+    alert = receiver.wait_for("EdgemlExperimentArmErrorRate", 30)
+    say(f"the manager's notifier fired {alert['labels']['alertname']}: {alert['annotations']['summary']}")
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    arms = [ln for ln in text.splitlines() if ln.startswith(("edgeml_fleet_experiment_arm_requests_total",
+                                                              "edgeml_fleet_experiment_arm_failures_total"))
+            and f'experiment="{st["id"]}"' in ln]
+    say("manager /metrics, the experiment's arms:\n  " + "\n  ".join(arms))
+    m.execute("experiment.stop", {"id": st["id"]}, "demo")
+    resolved = receiver.wait_for("EdgemlExperimentArmErrorRate", 30, status="resolved")
+    say(f"experiment stopped: the notifier posted {resolved['labels']['alertname']} resolved")
+    fired = {a["labels"]["alertname"] for p in receiver.payloads() for a in p["alerts"]}
+    quiet = quiet_reasons(m.db, fired)
+    say("alerts that stayed quiet, with the measured values:\n  " + "\n  ".join(quiet))
+    return {"fired": alert, "resolved": resolved, "failed_requests": failed, "quiet": quiet, "metrics": arms}

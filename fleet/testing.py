@@ -3,7 +3,10 @@
 ``make_artifact(out, name, version, kind=...)`` builds a 4->3 ONNX MatMul+Add
 model, runs it with ONNX Runtime for the golden outputs and writes a signed
 ``.edgepkg``. ``kind="bad_golden"`` stores wrong golden outputs (self-test
-fails); ``kind="slow"`` sets a latency budget no model meets.
+fails); ``kind="slow"`` sets a latency budget no model meets; ``kind="bad_lookup"``
+adds a lookup into a one-entry table indexed by "any input equals 1.0": the
+self-test and warm-up pass, a request holding 1.0 fails at run time (index out
+of range), as a model with a too-short embedding table fails on an unseen value.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 
-def _model_bytes(seed: int) -> bytes:
+def _model_bytes(seed: int, bad_lookup: bool = False) -> bytes:
     from edgeml.errors import require
 
     require("onnx", "compiler", feature="building test artifacts")
@@ -22,12 +25,23 @@ def _model_bytes(seed: int) -> bytes:
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((4, 3)).astype(np.float32)
     b = rng.standard_normal(3).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["xw"]),
+             helper.make_node("Add", ["xw", "B"], ["y0" if bad_lookup else "y"])]
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")]
+    if bad_lookup:       # y = y0 + table[max(x == 1.0)]; the table has one entry, so index 1 is out of range
+        nodes += [helper.make_node("Equal", ["x", "one"], ["hit"]),
+                  helper.make_node("Cast", ["hit"], ["hit_i"], to=TensorProto.INT64),
+                  helper.make_node("ReduceMax", ["hit_i"], ["idx"], keepdims=0),
+                  helper.make_node("Gather", ["table", "idx"], ["extra"]),
+                  helper.make_node("Add", ["y0", "extra"], ["y"])]
+        inits += [numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+                  numpy_helper.from_array(np.zeros(1, np.float32), "table")]
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "B"], ["y"])],
+        nodes,
         "tiny",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
-        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")],
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -41,7 +55,7 @@ def make_artifact(out: Path, name: str = "tiny", version: str = "1.0.0", *, kind
     from edgeml.runtime.artifact import golden_npz_bytes, write_artifact
 
     seed = seed if seed is not None else sum(map(ord, version))
-    model = _model_bytes(seed)
+    model = _model_bytes(seed, bad_lookup=kind == "bad_lookup")
     x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
     sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     y = sess.run(None, {"x": x})[0]

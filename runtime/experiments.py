@@ -256,7 +256,9 @@ class Experiment:
         arms = []
         with self._lock:
             for v, a in self.arms.items():
-                arms.append({"version": v, "requests": a.requests, "failures": max(self._failures(v) - a.failures_at_start, 0),
+                failed = max(self._failures(v) - a.failures_at_start, 0)
+                # requests = answered + failed, as the server counts them, so failures / requests is a rate
+                arms.append({"version": v, "requests": a.requests + failed, "failures": failed,
                              "latency_buckets_ms": dict(a.latency.cumulative()), "latency_sum_ms": round(a.latency.sum, 3),
                              "feedback": a.feedback, "reward_sum": round(a.reward_sum, 6),
                              "reward_sq": round(a.reward_sq, 6)})

@@ -26,3 +26,15 @@ def test_experiment_demo_shows_shadow_agreement_and_an_ab_decision_with_its_p_va
     assert s["shadow"]["compared"] > 0 and 0 <= s["shadow"]["agreement"] <= 1 and s["shadow"]["failures"] == 0
     assert s["ab"]["decision"]["decision"] == "promote" and s["ab"]["test"]["p_value"] < 0.025
     assert s["promoted"] is True
+    # the broken challenger's failures reach the manager's webhook notifier; stopping the test resolves the alert
+    al = s["alerts"]
+    assert al["failed_requests"] > 100
+    fired, resolved = al["fired"], al["resolved"]
+    assert fired["status"] == "firing" and fired["labels"]["alertname"] == "EdgemlExperimentArmErrorRate"
+    assert fired["labels"]["arm"] == "3.0.0" and fired["labels"]["role"] == "challenger"
+    assert resolved["status"] == "resolved" and resolved["fingerprint"] == fired["fingerprint"]
+    assert f"failed {al['failed_requests']}/{al['failed_requests']} requests" in fired["annotations"]["summary"]
+    failures = [ln for ln in al["metrics"] if ln.startswith("edgeml_fleet_experiment_arm_failures_total")
+                and 'arm="3.0.0"' in ln]
+    assert failures and failures[0].endswith(f" {al['failed_requests']}")
+    assert any(q.startswith("EdgemlP95LatencyRegression quiet") for q in al["quiet"])

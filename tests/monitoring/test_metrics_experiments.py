@@ -132,3 +132,21 @@ def test_manager_notifier_fires_when_an_experiment_arm_fails_too_often(tmp_path)
     assert [(a.name, a.labels["arm"], a.labels["role"], a.severity) for a in fired] == [
         ("EdgemlExperimentArmErrorRate", "2.0.0", "challenger", "critical")]
     assert "31/200" in fired[0].summary
+
+
+def test_p95_regression_needs_a_real_slowdown_not_one_bucket_of_jitter(tmp_path):
+    """Seen in the experiment demo under load: sub-ms models at p95 <= 1 vs <= 2 ms (2x) fired a regression."""
+    from edgeml.fleet.alerts import evaluate
+
+    db = FleetDB(tmp_path / "fleet.db")
+
+    def telemetry(version: str, buckets: dict[str, int]) -> None:
+        db.x("INSERT OR REPLACE INTO telemetry VALUES ('cam-1', 'tiny', ?, 100, 200, 0, ?, 100.0)",
+             (version, json.dumps(buckets)))
+
+    telemetry("1.0.0", {"0.5": 195, "1": 200, "+Inf": 200})
+    telemetry("2.0.0", {"0.5": 0, "1": 0, "2": 200, "+Inf": 200})            # p95 <= 2 ms vs <= 1 ms
+    assert not [a for a in evaluate(db, None, 200.0) if a.name == "EdgemlP95LatencyRegression"]
+    telemetry("2.0.0", {"0.5": 0, "1": 0, "2": 0, "10": 200, "+Inf": 200})   # p95 <= 10 ms: 10x and 9 ms slower
+    fired = [a for a in evaluate(db, None, 200.0) if a.name == "EdgemlP95LatencyRegression"]
+    assert [a.labels["version"] for a in fired] == ["2.0.0"]

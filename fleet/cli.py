@@ -419,7 +419,8 @@ def telemetry_cmd(db, device, as_json):
 @json_option
 @handle_errors
 def demo_cmd(broker_kind, workdir, bake, scenario, as_json):
-    """Broker + manager + 3 agents on this machine: v1, canary v2, telemetry, broken v3 rolled back."""
+    """Broker + manager + agents on this machine. rollout: v1, canary v2, telemetry, broken v3 rolled back;
+    experiment: shadow, A/B to a decision, an arm alert; drift: clean vs shifted digits, the drift alert."""
     from edgeml.fleet.demo import run_demo
     from edgeml.fleet.waves import parse_duration
 

@@ -90,7 +90,9 @@ class Broker:
 
     # ------------------------------------------------------------ config files
     def _mosquitto_conf(self) -> Path:
-        lines = [f"listener {self.port} 127.0.0.1", "max_packet_size 1048576"]
+        # max_queued_messages: Mosquitto queues 1,000 QoS 1 messages per client by default and DROPS the rest; the
+        # manager's one connection receives the whole fleet's events, so a 10,000-device wave overflows it
+        lines = [f"listener {self.port} 127.0.0.1", "max_packet_size 1048576", "max_queued_messages 100000"]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             # started as root mosquitto drops to user "mosquitto", which cannot read our private temp files
             lines.append("user root")

@@ -240,15 +240,17 @@ class Manager:
             db.conn.execute("UPDATE deployments SET status = ?, reason = COALESCE(?, reason), updated_at = ?,"
                             " last_event_seq = MAX(last_event_seq, ?) WHERE deployment_id = ?",
                             (status, reason, now, event_seq or 0, deployment_id))
+            # by primary key (rollout_id, device_id): "WHERE deployment_id = ?" alone scanned every row of the
+            # rollout per event -- O(fleet) per message, the quadratic that stalled 10,000-device rollouts
             if dep["kind"] == "install" and dep["rollout_id"]:
                 db.conn.execute("UPDATE rollout_devices SET status = ?, reason = COALESCE(?, reason), updated_at = ?"
-                                " WHERE rollout_id = ? AND deployment_id = ?",
-                                (status, reason, now, dep["rollout_id"], deployment_id))
+                                " WHERE rollout_id = ? AND device_id = ? AND deployment_id = ?",
+                                (status, reason, now, dep["rollout_id"], dep["device_id"], deployment_id))
             elif dep["kind"] == "rollback" and dep["rollout_id"] and status != "installing":
                 db.conn.execute("UPDATE rollout_devices SET rollback_status = ?, updated_at = ?"
-                                " WHERE rollout_id = ? AND rollback_deployment_id = ?",
+                                " WHERE rollout_id = ? AND device_id = ? AND rollback_deployment_id = ?",
                                 ({"committed": "done", "failed": "failed"}.get(status, status), now,
-                                 dep["rollout_id"], deployment_id))
+                                 dep["rollout_id"], dep["device_id"], deployment_id))
         self._remember(deployment_id, status)
         if status in ("committed", "failed", "superseded"):
             log.info("device %s: deployment %s %s%s", dep["device_id"], deployment_id, status, f" ({reason})" if reason else "")
@@ -464,14 +466,19 @@ class Manager:
         if expired:
             log.info("%d device(s) missed heartbeats for %.0fs: marked offline", expired, self.config.heartbeat_timeout_s)
 
-    def _wave_devices(self, rid: str, wave: int) -> list[dict[str, Any]]:
+    def _wave_devices(self, rid: str, wave: int, *, pending_only: bool = False) -> list[dict[str, Any]]:
+        only = " AND rd.status = 'pending'" if pending_only else ""
         return [dict(r) for r in self.db.q(
             "SELECT rd.*, d.online, d.active FROM rollout_devices rd LEFT JOIN devices d USING (device_id)"
-            " WHERE rd.rollout_id = ? AND rd.wave = ? ORDER BY rd.device_id", (rid, wave))]
+            f" WHERE rd.rollout_id = ? AND rd.wave = ?{only} ORDER BY rd.device_id", (rid, wave))]
+
+    def _wave_counts(self, rid: str, wave: int) -> dict[str, int]:
+        return {row["status"]: row["n"] for row in self.db.q(
+            "SELECT status, COUNT(*) n FROM rollout_devices WHERE rollout_id = ? AND wave = ? GROUP BY status", (rid, wave))}
 
     def _advance(self, r: dict[str, Any], now: float) -> None:
         rid, wave, waves = r["id"], r["wave"], r["waves"]
-        devs = self._wave_devices(rid, wave)
+        devs = self._wave_devices(rid, wave, pending_only=True)
         if r["wave_started_at"] is None:
             with self._sending():   # the wave's rows and its start mark commit together: never sent twice
                 for d in devs:
@@ -483,14 +490,14 @@ class Manager:
                               {"wave": wave + 1, "of": len(waves), "devices": len(devs)})
             log.info("rollout %s: wave %d/%d started on %d device(s)", rid, wave + 1, len(waves), len(devs))
             return
-        late = [d for d in devs if d["status"] == "pending"]   # late joiners of the (last) wave now under way
-        for d in late:
+        for d in devs:   # late joiners of the (last) wave now under way
             self._send_install(r, d, now)
-        if late:
-            devs = self._wave_devices(rid, wave)
-        for d in devs:   # offline devices are pending until offline_timeout_s, then count as failed
-            if d["status"] not in INFLIGHT:
-                continue
+        # only rows old enough to time out are read (not the whole wave on every tick: O(fleet) per tick)
+        stale = now - min(self.config.offline_timeout_s, self.config.install_timeout_s)
+        for d in self.db.q("SELECT rd.device_id, rd.sent_at, d.online FROM rollout_devices rd LEFT JOIN devices d"
+                           " USING (device_id) WHERE rd.rollout_id = ? AND rd.wave = ? AND rd.status IN (?, ?)"
+                           " AND rd.sent_at < ?", (rid, wave, *INFLIGHT, stale)):
+            # offline devices are pending until offline_timeout_s, then count as failed
             age = now - (d["sent_at"] or now)
             if (not d["online"] and age > self.config.offline_timeout_s) or age > self.config.install_timeout_s:
                 why = (f"offline for more than {self.config.offline_timeout_s:.0f}s" if not d["online"]
@@ -498,11 +505,13 @@ class Manager:
                 self.db.x("UPDATE rollout_devices SET status = 'timeout', reason = ?, updated_at = ?"
                           " WHERE rollout_id = ? AND device_id = ? AND status IN ('sent', 'installing')",
                           (why, now, rid, d["device_id"]))
-                d["status"] = "timeout"
-        inflight = sum(d["status"] in INFLIGHT for d in devs)
-        ctx = self._gate_context(r, devs)
+        counts = self._wave_counts(rid, wave)
+        inflight = sum(counts.get(s, 0) for s in INFLIGHT)
+        ctx = self._gate_context(r, counts)
         results = evaluate_all([gate_from_dict(g) for g in r["gates"]], ctx)
-        self.db.x("UPDATE rollouts SET gate_results = ? WHERE id = ?", (json.dumps([g.to_dict() for g in results]), rid))
+        gate_json = json.dumps([g.to_dict() for g in results])
+        if gate_json != json.dumps(r["gate_results"]):    # no write (and commit) per tick when nothing moved
+            self.db.x("UPDATE rollouts SET gate_results = ? WHERE id = ?", (gate_json, rid))
         failure = next(g for g in results if g.name == "failure_rate")
         if not failure.ok:
             return self._breach(r, failure, now)
@@ -602,13 +611,17 @@ class Manager:
         self._set_state(r["id"], "rolling_back", "manager", "rollout.breach", reason, gate=gate.to_dict())
         self._advance_rollback(self._rollout(r["id"]), now)
 
-    def _gate_context(self, r: dict[str, Any], devs: list[dict[str, Any]]) -> GateContext:
-        updated = [d["device_id"] for d in self.db.q(
-            "SELECT device_id FROM rollout_devices WHERE rollout_id = ? AND status = 'committed'", (r["id"],))]
-        olds = {(d["prev_name"], d["prev_version"]) for d in self.db.q(
-            "SELECT prev_name, prev_version FROM rollout_devices WHERE rollout_id = ? AND prev_version IS NOT NULL", (r["id"],))}
-        # only telemetry gates read the merged histograms: a failure-rate-only rollout skips the O(fleet) merge
+    def _gate_context(self, r: dict[str, Any], counts: dict[str, int]) -> GateContext:
+        # only telemetry and drift gates read the updated devices and merged histograms: a failure-rate-only
+        # rollout skips these O(fleet) reads on every tick
         telemetry_gates = any(g["name"] not in ("failure_rate", "drift_psi") for g in r["gates"])
+        needs_devices = telemetry_gates or any(g["name"] == "drift_psi" for g in r["gates"])
+        updated = [d["device_id"] for d in self.db.q(
+            "SELECT device_id FROM rollout_devices WHERE rollout_id = ? AND status = 'committed'", (r["id"],))
+            ] if needs_devices else []
+        olds = {(d["prev_name"], d["prev_version"]) for d in self.db.q(
+            "SELECT DISTINCT prev_name, prev_version FROM rollout_devices WHERE rollout_id = ? AND prev_version IS NOT NULL",
+            (r["id"],))} if telemetry_gates else set()
         new = self._version_stats(r["name"], [r["version"]], updated) if telemetry_gates else VersionStats()
         old = VersionStats()
         if olds and telemetry_gates:
@@ -619,8 +632,9 @@ class Manager:
             return gate_value(self.db, self.store.root, r["name"], r["version"], updated, since=r["created_at"],
                               now=self.clock())
 
-        return GateContext(wave=r["wave"], wave_devices=len(devs), failed=sum(d["status"] in FAILED for d in devs),
-                           committed=sum(d["status"] == "committed" for d in devs), new=new, old=old, drift=drift)
+        return GateContext(wave=r["wave"], wave_devices=sum(counts.values()),
+                           failed=sum(counts.get(s, 0) for s in FAILED), committed=counts.get("committed", 0),
+                           new=new, old=old, drift=drift)
 
     def _version_stats(self, name: str, versions: list[str], devices: list[str] | None) -> VersionStats:
         if not versions:

@@ -7,9 +7,15 @@ events, heartbeats, telemetry). What differs from a real agent:
 * the model run is STUBBED (``StubServing``): the self-test passes or fails by
   the device's ``fail_selftest`` flag, and probes report a fixed latency;
   telemetry messages carry ``stubbed: true``;
-* all devices share one MQTT connection (one subscription to
-  ``edgeml/v1/devices/+/desired``), so there is no per-device Last Will:
-  presence is a retained birth per device and liveness comes from heartbeats;
+* devices share MQTT connections, ``devices_per_connection`` (500) each, and
+  each connection subscribes to its own devices' ``desired`` topics, so there
+  is no per-device Last Will: presence is a retained birth per device and
+  liveness comes from heartbeats. Why not one connection for all: a broker
+  bounds the QoS 1 messages it queues per client (Mosquitto
+  ``max_queued_messages``, 1,000 by default) and DROPS the rest -- a 100 %
+  wave of thousands of desired messages to one connection lost most of them,
+  and the rollout waited forever (the 3,000+ device stall). Real agents have
+  one connection each;
 * the artifact is fetched over HTTP ONCE per simulator process and hard-linked
   into each device's slot (``SharedDownloader``, like a site cache): each device
   still verifies hashes and the signature itself;
@@ -53,6 +59,7 @@ class SimConfig:
     telemetry_s: float = 5.0
     health_window_s: float = 0.0
     workers: int = 16
+    devices_per_connection: int = 500     # below the broker's per-client queue bound (see the module doc)
 
     def device_ids(self) -> list[str]:
         return [f"{self.prefix}-{i:04d}" for i in range(self.devices)]
@@ -104,31 +111,43 @@ class FleetSimulator:
             base = "/dev/shm" if Path("/dev/shm").is_dir() else None
             root = Path(tempfile.mkdtemp(prefix="edgeml-sim-", dir=base))
         self.root = Path(root)
-        self.transport = MqttTransport(broker, f"edgeml-sim-{config.prefix}", on_message=self._on_message,
-                                       on_connect=self._on_connect)
         self.cores: dict[str, AgentCore] = {}
         self.downloader = SharedDownloader(self.root / "_shared-downloads")
-        for dev in config.device_ids():
-            ac = AgentConfig(dev, self.root / dev, labels=dict(config.labels), trusted_keys=config.trusted_keys,
-                             allow_unsigned=config.allow_unsigned, heartbeat_s=config.heartbeat_s,
-                             telemetry_s=config.telemetry_s, health_window_s=config.health_window_s,
-                             health_probe_s=0.05, check_host=True)
-            self.cores[dev] = AgentCore(ac, self.transport, StubServing(fail_selftest=dev in config.failing,
-                                                                      fail_versions=config.failing_versions),
-                                        downloader=self.downloader)
+        self.transports: list[MqttTransport] = []
+        ids = config.device_ids()
+        per = max(1, config.devices_per_connection)
+        for k in range(0, len(ids), per):
+            shard = ids[k:k + per]
+            transport = MqttTransport(broker, f"edgeml-sim-{config.prefix}-{k // per}", on_message=self._on_message,
+                                      on_connect=lambda shard=shard: self._on_connect(shard))
+            self.transports.append(transport)
+            for dev in shard:
+                self.cores[dev] = self._core(dev, transport)
         self.pool = ThreadPoolExecutor(config.workers, thread_name_prefix="sim-install")
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
         self._busy: set[str] = set()
         self._lock = threading.Lock()
 
+    def _core(self, dev: str, transport: MqttTransport) -> AgentCore:
+        c = self.config
+        ac = AgentConfig(dev, self.root / dev, labels=dict(c.labels), trusted_keys=c.trusted_keys,
+                         allow_unsigned=c.allow_unsigned, heartbeat_s=c.heartbeat_s, telemetry_s=c.telemetry_s,
+                         health_window_s=c.health_window_s, health_probe_s=0.05, check_host=True)
+        serving = StubServing(fail_selftest=dev in c.failing, fail_versions=c.failing_versions)
+        return AgentCore(ac, transport, serving, downloader=self.downloader)
+
     def start(self, timeout: float = 10.0) -> "FleetSimulator":
         for core in self.cores.values():
             core.restore()
-        self.transport.subscribe(P.wildcard("desired"), 1)
-        self.transport.start()
-        if not self.transport.wait_connected(timeout):
-            raise RuntimeError(f"simulator could not connect: {self.transport.last_error}")
+        for dev, core in self.cores.items():
+            cast_transport(core).subscribe(P.topic(dev, "desired"), 1)
+        for transport in self.transports:
+            transport.start()
+        deadline = time.monotonic() + timeout
+        for transport in self.transports:
+            if not transport.wait_connected(max(0.0, deadline - time.monotonic())):
+                raise RuntimeError(f"simulator could not connect: {transport.last_error}")
         self._ticker = threading.Thread(target=self._tick_loop, name="sim-ticker", daemon=True)
         self._ticker.start()
         for dev in self.cores:
@@ -142,12 +161,13 @@ class FleetSimulator:
         self.pool.shutdown(wait=True, cancel_futures=True)
         if self._ticker:
             self._ticker.join(5)
-        self.transport.stop()
+        for transport in self.transports:
+            transport.stop()
 
     # ------------------------------------------------------------ internals
-    def _on_connect(self) -> None:
-        for core in self.cores.values():
-            core.publish_presence(True)
+    def _on_connect(self, shard: list[str]) -> None:
+        for dev in shard:
+            self.cores[dev].publish_presence(True)
 
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         try:
@@ -209,6 +229,13 @@ class FleetSimulator:
             key = f"{a['name']}@{a['version']}" if a else "(none)"
             out[key] = out.get(key, 0) + 1
         return out
+
+
+def cast_transport(core: AgentCore) -> MqttTransport:
+    """The connection a simulated device's core publishes on (its shard's)."""
+    link = core.link
+    assert isinstance(link, MqttTransport)
+    return link
 
 
 MANAGER_THREADS = ("fleet-manager", "fleet-ingest", "mqtt-edgeml-manager", "artifact-store")
@@ -273,7 +300,7 @@ def run_simulation(*, devices: int = 500, fail_fraction: float = 0.2, waves: lis
             r = m.start_rollout(target, selector={"fleet": "sim"}, waves=waves, max_failure_rate=max_failure_rate,
                                 bake_s=bake_s, gates=[], actor="simulator")
             s = wait_until(lambda rid=r["id"]: (s := m.rollout_status(rid))["state"] in ("completed", "rolled_back") and s,
-                           600, f"rollout of {target}")
+                           600, f"rollout of {target}", interval=0.5)   # each poll reads the whole rollout
             secs, cpu = time.monotonic() - t, manager_cpu_s() - cpu
             echo(f"{target}: {s['state']} in {secs:.1f}s; per wave {s['per_wave']}"
                  + (f"; rollback {s['rollback']}; {s['reason']}" if s["reason"] else ""))

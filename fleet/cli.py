@@ -256,6 +256,7 @@ def devices_cmd(db, selector, as_json):
         active = json.loads(r["active"]) if r["active"] else None
         rows.append({"device_id": r["device_id"], "online": bool(r["online"]), "labels": labels, "endpoint": r["endpoint"],
                      "active": f"{active['name']}@{active['version']}" if active and active.get("name") else None,
+                     "active_detail": active,   # the protocol's object (docs/fleet-protocol.md)
                      "committed_seq": r["committed_seq"], "state": r["state"], "last_seen": r["last_seen"],
                      "refused_messages": r["refused"],
                      "last_failed": json.loads(r["last_failed"]) if r["last_failed"] else None,
@@ -286,7 +287,8 @@ def _status_text(s: dict) -> str:
     if s["rollback"]:
         lines.append("  rollback: " + ", ".join(f"{k}={v}" for k, v in sorted(s["rollback"].items())))
     for g in s["gates"]:
-        lines.append(f"  gate {g['gate']}: {'ok' if g['ok'] else 'BREACH'} value={g['value']} limit={g['threshold']} ({g['detail']})")
+        value = "no data yet" if g["value"] is None else f"value={g['value']}"
+        lines.append(f"  gate {g['gate']}: {'ok' if g['ok'] else 'BREACH'} {value} limit={g['threshold']} ({g['detail']})")
     for f in s["failures"][:5]:
         lines.append(f"  failed {f['device_id']}: {f['reason']}")
     return "\n".join(lines)
@@ -296,9 +298,11 @@ def _status_text(s: dict) -> str:
 @click.argument("target")
 @click.option("--db", type=DB_TYPE, help=DB_HELP)
 @click.option("--selector", default="", help="k=v,... labels of the devices to update (default all).")
-@click.option("--waves", default="5%,25%,100%", show_default=True)
+@click.option("--waves", default="5%,25%,100%", show_default=True,
+              help="Cumulative percentages, or label waves first: ring=canary,50%,100%.")
 @click.option("--max-failure-rate", default="10%", show_default=True)
-@click.option("--bake", default="60s", show_default=True, help="Wait after a wave commits, gates green, before the next.")
+@click.option("--bake", default="60s", show_default=True, help="Wait after each wave commits with gates green before the next -- and after the last before"
+                   " 'completed' (a breach then still rolls back). 0s in labs.")
 @click.option("--gate", "gates", multiple=True, help="Extra gate, e.g. p95_latency_ms<50, error_rate<0.01, p95_ratio<1.2.")
 @click.option("--health-window", default=None, help="Override the agents' health window for this rollout.")
 @json_option

@@ -35,7 +35,7 @@ from edgeml.fleet.metrics import merge, stored_buckets
 from edgeml.fleet.ratelimit import RateLimitedLog
 from edgeml.fleet.states import FINAL_FAILURES, DeviceStatus, FailureCode, InstallState, RolloutState
 from edgeml.fleet.store import ArtifactStore
-from edgeml.fleet.waves import assign_waves
+from edgeml.fleet.waves import Wave, assign_waves, wave_label
 
 log = logging.getLogger("edgeml.fleet.manager")
 ACTIVE_STATES = (RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.ROLLING_BACK)
@@ -91,6 +91,7 @@ class Manager:
         self._held: list[tuple[str, bytes]] | None = None   # desired messages waiting for their commit
         self._labels: dict[str, str] = {}          # device -> labels last seen here: a change wakes late joining
         self._settled: OrderedDict[str, str] = OrderedDict()   # deployment -> status known applied (bounded)
+        self._presence_ts: dict[str, float] = {}    # device -> newest presence applied: replays are dropped
 
     # ================================================================ messages in
     def on_connect(self) -> None:
@@ -171,6 +172,12 @@ class Manager:
                   f" ON CONFLICT (device_id) DO UPDATE SET {', '.join(updates)}", values)
 
     def _on_presence(self, msg: dict[str, Any]) -> None:
+        # a restarted broker replays retained presence (Last Wills included) on every reconnect: one not newer
+        # than what this manager applied is a replay -- no second "offline" log, no flip of a live device
+        seen = self._presence_ts.get(msg["device_id"])
+        if seen is not None and msg["ts"] <= seen:
+            return
+        self._presence_ts[msg["device_id"]] = msg["ts"]
         extra: dict[str, Any] = {}
         active = msg.get("active")
         if msg["online"] and "active" in msg and (active or {}).get("seq", -1) >= self._known_seq(msg["device_id"]):
@@ -343,7 +350,7 @@ class Manager:
         rec = self.store.publish(path, trusted_keys=trusted_keys)
         return register_artifact(self.db, rec, actor, self.clock())
 
-    def start_rollout(self, spec: str, *, selector: dict[str, str], waves: list[float], max_failure_rate: float,
+    def start_rollout(self, spec: str, *, selector: dict[str, str], waves: list[Wave], max_failure_rate: float,
                       bake_s: float, gates: list[str], actor: str, health_window_s: float | None = None) -> dict:
         name, at, version = spec.partition("@")
         if not at or not name or not version:
@@ -352,8 +359,8 @@ class Manager:
         if art is None:
             raise FleetError(f"{spec} is not published", hint="edgeml fleet publish ARTIFACT first")
         gate_objs = build_gates(gates, max_failure_rate)
-        devices = [r["device_id"] for r in self.db.q("SELECT device_id, labels FROM devices ORDER BY device_id")
-                   if P.selector_matches(selector, json.loads(r["labels"]))]
+        labels = {r["device_id"]: json.loads(r["labels"]) for r in self.db.q("SELECT device_id, labels FROM devices")}
+        devices = sorted(d for d, lab in labels.items() if P.selector_matches(selector, lab))
         if not devices:
             raise FleetError(f"no known device matches the selector {selector or '(all)'}",
                              hint="check edgeml fleet devices; agents register when they first connect")
@@ -371,7 +378,7 @@ class Manager:
                 " wave, created_at, created_by, updated_at, health_window_s) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (rid, name, version, art["sha256"], json.dumps(selector), json.dumps(waves), max_failure_rate, bake_s,
                  json.dumps([gate_to_dict(g) for g in gate_objs]), "running", 0, now, actor, now, health_window_s))
-            for w, ids in enumerate(assign_waves(rid, devices, waves)):
+            for w, ids in enumerate(assign_waves(rid, devices, waves, labels)):
                 for d in ids:
                     db.conn.execute("INSERT INTO rollout_devices (rollout_id, device_id, wave, status, updated_at)"
                                     " VALUES (?,?,?,?,?)", (rid, d, w, "pending", now))
@@ -416,6 +423,9 @@ class Manager:
         if r["state"] not in ("running", "paused"):
             raise FleetError(f"rollout {rid} is {r['state']}; only a running or paused rollout can be aborted")
         self._set_state(rid, "aborted", actor, "rollout.abort", reason)
+        # terminal states for every wave: devices never sent are "skipped" (as in a rollback), not pending forever
+        self.db.x("UPDATE rollout_devices SET status = 'skipped', updated_at = ? WHERE rollout_id = ? AND status = 'pending'",
+                  (self.clock(), rid))
         return self.rollout_status(rid)
 
     def rollback(self, rid: str, actor: str, reason: str = "rolled back by hand") -> dict:
@@ -739,7 +749,7 @@ def rollout_status(db: FleetDB, rid: str) -> dict[str, Any]:
     failures = [dict(x) for x in db.q("SELECT device_id, wave, status, reason FROM rollout_devices WHERE rollout_id = ?"
                                       " AND status IN ('failed', 'timeout') ORDER BY device_id LIMIT 20", (str(rid),))]
     return {"id": r["id"], "target": f"{r['name']}@{r['version']}", "state": r["state"], "reason": r["reason"],
-            "wave": r["wave"] + 1, "waves": [f"{w * 100:g}%" for w in r["waves"]], "per_wave": per_wave,
+            "wave": r["wave"] + 1, "waves": [wave_label(w) for w in r["waves"]], "per_wave": per_wave,
             "rollback": rollback, "gates": r["gate_results"] or [], "selector": r["selector"],
             "max_failure_rate": r["max_failure_rate"], "bake_s": r["bake_s"], "created_by": r["created_by"],
             "created_at": r["created_at"], "updated_at": r["updated_at"], "failures": failures}

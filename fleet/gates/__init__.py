@@ -87,7 +87,7 @@ class Gate:
     def evaluate(self, ctx: GateContext) -> GateResult:
         value, detail = self.measure(ctx)
         if value is None:   # no data yet is not a breach; the bake time gives it the chance to arrive
-            return GateResult(self.name, True, None, self.threshold, f"no data ({detail})")
+            return GateResult(self.name, True, None, self.threshold, f"no data yet ({detail})")
         return GateResult(self.name, self.passes(value), round(value, 6), self.threshold, detail)
 
     def expression(self) -> str:

@@ -8,4 +8,6 @@ class P95LatencyGate(Gate):
 
     def measure(self, ctx: GateContext):
         p95 = ctx.new.p95()
+        if p95 is None:
+            return None, f"{ctx.new.requests} requests on {ctx.new.devices} devices so far"
         return p95, f"new version p95 <= {p95} ms over {ctx.new.requests} requests on {ctx.new.devices} devices"

@@ -9,5 +9,6 @@ class P95RatioGate(Gate):
     def measure(self, ctx: GateContext):
         new, old = ctx.new.p95(), ctx.old.p95()
         if new is None or old is None or old <= 0:
-            return None, f"needs both versions' latency (new {new}, old {old})"
+            have = lambda v: "none yet" if v is None else f"{v} ms"   # noqa: E731
+            return None, f"needs both versions' latency (new {have(new)}, old {have(old)})"
         return new / old, f"new p95 {new} ms vs old p95 {old} ms"

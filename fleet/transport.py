@@ -6,6 +6,9 @@
   jitter, re-subscribes after every connect and flushes an outbox of QoS>=1
   messages published while offline (receivers are idempotent).
 * TLS (CA, client cert/key) and username/password.
+* Several brokers (a cluster's nodes): ``url`` may list them, comma-separated
+  (``mqtt://n1:1883,mqtt://n2:1883``). A lost or refused connection moves to
+  the next node at once; the backoff applies only after every node was tried.
 
 The agent and manager receive a ``Link`` (anything with ``publish``) so their
 logic is tested without a broker; this class is the real one.
@@ -46,12 +49,28 @@ class BrokerConfig:
     session_expiry_s: int = 24 * 3600
 
     def endpoint(self) -> tuple[str, int, bool]:
-        u = urlparse(self.url)
-        if u.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-            raise UsageError(f"broker URL {self.url!r} must start with mqtt:// or mqtts://",
-                             hint="e.g. --broker mqtt://localhost:1883")
-        tls = u.scheme in ("mqtts", "ssl") or self.tls_ca is not None
-        return u.hostname or "127.0.0.1", u.port or (8883 if tls else 1883), tls
+        """The first broker (see ``endpoints`` for all)."""
+        return self.endpoints()[0]
+
+    def endpoints(self) -> list[tuple[str, int, bool]]:
+        """(host, port, tls) of every broker in ``url`` (comma-separated: a cluster's nodes), in order."""
+        urls = [u.strip() for u in self.url.split(",") if u.strip()]
+        if not urls or len(urls) > 32:
+            raise UsageError(f"broker URL {self.url!r} must name 1 to 32 brokers, comma-separated",
+                             hint="e.g. --broker mqtt://n1:1883,mqtt://n2:1883")
+        out = []
+        for url in urls:
+            u = urlparse(url)
+            if u.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+                raise UsageError(f"broker URL {url!r} must start with mqtt:// or mqtts://",
+                                 hint="e.g. --broker mqtt://localhost:1883 (several: comma-separated)")
+            tls = u.scheme in ("mqtts", "ssl") or self.tls_ca is not None
+            try:
+                port = u.port or (8883 if tls else 1883)
+            except ValueError:
+                raise UsageError(f"broker URL {url!r} has a bad port") from None
+            out.append((u.hostname or "127.0.0.1", port, tls))
+        return out
 
 
 def read_password_file(path: Path | None) -> str | None:
@@ -75,7 +94,9 @@ class MqttTransport:
         self.on_message = on_message
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
-        self.host, self.port, self.tls = config.endpoint()
+        self._endpoints = config.endpoints()
+        self._node = 0
+        self.host, self.port, self.tls = self._endpoints[0]
         self.protocol = {"auto": 5, "5": 5, "3.1.1": 4}.get(str(config.protocol))
         if self.protocol is None:
             raise UsageError(f"MQTT protocol {config.protocol!r} must be auto, 5 or 3.1.1")
@@ -239,8 +260,9 @@ class MqttTransport:
             except (OSError, ValueError) as exc:
                 self.last_error = f"cannot connect to {self.host}:{self.port}: {exc}"
                 log.debug("%s", self.last_error)
-                self._sleep(self._backoff(attempt))
-                attempt += 1
+                if self._next_node():     # every node tried: back off
+                    self._sleep(self._backoff(attempt))
+                    attempt += 1
                 continue
             started = time.monotonic()
             while not self._stop.is_set():
@@ -269,8 +291,19 @@ class MqttTransport:
                 continue
             if self.protocol != proto_before:
                 continue
+            if not self._next_node():     # another node of the cluster: try it at once
+                self._sleep(0.05)
+                continue
             self._sleep(self._backoff(attempt))
             attempt = 0 if self._got_connack and self.connects else attempt + 1
+
+    def _next_node(self) -> bool:
+        """Move to the next broker of the list; True when that wrapped around (or there is only one)."""
+        self._node = (self._node + 1) % len(self._endpoints)
+        self.host, self.port, self.tls = self._endpoints[self._node]
+        if len(self._endpoints) > 1:
+            log.info("trying broker %s:%s", self.host, self.port)
+        return self._node == 0
 
     def _sleep(self, seconds: float) -> None:
         self._stop.wait(seconds)

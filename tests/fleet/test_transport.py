@@ -60,3 +60,38 @@ def test_falls_back_to_mqtt_311_on_amqtt(tmp_path):
         a.stop()
     finally:
         b.stop()
+
+
+def test_several_brokers_parse_and_refuse_bad_ones():
+    cfg = BrokerConfig("mqtt://n1:1883, mqtts://n2,mqtt://n3:2883")
+    assert cfg.endpoints() == [("n1", 1883, False), ("n2", 8883, True), ("n3", 2883, False)]
+    assert cfg.endpoint() == ("n1", 1883, False)
+    for bad in ("mqtt://n1:1883,http://n2", ",", "mqtt://n1:99999"):
+        with pytest.raises(Exception, match="broker URL"):
+            BrokerConfig(bad).endpoints()
+
+
+def test_fails_over_to_the_next_broker_and_back(mosquitto_bin, tmp_path):
+    """Two real Mosquitto processes as two nodes: the first is stopped, the client moves to the second at once
+    (no backoff: another node was left), re-subscribes and flushes; then the second goes and the first is back."""
+    nodes = [Broker(tmp_path / f"n{i}", kind="mosquitto", persistence=False).start() for i in range(2)]
+    got: list[bytes] = []
+    t = MqttTransport(BrokerConfig(",".join(n.url for n in nodes), backoff_min_s=0.2, backoff_max_s=0.5), "multi",
+                      on_message=lambda tp, p, r: got.append(p))
+    t.subscribe("x/#", 1)
+    try:
+        t.start()
+        assert t.wait_connected(10) and t.port == nodes[0].port
+        nodes[0].stop()
+        wait_until(lambda: t.connected and t.port == nodes[1].port, 10, "fail-over to node 2")
+        assert t.publish("x/a", b"via node 2", 1)
+        wait_until(lambda: b"via node 2" in got, 5, "the subscription renewed on node 2")
+        nodes[0].start()
+        nodes[1].stop()
+        wait_until(lambda: t.connected and t.port == nodes[0].port, 10, "back on node 1")
+        assert t.publish("x/b", b"via node 1", 1)
+        wait_until(lambda: b"via node 1" in got, 5, "the subscription renewed on node 1")
+    finally:
+        t.stop()
+        for n in nodes:
+            n.stop()

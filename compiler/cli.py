@@ -91,6 +91,12 @@ def _parse_backend_option(values: tuple[str, ...]) -> dict:
 @click.option("--keep-fallback", is_flag=True,
               help="Also write OUTPUT-stem.fallback.edgepkg: the best passing candidate of another backend (else "
                    "FP32), served when the primary fails (named by the primary's runtime.fallback).")
+@click.option("--prune", "prune", default="",
+              help="PyTorch models: also try these fractions of channels pruned (e.g. 0.25,0.5; torch-pruning), "
+                   "each fine-tuned on --train and kept only when it wins within the tolerance.")
+@click.option("--train", "train", type=click.Path(path_type=Path),
+              help="Training .npz for --prune's fine-tune: inputs by name + 'labels' (cross-entropy).")
+@click.option("--fine-tune-epochs", default=5, type=int, show_default=True, help="Epochs of --prune's fine-tune.")
 @click.option("--tune-budget", help="TVM tuning budget, e.g. 10m (TVM backend only).")
 @click.option("--option", "backend_option", multiple=True, help="Backend option KEY=VALUE (JSON values allowed).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
@@ -99,7 +105,8 @@ def _parse_backend_option(values: tuple[str, ...]) -> dict:
 def compile_cmd(model: str, target: str, output: Path, precision: str, backend: str, calib: Path | None,
                 eval_path: Path | None, max_accuracy_drop: float, metric: str, input_shape: tuple[str, ...], name: str | None,
                 version: str, sign_key: Path | None, cache_dir: Path | None, no_cache: bool, no_benchmark: bool,
-                benchmark_seconds: float, keep_fallback: bool, tune_budget: str | None, backend_option: tuple[str, ...], quiet: bool, as_json: bool) -> None:
+                benchmark_seconds: float, keep_fallback: bool, prune: str, train: Path | None,
+                fine_tune_epochs: int, tune_budget: str | None, backend_option: tuple[str, ...], quiet: bool, as_json: bool) -> None:
     """Compile MODEL (.onnx, .pt2, or pkg.module:factory) into a verified artifact for TARGET."""
     from edgeml.compiler import compile_with_report
 
@@ -114,7 +121,7 @@ def compile_cmd(model: str, target: str, output: Path, precision: str, backend: 
             eval=eval_path, max_accuracy_drop=max_accuracy_drop, metric=metric, input_shape=list(input_shape) or None, name=name,
             version=version, sign_key=sign_key, cache_dir=cache_dir, use_cache=not no_cache,
             benchmark=not no_benchmark, benchmark_seconds=benchmark_seconds, progress=_Progress(quiet),
-            keep_fallback=keep_fallback, **extra)
+            keep_fallback=keep_fallback, prune=prune, train=train, fine_tune_epochs=fine_tune_epochs, **extra)
     emit(result.to_dict(), as_json, render)
 
 

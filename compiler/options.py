@@ -77,6 +77,10 @@ class CompileOptions:
     progress: Callable[[str], None] | None = None
     eval_budget_s: float = EVAL_BUDGET_S
     keep_fallback: bool = False                 # also write <out-stem>.fallback.edgepkg (compiler/fallback.py)
+    prune: Any = ()                             # channel ratios to prune (compiler/prune.py); () = none
+    train: Path | None = None                   # training .npz for the pruned models' fine-tune
+    fine_tune_epochs: int = 5
+    train_loss: Callable[..., Any] | None = None   # Python API only: loss(outputs, targets) -> Tensor
     backend_options: dict[str, Any] = field(default_factory=dict)   # as given (cache key, provenance)
     # backend name -> its typed Options, filled by validate()
     typed_options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -122,13 +126,25 @@ class CompileOptions:
             raise UsageError(f"output folder {parent} is not a folder")
         if not isinstance(self.input_shape, dict) or any(not isinstance(v, tuple) for v in self.input_shape.values()):
             self.input_shape = parse_input_shapes(self.input_shape)
-        for attr in ("calib", "eval", "sign_key", "cache_dir"):
+        self._validate_pruning()
+        for attr in ("calib", "eval", "sign_key", "cache_dir", "train"):
             value = getattr(self, attr)
             if value is not None:
                 setattr(self, attr, Path(value))
         if self.sign_key is not None and not self.sign_key.is_file():
             raise UsageError(f"signing key {self.sign_key} does not exist", hint="create one with: edgeml keygen KEY")
         return self
+
+    def _validate_pruning(self) -> None:
+        from edgeml.compiler.prune import parse_ratios
+
+        self.prune = parse_ratios(self.prune)
+        if self.train is not None:
+            self.train = Path(self.train)
+        try:
+            self.fine_tune_epochs = int(self.fine_tune_epochs)
+        except (TypeError, ValueError):
+            raise UsageError(f"fine_tune_epochs {self.fine_tune_epochs!r} is not an integer") from None
 
     def _validate_metric(self) -> None:
         from edgeml.compiler.evaluate import METRIC_ALIASES, METRICS, metric_name
@@ -162,8 +178,13 @@ class CompileOptions:
         """The options that affect the artifact's bytes (for the cache key and provenance)."""
         d = asdict(self)
         for k in ("model", "output", "calib", "eval", "sign_key", "cache_dir", "use_cache", "progress", "target",
-                  "typed_options"):
+                  "typed_options", "prune", "train", "fine_tune_epochs", "train_loss"):
             d.pop(k, None)
+        if self.prune:  # only a pruning compile records it (the keys of earlier compiles stay)
+            from edgeml.compiler.prune import digest
+
+            d["prune"] = {"ratios": list(self.prune), "fine_tune_epochs": self.fine_tune_epochs,
+                          "loss": digest(self.prune, self.fine_tune_epochs, self.train_loss)}
         if self.eval_budget_s == EVAL_BUDGET_S:  # keep the keys of earlier compiles (no new field unless set)
             d.pop("eval_budget_s")
         else:  # it was a backend option before it became a compile option

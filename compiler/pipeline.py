@@ -26,6 +26,7 @@ from edgeml.compiler.manifest import (GOLDEN_SAMPLES, created_timestamp, host_in
                                       selftest_tolerance, source_date_epoch, tool_versions)
 from edgeml.compiler.options import EVAL_BUDGET_S, CompileOptions
 from edgeml.compiler.profile import build_profile
+from edgeml.compiler.prune import check_options as check_pruning, pruned_models
 from edgeml.compiler.select import benchmark as run_benchmark, select
 from edgeml.compiler.session import Candidate, CompileResult, CompileSession, Reference
 from edgeml.errors import (AccuracyError, ArtifactError, CompileError, DataError, EdgemlError, MissingDependency,
@@ -38,7 +39,9 @@ __all__ = ["EVAL_BUDGET_S", "Candidate", "CompileResult", "compile_with_report"]
 
 def compile_with_report(model: Any, *, target: Any, output: Any, **options: Any) -> CompileResult:
     """Compile ``model`` for ``target`` into ``output``; keywords are compile options or backend options."""
-    session = _open_session(CompileOptions.from_keywords(model, output, options), target)
+    opts = CompileOptions.from_keywords(model, output, options)
+    check_pruning(model, opts.prune, opts.train, opts.fine_tune_epochs, opts.train_loss)
+    session = _open_session(opts, target)
     try:
         return _compile(session, model)
     finally:
@@ -57,7 +60,7 @@ def _compile(s: CompileSession, model: Any) -> CompileResult:
         s.imported = import_model(model, s.opts.input_shape, s.workdir / "import", progress=s.say)
     s.say(f"model: {len(s.model.inputs)} input(s) {[t.to_dict() for t in s.model.inputs]}")
     s.ref = _measure_reference(s)
-    _build_candidates(s)
+    _build_candidates(s, model)
     passing = _passing_candidates(s)
     measured = _benchmark(s, passing)
     chosen, selection = select(passing, measured=measured, backend_order=list(s.target.backends),
@@ -106,6 +109,7 @@ def _cache_key(s: CompileSession, model: Any, cache: CompileCache | None) -> str
         "model": model_sha, "calib": _sha(s.opts.calib), "eval": _sha(s.opts.eval), "options": s.opts.key_dict(),
         "target": s.target.name, "target_file": _target_file_sha(s.target.name), "tools": tool_versions(),
         "code": code_fingerprint(), "source_date_epoch": s.epoch, "schema": SCHEMA_VERSION,
+        **({"train": _sha(s.opts.train)} if s.opts.prune else {}),
     })
 
 
@@ -168,21 +172,38 @@ def _datasets(opts: CompileOptions, imported: ImportedModel) -> tuple[ev.Dataset
 # ------------------------------------------------------------------ candidates
 
 
-def _build_candidates(s: CompileSession) -> None:
-    contexts = _collect_candidates(s)
+def _build_candidates(s: CompileSession, model: Any) -> None:
+    wanted = _collect_candidates(s)
+    _collect_pruned_candidates(s, model, wanted)
     for c in s.candidates:
-        _build_and_check(s, c, contexts[c.spec.backend])
+        assert c.context is not None
+        _build_and_check(s, c, c.context)
 
 
-def _collect_candidates(s: CompileSession) -> dict[str, BuildContext]:
-    """Ask each backend for its candidates; returns the build context of each backend that offered some."""
+def _collect_pruned_candidates(s: CompileSession, model: Any, wanted: list[str]) -> None:
+    """--prune: every backend's candidates again for each pruned model, labelled ``.../prunedNN``."""
+    pruned = pruned_models(model, s.opts, s.model.inputs, s.model.outputs, s.workdir / "prune",
+                           s.epoch is not None, s.say)
+    dense = [c for c in s.candidates if c.context is not None]
+    for variant in pruned:
+        for c in dense:
+            assert c.context is not None
+            ctx = dataclasses.replace(c.context, onnx_path=variant.imported.onnx_path,
+                                      workdir=s.workdir / "build" / variant.tag)
+            ctx.workdir.mkdir(parents=True, exist_ok=True)
+            spec = dataclasses.replace(c.spec, label=f"{c.spec.label}+{variant.tag}")
+            s.candidates.append(Candidate(len(s.candidates), spec, backend_version=c.backend_version,
+                                          context=ctx, pruning=variant.recipe))
+
+
+def _collect_candidates(s: CompileSession) -> list[str]:
+    """Ask each backend for its candidates (each keeps its backend's build context); returns the precisions."""
     wanted = _precisions(s.opts, s.target)
     if "int8" in wanted and s.reference.calib_set is None:
         wanted.remove("int8")
         s.skipped.append({"label": "*/int8", "backend": None, "precision": "int8", "status": "skipped",
                           "selected": False, "reason": "no calibration data (pass --calib to try int8)"})
     base = _build_context(s)
-    contexts: dict[str, BuildContext] = {}
     for name in _backend_names(s.opts, s.target):
         ctx = dataclasses.replace(base, options=s.opts.options_for(name))
         offered = _offered_candidates(s, name, ctx, wanted)
@@ -194,9 +215,8 @@ def _collect_candidates(s: CompileSession) -> dict[str, BuildContext]:
         for spec in specs:
             if not spec.label:
                 spec = CandidateSpec(spec.backend, spec.precision, spec.recipe, f"{spec.backend}/{spec.precision}")
-            s.candidates.append(Candidate(len(s.candidates), spec, backend_version=version))
-        contexts[name] = ctx
-    return contexts
+            s.candidates.append(Candidate(len(s.candidates), spec, backend_version=version, context=ctx))
+    return wanted
 
 
 def _offered_candidates(s: CompileSession, name: str, ctx: BuildContext,
@@ -505,6 +525,7 @@ def _manifest(s: CompileSession, chosen: Candidate, selection: dict[str, Any]) -
         "selftest": {"file": SELFTEST_FILE, "samples": len(next(iter(golden_in.values()))), "rtol": rtol,
                      "atol": atol, "reference": "compiled" if verified else "fp32",
                      "latency_budget_ms": None if reproducible else latency_budget_ms(p90)},
+        **({"pruning": chosen.pruning.to_dict(reproducible) if chosen.pruning else None} if opts.prune else {}),
         "drift_profile": build_profile(ref.outputs, ref.eval_set.inputs, [t.name for t in imported.outputs],
                                        source=ref.eval_set.source),
     }

@@ -15,10 +15,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgeml.backends.base import BuiltCandidate, CandidateSpec, Reference as BuildReference, RuntimeBackend
+from edgeml.backends.base import BuildContext, BuiltCandidate, CandidateSpec, Reference as BuildReference, RuntimeBackend
 from edgeml.compiler import evaluate as ev
 from edgeml.compiler.importers import ImportedModel
 from edgeml.compiler.options import CompileOptions
+from edgeml.compiler.prune import PruneRecipe
 from edgeml.errors import EdgemlError
 
 
@@ -57,6 +58,8 @@ class Candidate:
     latency: dict[str, float] | None = None
     error: EdgemlError | None = None
     eval_samples: int | None = None  # set when evaluated on fewer than all eval samples
+    context: BuildContext | None = None   # the build context of its source model (dense or pruned)
+    pruning: PruneRecipe | None = None    # set for a candidate built from a pruned model
 
     def close_runtime(self) -> None:
         if self.runtime is not None:
@@ -71,6 +74,12 @@ class Candidate:
         return self.built.recipe if self.built else dict(self.spec.recipe)
 
     def to_dict(self, reproducible: bool) -> dict[str, Any]:
+        d = self._record(reproducible)
+        if self.pruning is not None:
+            d["pruning"] = self.pruning.to_dict(reproducible)
+        return d
+
+    def _record(self, reproducible: bool) -> dict[str, Any]:
         return {
             "label": self.spec.label or f"{self.spec.backend}/{self.spec.precision}",
             "backend": self.spec.backend,

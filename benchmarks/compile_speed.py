@@ -33,7 +33,14 @@ Transformer encoders (``bert-mini``, from a transformers config; dynamic sequenc
 once and measured at each of ``SEQ_LENS`` tokens (rows ``bert-mini@32``, ``bert-mini@128``), with
 tokens/s = sequence length / p50. Every model's candidates (label, status, accuracy, p50 in the
 compiler's own benchmark) are printed under the table, so new candidates (bf16, transformer fusion,
-dynamic int8) show side by side with the peers. Olive columns: not measured (see docs/compiler.md).
+dynamic int8) show side by side with the peers.
+
+Olive columns (``--olive-python PATH``, the python of a separate venv with ``olive-ai``; or
+``EDGEML_OLIVE_PYTHON``): benchmarks/olive_peer.py runs Olive's CPU workflows on the same ONNX file
+(peephole FP32, + static INT8 QDQ calibrated on the same data, + dynamic INT8); each variant that keeps
+accuracy within 1 point of ORT FP32 (``acc`` = top-1 vs labels, else argmax agreement, else cosine x 100 for
+encoders, on the eval file at batch 1) joins the same interleaved run, and ``olive`` is the fastest of them.
+Without an Olive python the columns are skipped with the reason printed.
 """
 
 from __future__ import annotations
@@ -126,7 +133,7 @@ def _feeds(name: str, eval_file: Path, seq_len: int | None) -> dict[str, np.ndar
 
 
 def bench_model(name: str, work: Path, target: str, rounds: int, round_seconds: float, say,
-                seq_len: int | None = None) -> dict[str, Any]:
+                seq_len: int | None = None, olive_python: Path | None = None) -> dict[str, Any]:
     import onnxruntime as ort
     import openvino as ov
     import torch
@@ -187,6 +194,11 @@ def bench_model(name: str, work: Path, target: str, rounds: int, round_seconds: 
         "edgeml": lambda: model.predict(feeds),
         "direct": direct,
     }
+    if olive_python is not None:
+        from edgeml.benchmarks import olive_columns
+
+        entry["olive"] = olive_columns.prepare(name, onnx_path, data, work, olive_python, sess, model, feeds,
+                                               runners, say)
     # outputs agree with ORT FP32 (sanity: a fast wrong artifact is no result)
     ref = sess.run(None, feeds)[0]
     got = model.predict(feeds)[manifest["outputs"][0]["name"]]
@@ -200,6 +212,10 @@ def bench_model(name: str, work: Path, target: str, rounds: int, round_seconds: 
     say(f"[{name}] measuring {len(runners)} runners x {rounds} rounds x {per_round} calls")
     times = interleaved(runners, rounds, per_round)
     p50 = {k: round(_p50(v), 4) for k, v in times.items()}
+    if "olive" in entry:
+        from edgeml.benchmarks import olive_columns
+
+        olive_columns.finish(entry["olive"], p50)
     entry["p50_ms"] = p50
     if seq_len is not None:
         entry["tokens_per_s"] = {k: round(seq_len / (v / 1000.0), 1) for k, v in p50.items()}
@@ -263,6 +279,9 @@ def format_table(entries: list[dict[str, Any]]) -> str:
     if defaults:
         lines.append(f"ov_default = OpenVINO CPU plugin defaults (inference precision here: {', '.join(sorted(defaults))}); "
                      "ov_f32 pins f32")
+    from edgeml.benchmarks import olive_columns
+
+    lines.extend(olive_columns.format_lines(entries))
     lines.extend(format_candidates(entries))
     return "\n".join(lines)
 
@@ -293,7 +312,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh", action="store_true",
                    help="empty the script's compile cache first (compile everything again)")
     p.add_argument("--out", type=Path, default=OUT_DIR, help="folder for the JSON result and the work files")
+    p.add_argument("--olive-python", type=Path, default=os.environ.get("EDGEML_OLIVE_PYTHON") or None,
+                   help="python of a venv with olive-ai: adds Olive's best CPU optimization as columns")
     a = p.parse_args(argv)
+    from edgeml.benchmarks import olive_columns
+
+    olive_python, why = olive_columns.check_python(a.olive_python)
+    if why:
+        print(f"olive columns skipped: {why}", file=sys.stderr)
 
     from edgeml.benchmarks import models as refmodels
     from edgeml.targets import best_host_target
@@ -318,11 +344,14 @@ def main(argv: list[str] | None = None) -> int:
         for seq_len in (SEQ_LENS if name in refmodels.TRANSFORMERS else (None,)):
             label = name if seq_len is None else f"{name}@{seq_len}"
             try:   # a transformer compiles once; the second length hits the script's compile cache
-                entries.append(bench_model(name, work, target, rounds, round_seconds, say, seq_len))
+                entries.append(bench_model(name, work, target, rounds, round_seconds, say, seq_len,
+                                           olive_python=olive_python))
             except Exception as exc:  # one model failing must not hide the others' numbers
                 say(f"[{label}] failed: {type(exc).__name__}: {exc}")
                 entries.append({"model": label, "error": f"{type(exc).__name__}: {exc}"})
     table = format_table(entries)
+    if why:
+        table += f"\nolive columns skipped: {why}"
     print(table)
     import onnxruntime
     import openvino

@@ -9,6 +9,10 @@
 * Several brokers (a cluster's nodes): ``url`` may list them, comma-separated
   (``mqtt://n1:1883,mqtt://n2:1883``). A lost or refused connection moves to
   the next node at once; the backoff applies only after every node was tried.
+* A subscription the broker refuses in its SUBACK (0x80) is retried every
+  ``resubscribe_s``: a NATS MQTT gateway answers so while JetStream elects new
+  leaders after a node is lost, and the client would otherwise never get its
+  messages on a connection that looks healthy (docs/scale.md).
 
 The agent and manager receive a ``Link`` (anything with ``publish``) so their
 logic is tested without a broker; this class is the real one.
@@ -47,6 +51,7 @@ class BrokerConfig:
     connack_timeout_s: float = 2.0
     persistent_session: bool = False   # broker queues QoS 1 messages while this client is away
     session_expiry_s: int = 24 * 3600
+    resubscribe_s: float = 1.0         # retry a subscription the broker refused (SUBACK failure) this often
 
     def endpoint(self) -> tuple[str, int, bool]:
         """The first broker (see ``endpoints`` for all)."""
@@ -102,6 +107,9 @@ class MqttTransport:
             raise UsageError(f"MQTT protocol {config.protocol!r} must be auto, 5 or 3.1.1")
         self._auto = str(config.protocol) == "auto"
         self._subs: dict[str, int] = {}
+        self._sub_mids: dict[int, str] = {}       # SUBACK bookkeeping: message id -> topic
+        self._sub_retry: dict[str, float] = {}    # refused topic -> when to subscribe again
+        self.refused_subscriptions = 0
         self._outbox: OrderedDict[int, tuple[str, bytes, int, bool]] = OrderedDict()
         self._outbox_n = 0
         self._lock = threading.RLock()
@@ -134,7 +142,7 @@ class MqttTransport:
         with self._lock:
             self._subs[topic] = qos
             if self.connected and self._client is not None:
-                self._client.subscribe(topic, qos)
+                self._subscribe_now(self._client, topic, qos)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
         """Publish now, or (QoS >= 1) queue until the next connect. True when handed to the socket."""
@@ -183,6 +191,7 @@ class MqttTransport:
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
+        client.on_subscribe = self._handle_subscribe
         return client
 
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -199,8 +208,10 @@ class MqttTransport:
         with self._lock:
             self.connects += 1
             self._connected.set()
+            self._sub_mids.clear()
+            self._sub_retry.clear()
             for t, qos in self._subs.items():
-                client.subscribe(t, qos)
+                self._subscribe_now(client, t, qos)
             pending, self._outbox = list(self._outbox.values()), OrderedDict()
             for t, payload, qos, retain in pending:
                 client.publish(t, payload, qos=qos, retain=retain)
@@ -210,6 +221,29 @@ class MqttTransport:
                 self.on_connect()
             except Exception:  # noqa: BLE001 - never kill the network thread
                 log.exception("on_connect callback failed")
+
+    def _subscribe_now(self, client, topic: str, qos: int) -> None:
+        _rc, mid = client.subscribe(topic, qos)
+        if mid is not None:
+            self._sub_mids[mid] = topic
+
+    def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        with self._lock:
+            topic = self._sub_mids.pop(mid, None)
+            if topic is None or not any(getattr(rc, "is_failure", False) for rc in reason_codes):
+                return
+            self.refused_subscriptions += 1
+            self._sub_retry[topic] = time.monotonic() + self.config.resubscribe_s
+        log.warning("broker %s:%s refused the subscription to %s (%s); retrying in %.1fs", self.host, self.port,
+                    topic, reason_codes[0], self.config.resubscribe_s)
+
+    def _retry_refused_subscriptions(self, client) -> None:
+        now = time.monotonic()
+        with self._lock:
+            due = [t for t, at in self._sub_retry.items() if at <= now and t in self._subs]
+            for topic in due:
+                del self._sub_retry[topic]
+                self._subscribe_now(client, topic, self._subs[topic])
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was = self._connected.is_set()
@@ -269,6 +303,8 @@ class MqttTransport:
                 rc = client.loop(timeout=0.2)
                 if rc != mqtt.MQTT_ERR_SUCCESS:
                     break
+                if self._sub_retry:
+                    self._retry_refused_subscriptions(client)
                 if not self._got_connack and time.monotonic() - started > self.config.connack_timeout_s:
                     self.last_error = f"no CONNACK from {self.host}:{self.port} within {self.config.connack_timeout_s}s"
                     break   # amqtt never answers a v5 CONNECT that carries a Will

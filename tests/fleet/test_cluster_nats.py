@@ -51,3 +51,30 @@ def test_nats_mqtt_gateway_keeps_retained_and_qos1_on_311(nats_mqtt):
     finally:
         pub.stop()
         sub.stop()
+
+
+def test_a_refused_subscription_is_retried_on_the_same_connection(nats_mqtt):
+    """The NATS MQTT gateway answers SUBACK 0x80 when it cannot make a subscription's JetStream consumer (seen while
+    a cluster elects new leaders after a node died, tests/fleet/test_cluster_nats3.py) -- and, deterministically, for
+    a topic with '.' (not allowed in NATS subjects). The transport retries refused subscriptions every
+    ``resubscribe_s`` on the same connection instead of forgetting them; the granted ones deliver meanwhile."""
+    got: list[bytes] = []
+    sub = MqttTransport(BrokerConfig(nats_mqtt, backoff_min_s=0.1, backoff_max_s=0.5, resubscribe_s=0.2), "edgeml-r",
+                        on_message=lambda t, p, r: got.append(p))
+    pub = MqttTransport(BrokerConfig(nats_mqtt, backoff_min_s=0.1, backoff_max_s=0.5), "edgeml-rp")
+    try:
+        sub.subscribe("edgeml/v1/devices/bad.id/desired", 1)
+        sub.subscribe("edgeml/v1/devices/good/desired", 1)
+        sub.start()
+        pub.start()
+        wait_until(lambda: sub.refused_subscriptions >= 3, 15, "the refused subscription to be retried")
+        assert sub.connects == 1                       # retried on the same connection, not by reconnecting
+
+        def delivered() -> bool:
+            pub.publish("edgeml/v1/devices/good/desired", b"granted", 1)
+            return b"granted" in got
+
+        wait_until(delivered, 10, "the granted subscription to deliver", interval=0.3)
+    finally:
+        sub.stop()
+        pub.stop()

@@ -425,6 +425,7 @@ class Sampler:
         self._pending_bytes = 0
         self._sketch = Sketch(profile)
         self._stop = threading.Event()
+        self.busy_s = 0.0                      # CPU seconds spent binning (benchmarks/drift_overhead.py prints it)
         self._thread = threading.Thread(target=self._work, name="edgeml-drift", daemon=True)
         self._thread.start()
 
@@ -448,6 +449,7 @@ class Sampler:
                 spent = time.thread_time()
                 self._bin_pending()
                 spent = time.thread_time() - spent
+                self.busy_s += spent
             # the duty cap: after ``spent`` seconds of work, rest long enough that work stays <= MAX_DUTY
             pause = max(BATCH_INTERVAL_S, spent * (1.0 / MAX_DUTY - 1.0))
 
@@ -589,6 +591,10 @@ class Monitor:
         for _, _, sampler in retired:
             sampler.close()
         return rows
+
+    def busy_s(self) -> float:
+        """CPU seconds the live samplers' workers spent binning."""
+        return sum(s.busy_s for s in list(self._samplers.values()))
 
     def flush(self) -> None:
         for sampler in list(self._samplers.values()):

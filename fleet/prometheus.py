@@ -34,6 +34,9 @@ def _num(v: float | int | None) -> str:
     return repr(float(v)) if isinstance(v, float) else str(v)
 
 
+# serve_forever notices shutdown() only between polls (0.5 s by default): SIGTERM took that long per server
+SHUTDOWN_POLL_S = 0.05
+
 class _Family:
     def __init__(self, name: str, kind: str, help_text: str):
         self.name, self.kind, self.help = name, kind, help_text
@@ -208,7 +211,8 @@ class MetricsServer:
         return f"http://{self.host}:{self.port}/metrics"
 
     def start(self) -> "MetricsServer":
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="fleet-metrics", daemon=True)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(SHUTDOWN_POLL_S,), name="fleet-metrics",
+                                        daemon=True)
         self._thread.start()
         return self
 

@@ -32,6 +32,9 @@ log = logging.getLogger("edgeml.fleet.store")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
+# serve_forever notices shutdown() only between polls (0.5 s by default): SIGTERM took that long per server
+SHUTDOWN_POLL_S = 0.05
+
 class ArtifactStore:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -172,7 +175,8 @@ class StoreServer:
         return f"{self.base_url}/artifacts/{sha256}"
 
     def start(self) -> "StoreServer":
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="artifact-store", daemon=True)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(SHUTDOWN_POLL_S,), name="artifact-store",
+                                        daemon=True)
         self._thread.start()
         return self
 

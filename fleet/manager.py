@@ -748,8 +748,15 @@ def rollout_status(db: FleetDB, rid: str) -> dict[str, Any]:
             rollback[row["rollback_status"]] = rollback.get(row["rollback_status"], 0) + row["n"]
     failures = [dict(x) for x in db.q("SELECT device_id, wave, status, reason FROM rollout_devices WHERE rollout_id = ?"
                                       " AND status IN ('failed', 'timeout') ORDER BY device_id LIMIT 20", (str(rid),))]
-    return {"id": r["id"], "target": f"{r['name']}@{r['version']}", "state": r["state"], "reason": r["reason"],
+    from edgeml.fleet.gates.failure_rate import refresh_reason, refresh_result
+
+    # stored gate text is recomputed from today's counts (late joiners, devices failing after the breach)
+    inclusive = next((g.get("inclusive", False) for g in r["gates"] if g["name"] == "failure_rate"), True)
+    wave_counts = per_wave[r["wave"]] if r["wave"] < len(per_wave) else {}
+    gates = [refresh_result(g, r["wave"], wave_counts, inclusive) for g in r["gate_results"] or []]
+    return {"id": r["id"], "target": f"{r['name']}@{r['version']}", "state": r["state"],
+            "reason": refresh_reason(r["reason"], r["wave"], wave_counts),
             "wave": r["wave"] + 1, "waves": [wave_label(w) for w in r["waves"]], "per_wave": per_wave,
-            "rollback": rollback, "gates": r["gate_results"] or [], "selector": r["selector"],
+            "rollback": rollback, "gates": gates, "selector": r["selector"],
             "max_failure_rate": r["max_failure_rate"], "bake_s": r["bake_s"], "created_by": r["created_by"],
             "created_at": r["created_at"], "updated_at": r["updated_at"], "failures": failures}

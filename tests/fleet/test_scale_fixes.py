@@ -100,3 +100,41 @@ def test_status_updates_use_the_primary_key(env):  # noqa: F811
     assert "USING INDEX" in detail and "device_id=?" in detail, detail
     source = open(m.__class__.__module__.replace(".", "/").replace("edgeml/", "", 1) + ".py").read()
     assert "WHERE rollout_id = ? AND deployment_id = ?" not in source
+
+
+def test_gate_text_follows_a_late_joiner(env):  # noqa: F811
+    m, clock, link, _ = env
+    fleet = FakeFleet(m, 3)
+    r = m.start_rollout("tiny@1.0.0", selector={"hw": "x"}, waves=[1.0], max_failure_rate=0.1, bake_s=0, gates=[],
+                        actor="t")
+    m.tick()
+    fleet.answer(link)
+    m.tick(); m.tick()
+    assert m.rollout_status(r["id"])["state"] == "completed"
+    fleet.devices["d03"] = {"labels": {"hw": "x"}, "active": None, "ev": 0}      # a device joins late
+    fleet.heartbeat("d03")
+    m.tick()
+    fleet.answer(link)
+    m.tick()
+    s = m.rollout_status(r["id"])
+    assert s["per_wave"] == [{"committed": 4}]
+    assert s["gates"][0]["detail"] == "0/4 devices failed in wave 1", s["gates"]     # was "0/3" beside committed=4
+
+
+def test_breach_reason_adds_the_failures_counted_after_it(env):  # noqa: F811
+    m, clock, link, _ = env
+    fleet = FakeFleet(m, 10)
+    r = m.start_rollout("tiny@1.0.0", selector={"hw": "x"}, waves=[1.0], max_failure_rate=0.1, bake_s=0, gates=[],
+                        actor="t")
+    m.tick()
+    late = [d for d in fleet.devices if d not in ("d00", "d01")]
+    fleet.answer(link, fail=("d00", "d01"), silent=late)                            # 2/10 failed: breach
+    m.tick()
+    s = m.rollout_status(r["id"])
+    assert (s["reason"] or "").startswith("gate failure_rate breached in wave 1: 2/10 devices failed"), s
+    fleet.answer(link, fail=("d02", "d03", "d04"))                                  # more fail after the breach
+    m.tick()
+    s = m.rollout_status(r["id"])
+    assert "2/10 devices failed in wave 1" in s["reason"] and s["reason"].endswith("; 5/10 failed by now"), s["reason"]
+    assert s["gates"][0]["detail"] == "5/10 devices failed in wave 1" and s["gates"][0]["value"] == 0.5
+    assert s["per_wave"][0].get("failed", 0) + s["per_wave"][0].get("timeout", 0) == 5

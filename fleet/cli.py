@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from edgeml.fleet.profiles import apply_profile, profile_option
+
 from edgeml.cli import emit, handle_errors, json_option
 from edgeml.fleet.monitor_cli import Monitoring, manager_options, register as register_monitoring
 
@@ -112,12 +114,16 @@ def _wait_for_signal() -> None:
               help="Turn on the embedded server's repository API (load/unload) behind this bearer token"
                    " (also $EDGEML_ADMIN_TOKEN). Default: off, repository endpoints answer 403.")
 @click.option("--log-level", default="info", show_default=True)
+@profile_option
 @json_option
 @handle_errors
 def agent_cmd(device_id, labels, state_dir, trusted_keys, allow_unsigned, http_host, http_port, heartbeat,
               telemetry_every, health_window, health_max_error_rate, health_max_p95_ms, admin_token, log_level,
               as_json, **kw):
     """Run the device agent: reconcile the desired model, serve it, report."""
+    timing = apply_profile(kw.pop("profile"), "agent", {"heartbeat": heartbeat, "telemetry_every": telemetry_every,
+                                                        "health_window": health_window})
+    heartbeat, telemetry_every, health_window = timing["heartbeat"], timing["telemetry_every"], timing["health_window"]
     from edgeml.errors import UsageError
     from edgeml.fleet.agent import Agent, AgentConfig
     from edgeml.fleet.waves import bounded_duration
@@ -181,11 +187,17 @@ def fleet_group() -> None:
 @click.option("--health-window", default="10s", show_default=True, help="Health window agents run after a swap.")
 @click.option("--log-level", default="info", show_default=True)
 @manager_options
+@profile_option
 @json_option
 @handle_errors
 def manager_cmd(db, store_dir, http_host, http_port, public_url, sign_key, heartbeat_timeout, offline_timeout,
                 health_window, log_level, as_json, **kw):
     """Run the fleet manager (long-running)."""
+    timing = apply_profile(kw.pop("profile"), "manager", {"heartbeat_timeout": heartbeat_timeout,
+                                                          "offline_timeout": offline_timeout,
+                                                          "health_window": health_window})
+    heartbeat_timeout, offline_timeout, health_window = (timing["heartbeat_timeout"], timing["offline_timeout"],
+                                                         timing["health_window"])
     from edgeml.fleet.manager import ManagerConfig
     from edgeml.fleet.waves import parse_duration
     from edgeml.fleet.service import ManagerService
@@ -305,10 +317,13 @@ def _status_text(s: dict) -> str:
                    " 'completed' (a breach then still rolls back). 0s in labs.")
 @click.option("--gate", "gates", multiple=True, help="Extra gate, e.g. p95_latency_ms<50, error_rate<0.01, p95_ratio<1.2.")
 @click.option("--health-window", default=None, help="Override the agents' health window for this rollout.")
+@profile_option
 @json_option
 @handle_errors
-def rollout_start_cmd(target, db, selector, waves, max_failure_rate, bake, gates, health_window, as_json):
+def rollout_start_cmd(target, db, selector, waves, max_failure_rate, bake, gates, health_window, profile, as_json):
     """Roll NAME@VERSION out in waves (the running manager executes it)."""
+    timing = apply_profile(profile, "rollout", {"bake": bake, "health_window": health_window})
+    bake, health_window = timing["bake"], timing["health_window"]
     from edgeml.fleet.gates import parse_gate
     from edgeml.fleet.waves import parse_duration, parse_rate, parse_waves
     from edgeml.fleet.protocol import parse_labels

@@ -7,8 +7,9 @@ One in-process ``ModelServer`` (the real v2 HTTP server) per model, closed-loop 
 clients; each round runs sampling off then on (order alternating between rounds so slow drift of
 the machine hits both alike). Reported: the median of the rounds' on/off ratios (each ratio compares
 two runs seconds apart, so a load change elsewhere on a shared machine hits few of them), their
-range, and the sampler worker's own CPU time per second of the "on" runs (the cost it can take
-from a server that shares its interpreter, whatever the noise of the throughput figures).
+range, the sampler worker's own CPU time per second of the "on" runs, and this process's CPU time
+per request (server and clients) off and on, with the median of the rounds' on/off CPU ratios: on
+a busy shared machine the throughput swings with other work, the CPU per request much less.
 "On" is exactly what the agent installs: ``server.observer`` -> ``Monitor.offer`` with the
 model's profile at ``--rate`` (default: the agent's default, edgeml.runtime.drift.DEFAULT_RATE).
 """
@@ -33,7 +34,8 @@ def _body(name: str, rows: np.ndarray) -> bytes:
                                    "data": rows.astype(np.float32).ravel().tolist()}]}).encode()
 
 
-def _load(port: int, path: str, body: bytes, seconds: float, concurrency: int) -> float:
+def _load(port: int, path: str, body: bytes, seconds: float, concurrency: int) -> tuple[float, float]:
+    """(requests per second, CPU seconds of this process per request: server and clients together)."""
     counts = [0] * concurrency
     stop = time.monotonic() + seconds
 
@@ -48,12 +50,13 @@ def _load(port: int, path: str, body: bytes, seconds: float, concurrency: int) -
         conn.close()
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), time.process_time()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return sum(counts) / (time.monotonic() - t0)
+    done = max(1, sum(counts))
+    return sum(counts) / (time.monotonic() - t0), (time.process_time() - cpu0) / done
 
 
 def measure(model: str, *, seconds: float, rounds: int, rate: float, concurrency: int, work: Path) -> dict[str, Any]:
@@ -78,11 +81,14 @@ def measure(model: str, *, seconds: float, rounds: int, rate: float, concurrency
         body, path = _body(inp, rows[:1]), f"/v2/models/{lm.name}/infer"
         on_rps: list[float] = []
         off_rps: list[float] = []
+        cpu: dict[bool, list[float]] = {True: [], False: []}
         _load(port, path, body, min(seconds, 2.0), concurrency)       # warm up
         for r in range(rounds):
             for sampling in ((False, True) if r % 2 == 0 else (True, False)):
                 server.observer = (lambda m, i, o: monitor.offer(m.name, m.version, i, o)) if sampling else None
-                (on_rps if sampling else off_rps).append(_load(port, path, body, seconds, concurrency))
+                rps, cpu_per_request = _load(port, path, body, seconds, concurrency)
+                (on_rps if sampling else off_rps).append(rps)
+                cpu[sampling].append(cpu_per_request)
         server.observer = None
         worker_s = monitor.busy_s()          # before flush: only what the worker did while serving
         monitor.flush()
@@ -92,11 +98,15 @@ def measure(model: str, *, seconds: float, rounds: int, rate: float, concurrency
         server.stop(drain_timeout=2)
     ratios = sorted(on / off for on, off in zip(on_rps, off_rps))
     ratio = statistics.median(ratios)
+    cpu_ratio = statistics.median(on / off for on, off in zip(cpu[True], cpu[False]))
     return {"model": model, "rate": rate, "off_rps": round(statistics.median(off_rps), 1),
             "on_rps": round(statistics.median(on_rps), 1), "ratio": round(ratio, 4),
             "overhead_percent": round(100 * (1 - ratio), 2),
             "ratio_range": [round(ratios[0], 4), round(ratios[-1], 4)],
             "worker_cpu_percent": round(100 * worker_s / (rounds * seconds), 2),
+            "cpu_us_per_request_off": round(1e6 * statistics.median(cpu[False]), 1),
+            "cpu_us_per_request_on": round(1e6 * statistics.median(cpu[True]), 1),
+            "cpu_overhead_percent": round(100 * (cpu_ratio - 1), 2),
             "rounds": rounds, "seconds": seconds, "concurrency": concurrency,
             "rows_sampled": sum(row["n"] for row in window), "dropped": sum(row["dropped"] for row in window),
             "off_each": [round(x, 1) for x in off_rps], "on_each": [round(x, 1) for x in on_rps]}
@@ -120,12 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results, indent=2))
         return 0
     print("| model | sampling rate | off req/s | on req/s | on/off (median of rounds) | overhead |"
-          " on/off range | worker CPU | rows sampled | dropped |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          " on/off range | worker CPU | CPU µs/request off, on | CPU overhead | rows sampled | dropped |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         lo, hi = r["ratio_range"]
         print(f"| {r['model']} | {r['rate']} | {r['off_rps']} | {r['on_rps']} | {r['ratio']} |"
-              f" {r['overhead_percent']} % | {lo}-{hi} | {r['worker_cpu_percent']} % | {r['rows_sampled']} |"
+              f" {r['overhead_percent']} % | {lo}-{hi} | {r['worker_cpu_percent']} % | {r['cpu_us_per_request_off']},"
+              f" {r['cpu_us_per_request_on']} | {r['cpu_overhead_percent']} % | {r['rows_sampled']} |"
               f" {r['dropped']} |")
     return 0
 

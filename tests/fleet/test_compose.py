@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
@@ -106,16 +107,19 @@ def test_the_manager_replicas_commands_run(pg_schemas, broker, keys, tmp_path): 
             assert b"edgeml_" in wait_until(lambda m=m: _get(m), 20, f"{m} answering")
         assert all(p.poll() is None for p in procs)                  # the follower keeps running
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
         codes: list[int | None] = []
-        for p in procs:
+        took = []
+        for p in procs:                  # one at a time: the leader's and the follower's stop, each timed
+            started = time.monotonic()
+            p.send_signal(signal.SIGTERM)
             try:
                 codes.append(p.wait(10))
             except subprocess.TimeoutExpired:
                 p.kill()
                 codes.append(None)
-    assert codes == [0, 0]
+            took.append(time.monotonic() - started)
+    print(f"\nSIGTERM to exit, replicas on PostgreSQL: {', '.join(f'{t:.2f}s' for t in took)}")
+    assert codes == [0, 0] and max(took) < 2.0, took
 
 
 def _leaders(url: str) -> int:

@@ -33,7 +33,9 @@ def _replica(url, store, broker, key, log):
 
 
 @pytest.mark.mqtt
-def test_kill_leader_mid_rollout(pg_schemas, broker, keys, artifacts, tmp_path):  # noqa: F811
+def test_kill_leader_mid_rollout(pg_schemas, own_broker, keys, artifacts, tmp_path):  # noqa: F811
+    # A private broker: the session broker holds other tests' retained presence, whose devices would join the rollout.
+    broker = own_broker
     url, store = pg_schemas.url(), tmp_path / "store"
     m = Manager(ManagerConfig(db=url, store_dir=store), None)
     m.publish_artifact(artifacts["v1"], "test")

@@ -64,6 +64,10 @@ def _duration(ctx, param, value):
 @click.option("--find-peak", is_flag=True, help="server: search the highest QPS whose p99 holds the bound.")
 @click.option("--sweep/--no-sweep", default=True, show_default=True, help="Also measure throughput against concurrency.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the input data and the Poisson schedule.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D0,D1,...",
+              help="Size the dynamic axes of an input (repeatable), e.g. input_ids=1,128; axis 0 is the batch.")
+@click.option("--data", "data", type=click.Path(dir_okay=False, path_type=Path),
+              help="Real inputs: an .npz with one array per input name, axis 0 = samples.")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path), help="Check the artifact's signature.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), help="Write result.json, report.md, report.html here.")
 @json_option
@@ -71,15 +75,17 @@ def _duration(ctx, param, value):
 def run_cmd(model: Path, scenario: str, duration: float, min_queries: int, max_duration: float | None, batch: int,
             threads: int | None, repeats: int, warmup: float, samples_per_query: int, concurrency: int,
             target_qps: float | None, latency_bound_ms: float | None, find_peak: bool, sweep: bool, seed: int,
-            trusted_keys: tuple[Path, ...], report_dir: Path | None, as_json: bool) -> None:
+            input_shapes: tuple[str, ...], data: Path | None, trusted_keys: tuple[Path, ...], report_dir: Path | None, as_json: bool) -> None:
     """Benchmark MODEL (.edgepkg, or .onnx on ONNX Runtime defaults)."""
     from edgeml.benchmarks.loadgen import BenchSettings, run_benchmark
     from edgeml.benchmarks.report import write_report
+    from edgeml.compiler.options import parse_input_shapes
 
     settings = BenchSettings(
         scenario=scenario, duration_s=duration, min_queries=min_queries, max_duration_s=max_duration, batch=batch,
         threads=threads, repeats=repeats, warmup_s=warmup, samples_per_query=samples_per_query, concurrency=concurrency,
         target_qps=target_qps, latency_bound_ms=latency_bound_ms, find_peak=find_peak, sweep=sweep, seed=seed,
+        input_shapes=parse_input_shapes(list(input_shapes)) or None, data=str(data) if data else None,
     ).check()
     kw = {"trusted_keys": list(trusted_keys)} if trusted_keys and model.suffix == ".edgepkg" else {}
     result = run_benchmark(model, settings, progress=lambda m: click.echo(f"[bench] {m}", err=True), **kw)
@@ -102,8 +108,11 @@ def summary_text(result: dict) -> str:
              f"{result['scenario']}: {v['result']}"]
     lines += [f"  reason: {r}" for r in v["reasons"]]
     lines.append("  " + headline_text(result).replace("**", ""))
+    lines.append("  inputs: " + ", ".join(f"{k} {v['shape']} {v['dtype']}" for k, v in (result.get("inputs_used") or {}).items()))
     lines.append("  latency ms: " + "  ".join(f"{k.replace('_', '.')}={lat[k]:.4g}" for k in ("p50", "p90", "p95", "p99", "p99_9", "max")))
-    lines.append(f"  {result['metrics']['queries']} queries, {result['metrics']['samples_per_s']:.1f} samples/s; "
+    m = result["metrics"]
+    tokens = f" = {m['tokens_per_s']:.0f} tokens/s at sequence length {m['sequence_length']}" if m.get("tokens_per_s") else ""
+    lines.append(f"  {m['queries']} queries, {m['samples_per_s']:.1f} samples/s{tokens}; "
                  f"cold start {cs.get('cold_start_ms', float('nan')):.1f} ms; peak RSS {mem.get('peak_rss_mb')} MiB")
     if result.get("qps_search"):
         lines.append(f"  peak QPS under p99 <= {result['qps_search']['latency_bound_ms']:g} ms: {result['qps_search']['peak_qps']}")

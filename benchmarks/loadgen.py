@@ -89,6 +89,8 @@ class BenchSettings:
     sweep_duration_s: float | None = None
     seed: int = 0
     max_trace_points: int = 4000
+    input_shapes: dict[str, tuple[int, ...]] | None = None  # --input-shape: fills dynamic non-batch axes
+    data: str | None = None           # --data FILE.npz: real inputs keyed by input name
 
     def check(self) -> "BenchSettings":
         if self.scenario not in SCENARIOS:
@@ -109,11 +111,27 @@ class BenchSettings:
                 self.latency_bound_ms = 100.0
         if self.latency_bound_ms is not None and self.latency_bound_ms <= 0:
             raise UsageError(f"--latency-bound-ms must be positive, got {self.latency_bound_ms}")
+        self._check_input_shapes()
         return self
+
+    def _check_input_shapes(self) -> None:
+        """Axis 0 of --input-shape is the batch: it sets --batch when that is left at 1, else must agree."""
+        from edgeml.benchmarks.sut import shapes_batch
+
+        if not self.input_shapes:
+            return
+        batch = shapes_batch(self.input_shapes)
+        if batch is None or batch == self.batch:
+            return
+        if self.batch != 1:
+            raise UsageError(f"--input-shape gives batch {batch} (axis 0) but --batch is {self.batch}",
+                             hint="make them agree, or leave --batch out")
+        self.batch = batch
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["sweep_levels"] = list(self.sweep_levels) if self.sweep_levels else None
+        d["input_shapes"] = {k: list(v) for k, v in self.input_shapes.items()} if self.input_shapes else None
         return d
 
 
@@ -375,7 +393,8 @@ def run_benchmark(model: str | Path | BenchTarget, settings: BenchSettings | Non
     rng = np.random.default_rng(settings.seed)
     own = not isinstance(model, BenchTarget)
     target = model if isinstance(model, BenchTarget) else open_target(
-        model, threads=settings.threads, clock=clock.now, rng=rng, **open_kw)
+        model, threads=settings.threads, clock=clock.now, rng=rng, input_shapes=settings.input_shapes,
+        data=Path(settings.data) if settings.data else None, **open_kw)
     try:
         origin = clock.now()
         say(f"warm-up ({settings.warmup_s:g}s / {settings.warmup_queries} queries)")
@@ -437,13 +456,19 @@ def build_result(target: BenchTarget, settings: BenchSettings, runs: list[Repeat
         metrics["server"]["completed_qps"] = stats.spread([p["completed_qps"] for p in per])
     if settings.scenario == "multi-stream":
         metrics["samples_per_query"] = per[0].get("samples_per_query")
+    used = target.inputs_used(metrics["batch"])
+    seq = used["sequence_length"]
+    if seq:  # token inputs: throughput in tokens (padding included), as transformer benchmarks report it
+        metrics["sequence_length"] = seq
+        metrics["tokens_per_s"] = metrics["samples_per_s"] * seq if metrics["samples_per_s"] else None
+        spread["tokens_per_s"] = stats.spread([p["samples_per_s"] * seq for p in per])
     return {
         "schema": RESULT_SCHEMA, "schema_version": RESULT_SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "tool": {"name": "edgeml bench", "version": edgeml.__version__},
         "scenario": settings.scenario,
         "verdict": {"result": stats.INVALID if reasons else stats.VALID, "reasons": reasons},
-        "model": target.info, "settings": settings.to_dict(), "metrics": metrics, "repeats": per, "spread": spread,
+        "model": target.info, "settings": settings.to_dict(), "inputs_used": used["inputs"], "metrics": metrics, "repeats": per, "spread": spread,
         "warmup": warm, "cold_start": target.cold_start, "memory": memory,
         "concurrency_sweep": sweep, "qps_search": search,
         "latency_cdf": stats.cdf_points(all_lat), "trace": _trace(runs, settings.max_trace_points),

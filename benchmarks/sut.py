@@ -27,19 +27,56 @@ _ORT_TYPES = {
 }
 
 
-def random_array(spec: TensorSpec, batch: int, rng: np.random.Generator) -> np.ndarray:
-    """Random data of the spec's dtype; axis 0 is the batch when dynamic."""
+# Integer inputs recognised by name as token inputs (the Hugging Face names).
+TOKEN_TYPE_NAMES = ("token_type_ids",)
+TOKEN_MASK_NAMES = ("attention_mask",)
+TOKEN_ID_NAMES = ("input_ids", "token_ids")
+# Token ids are drawn from [0, DEFAULT_VOCAB) when neither the model file nor its metadata says the vocabulary:
+# every real tokenizer's vocabulary is larger, so these ids are valid rows of any embedding table.
+DEFAULT_VOCAB = 1000
+MAX_DATA_BYTES = 1 << 30          # --data: the arrays of one .npz together (hostile-input bound)
+MAX_DATA_ARRAYS = 64
+
+
+def token_role(spec: TensorSpec) -> str | None:
+    """'ids', 'mask', 'type' for an integer token input (by its name), else None."""
+    if np.dtype(spec.dtype).kind not in "iu":
+        return None
+    name = spec.name.lower()
+    for role, names in (("type", TOKEN_TYPE_NAMES), ("mask", TOKEN_MASK_NAMES), ("ids", TOKEN_ID_NAMES)):
+        if any(name.endswith(n) for n in names):
+            return role
+    return None
+
+
+def _shape_for(spec: TensorSpec, batch: int) -> list[int]:
     shape = []
     for axis, dim in enumerate(spec.shape):
         if dim is None:
             if axis != 0:
+                example = ",".join(str(d or 1) if a != axis else "N" for a, d in enumerate(spec.shape))
                 raise UsageError(
-                    f"input '{spec.name}' has a dynamic axis {axis}; edgeml bench fills only axis 0 (the batch)",
-                    hint="compile or export the model with fixed non-batch dimensions",
+                    f"input '{spec.name}' has a dynamic axis {axis} (e.g. a sequence length); edgeml bench cannot "
+                    "guess its size",
+                    hint=f"give it with --input-shape {spec.name}={example}, or real inputs with --data FILE.npz",
                 )
             dim = batch
         shape.append(dim)
+    return shape
+
+
+def random_array(spec: TensorSpec, batch: int, rng: np.random.Generator, *, vocab: int | None = None) -> np.ndarray:
+    """Random data of the spec's dtype; axis 0 is the batch when dynamic.
+
+    Token inputs (by name): ids uniform in [0, vocab), attention mask all ones, token types zeros.
+    """
+    shape = _shape_for(spec, batch)
     dtype = np.dtype(spec.dtype)
+    role = token_role(spec)
+    if role == "ids":
+        return rng.integers(0, vocab or DEFAULT_VOCAB, size=shape).astype(dtype)
+    if role in ("mask", "type"):
+        return (np.ones if role == "mask" else np.zeros)(shape, dtype=dtype)
     if dtype.kind == "f":
         return rng.standard_normal(shape).astype(dtype)
     if dtype.kind in "iu":
@@ -47,6 +84,116 @@ def random_array(spec: TensorSpec, batch: int, rng: np.random.Generator) -> np.n
     if dtype.kind == "b":
         return rng.integers(0, 2, size=shape).astype(bool)
     raise UsageError(f"input '{spec.name}' has dtype {spec.dtype}, which edgeml bench cannot generate")
+
+
+def _shape_text(shape) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def apply_input_shapes(specs: list[TensorSpec], shapes: dict[str, tuple[int, ...]]) -> list[TensorSpec]:
+    """Fix the dynamic non-batch axes from ``--input-shape`` (axis 0 stays the batch when dynamic)."""
+    by_name = {s.name: s for s in specs}
+    for name in shapes:
+        if name not in by_name:
+            raise UsageError(f"--input-shape names '{name}', which is not an input of the model",
+                             hint=f"the inputs are: {', '.join(by_name)}")
+    out = []
+    for spec in specs:
+        given = shapes.get(spec.name)
+        if given is None:
+            out.append(spec)
+            continue
+        if len(given) != len(spec.shape) or any(m is not None and m != g for m, g in zip(spec.shape, given)):
+            raise UsageError(f"--input-shape {spec.name}={','.join(map(str, given))} does not fit the model's "
+                             f"{_shape_text(spec.shape)}", hint="keep the rank and every fixed dimension")
+        dims = tuple(None if axis == 0 and spec.shape[0] is None else g for axis, g in enumerate(given))
+        out.append(TensorSpec(spec.name, spec.dtype, dims))
+    return out
+
+
+def shapes_batch(shapes: dict[str, tuple[int, ...]]) -> int | None:
+    """The batch (axis 0) the --input-shape values agree on, None when none given."""
+    firsts = {s[0] for s in shapes.values()}
+    if len(firsts) > 1:
+        raise UsageError(f"--input-shape values disagree on axis 0 (the batch): {sorted(firsts)}")
+    return firsts.pop() if firsts else None
+
+
+def load_data(path: Path, specs: list[TensorSpec]) -> dict[str, np.ndarray]:
+    """Real inputs from an .npz keyed by input name (axis 0 = samples), checked against ``specs``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--data {path} does not exist", hint="pass an .npz with one array per model input")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            names = list(npz.files)
+            if len(names) > MAX_DATA_ARRAYS:
+                raise UsageError(f"--data {path} holds {len(names)} arrays; at most {MAX_DATA_ARRAYS}")
+            arrays = _read_bounded(npz, names, path)
+    except UsageError:
+        raise
+    except Exception as exc:  # zipfile / numpy raise many types for a bad file
+        raise UsageError(f"--data {path} is not a readable .npz: {exc}",
+                         hint="write it with numpy.savez(path, input_name=array, ...)") from None
+    want = {s.name for s in specs}
+    if set(arrays) != want:
+        raise UsageError(f"--data {path} has arrays {sorted(arrays)}; the model's inputs are {sorted(want)}",
+                         hint="give exactly one array per input, named after it")
+    out = {s.name: _data_array(s, arrays[s.name], path) for s in specs}
+    counts = {a.shape[0] for a in out.values()}
+    if len(counts) != 1 or 0 in counts:
+        raise UsageError(f"--data {path}: the arrays must share a positive sample count (axis 0), got {sorted(counts)}")
+    return out
+
+
+def _read_bounded(npz, names: list[str], path: Path) -> dict[str, np.ndarray]:
+    arrays, total = {}, 0
+    for name in names:
+        arr = npz[name]
+        total += arr.nbytes
+        if total > MAX_DATA_BYTES:
+            raise UsageError(f"--data {path} is larger than {MAX_DATA_BYTES >> 20} MiB unpacked",
+                             hint="benchmark on a smaller sample of the data")
+        arrays[name] = arr
+    return arrays
+
+
+def _data_array(spec: TensorSpec, arr: np.ndarray, path: Path) -> np.ndarray:
+    shape = arr.shape
+    if len(shape) != len(spec.shape) or any(m is not None and m != g for m, g in list(zip(spec.shape, shape))[1:]):
+        raise UsageError(f"--data {path}: array '{spec.name}' has shape {list(shape)}; the model expects "
+                         f"{_shape_text(spec.shape)} (axis 0 = samples)")
+    dtype = np.dtype(spec.dtype)
+    if arr.dtype != dtype and not np.can_cast(arr.dtype, dtype, casting="same_kind"):
+        raise UsageError(f"--data {path}: array '{spec.name}' is {arr.dtype}; the model expects {dtype}")
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def vocab_from_onnx(path: Path, input_name: str) -> int | None:
+    """The rows of the embedding table ``input_name`` indexes (a Gather, or ORT's fused EmbedLayerNormalization),
+    or the model's ``vocab_size`` metadata; None when neither is found."""
+    try:
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # an unreadable file only costs the vocabulary, the session reports the real fault
+        return None
+    props = {p.key: p.value for p in proto.metadata_props}
+    if props.get("vocab_size", "").isdigit():
+        return int(props["vocab_size"])
+    dims = {i.name: list(i.dims) for i in proto.graph.initializer}
+    for node in proto.graph.node:   # a quantized table: Gather reads DequantizeLinear(table)
+        if node.op_type == "DequantizeLinear" and node.input and node.input[0] in dims:
+            dims.setdefault(node.output[0], dims[node.input[0]])
+    for node in proto.graph.node:
+        table = None
+        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == input_name:
+            table = node.input[0]
+        elif node.op_type == "EmbedLayerNormalization" and node.input and node.input[0] == input_name:
+            table = node.input[2] if len(node.input) > 2 else None
+        if table in dims and dims[table]:
+            return int(dims[table][0])
+    return None
 
 
 def batch_of(specs: list[TensorSpec], requested: int) -> int:
@@ -79,10 +226,69 @@ class BenchTarget:
         self.cold_start: dict[str, float] = {}
         self.memory: dict[str, float] = {}
         self._runners: list[Runner] = []
+        self.data: dict[str, np.ndarray] | None = None   # --data: real inputs, axis 0 = samples
+        self.data_path: Path | None = None
+        self.vocab: int | None = None                    # token-id range, when the model says it
 
     # -- data
+    def configure(self, input_shapes: dict[str, tuple[int, ...]] | None = None, data: Path | None = None) -> None:
+        """Apply ``--input-shape`` and ``--data`` to the model's inputs (before ``open``)."""
+        if input_shapes and data is not None:
+            raise UsageError("give either --input-shape or --data, not both",
+                             hint="with --data the shapes come from the arrays")
+        if input_shapes:
+            self.inputs = apply_input_shapes(self.inputs, input_shapes)
+        if data is not None:
+            self.data = load_data(data, self.inputs)
+            self.data_path = Path(data)
+            self.inputs = [TensorSpec(s.name, s.dtype, (s.shape[0], *self.data[s.name].shape[1:])) for s in self.inputs]
+
+    def token_vocab(self) -> int | None:
+        """Subclasses that can read the model's embedding table say its rows."""
+        return None
+
     def make_feeds(self, batch: int, rng: np.random.Generator, count: int = 4) -> list[dict[str, np.ndarray]]:
-        return [{s.name: random_array(s, batch, rng) for s in self.inputs} for _ in range(max(1, count))]
+        if self.data is not None:
+            return self._data_feeds(batch, rng, count)
+        if self.vocab is None and any(token_role(s) == "ids" for s in self.inputs):
+            self.vocab = self.token_vocab() or 0
+        return [{s.name: random_array(s, batch, rng, vocab=self.vocab or None) for s in self.inputs}
+                for _ in range(max(1, count))]
+
+    def _data_feeds(self, batch: int, rng: np.random.Generator, count: int) -> list[dict[str, np.ndarray]]:
+        """Consecutive batches of the samples (wrapping), from a seeded start; enough to cover them (<= 64)."""
+        assert self.data is not None
+        n = next(iter(self.data.values())).shape[0]
+        count = max(count, min(64, -(-n // batch)))
+        start = int(rng.integers(0, n))
+        feeds = []
+        for i in range(max(1, count)):
+            idx = (start + i * batch + np.arange(batch)) % n
+            feeds.append({name: arr[idx] for name, arr in self.data.items()})
+        return feeds
+
+    def inputs_used(self, batch: int) -> dict[str, Any]:
+        """What the benchmark fed: each input's shape and dtype, where it came from, and the sequence length."""
+        used: dict[str, Any] = {}
+        seq = None
+        for spec in self.inputs:
+            role = token_role(spec)
+            shape = [batch if (a == 0 and d is None) else d for a, d in enumerate(spec.shape)]
+            if self.data is not None:
+                source = f"data {self.data_path}"
+            elif role == "ids":
+                source = f"random token ids in [0, {self.vocab or DEFAULT_VOCAB})" + (
+                    "" if self.vocab else " (default range: the model did not say its vocabulary)")
+            elif role == "mask":
+                source = "ones"
+            elif role == "type":
+                source = "zeros"
+            else:
+                source = "random"
+            used[spec.name] = {"shape": shape, "dtype": spec.dtype, "source": source, "token_role": role}
+            if role in ("ids", "mask") and len(shape) >= 2 and seq is None:
+                seq = shape[1]
+        return {"inputs": used, "sequence_length": seq}
 
     def batch_for(self, requested: int) -> int:
         return batch_of(self.inputs, requested)
@@ -156,6 +362,10 @@ class OnnxTarget(BenchTarget):
             raise ModelError(f"ONNX Runtime cannot load {self.path}: {exc}",
                              hint="check the file is a valid ONNX model (python -m onnx.checker)") from exc
 
+    def token_vocab(self) -> int | None:
+        ids = next((s.name for s in self.inputs if token_role(s) == "ids"), None)
+        return vocab_from_onnx(self.path, ids) if ids else None
+
     def _new_runner(self, first: bool) -> Runner:
         session = self._first_session if first and self._first_session is not None else self._session()
         self._first_session = None
@@ -197,6 +407,14 @@ class ArtifactTarget(BenchTarget):
             "quantization": manifest.get("quantization"), "inputs": [s.to_dict() for s in self.inputs],
         }
 
+    def token_vocab(self) -> int | None:
+        """Read from the entrypoint when it is an ONNX model (an OpenVINO IR keeps the default range)."""
+        ids = next((s.name for s in self.inputs if token_role(s) == "ids"), None)
+        if not ids or not self.models:
+            return None
+        entry = self.models[0].artifact.entrypoint
+        return vocab_from_onnx(entry, ids) if entry.suffix == ".onnx" else None
+
     def _new_runner(self, first: bool) -> Runner:
         import edgeml
 
@@ -213,8 +431,9 @@ class ArtifactTarget(BenchTarget):
 
 
 def open_target(path: Path | str, *, threads: int | None = None, clock: Callable[[], float] = time.perf_counter,
-                rng: np.random.Generator | None = None, **kw) -> BenchTarget:
-    """Open ``path`` (.edgepkg or .onnx) and run its first inference."""
+                rng: np.random.Generator | None = None, input_shapes: dict[str, tuple[int, ...]] | None = None,
+                data: Path | None = None, **kw) -> BenchTarget:
+    """Open ``path`` (.edgepkg or .onnx), apply --input-shape / --data, and run its first inference."""
     path = Path(path)
     if not path.exists():
         raise ModelError(f"{path} does not exist", hint="pass an .edgepkg from edgeml compile, or an .onnx file")
@@ -226,4 +445,5 @@ def open_target(path: Path | str, *, threads: int | None = None, clock: Callable
     else:
         raise UsageError(f"{path} is neither an .edgepkg nor an .onnx file",
                          hint="edgeml bench takes a compiled artifact or a raw ONNX model")
+    target.configure(input_shapes, data)
     return target.open(rng if rng is not None else np.random.default_rng(0))

@@ -9,8 +9,8 @@
 * Several brokers (a cluster's nodes): ``url`` may list them, comma-separated
   (``mqtt://n1:1883,mqtt://n2:1883``). A lost or refused connection moves to
   the next node at once; the backoff applies only after every node was tried.
-* A subscription the broker refuses in its SUBACK (0x80) is retried every
-  ``resubscribe_s``: a NATS MQTT gateway answers so while JetStream elects new
+* A subscription the broker refuses in its SUBACK (0x80) is retried after
+  ``resubscribe_s``, doubling up to 10 s: a NATS MQTT gateway answers so while JetStream elects new
   leaders after a node is lost, and the client would otherwise never get its
   messages on a connection that looks healthy (docs/scale.md).
 
@@ -51,7 +51,7 @@ class BrokerConfig:
     connack_timeout_s: float = 2.0
     persistent_session: bool = False   # broker queues QoS 1 messages while this client is away
     session_expiry_s: int = 24 * 3600
-    resubscribe_s: float = 1.0         # retry a subscription the broker refused (SUBACK failure) this often
+    resubscribe_s: float = 1.0         # first retry of a subscription the broker refused (SUBACK failure)
 
     def endpoint(self) -> tuple[str, int, bool]:
         """The first broker (see ``endpoints`` for all)."""
@@ -109,6 +109,7 @@ class MqttTransport:
         self._subs: dict[str, int] = {}
         self._sub_mids: dict[int, str] = {}       # SUBACK bookkeeping: message id -> topic
         self._sub_retry: dict[str, float] = {}    # refused topic -> when to subscribe again
+        self._sub_refusals: dict[str, int] = {}   # refused topic -> refusals in a row (backoff, quiet logs)
         self.refused_subscriptions = 0
         self._outbox: OrderedDict[int, tuple[str, bytes, int, bool]] = OrderedDict()
         self._outbox_n = 0
@@ -210,6 +211,7 @@ class MqttTransport:
             self._connected.set()
             self._sub_mids.clear()
             self._sub_retry.clear()
+            self._sub_refusals.clear()
             for t, qos in self._subs.items():
                 self._subscribe_now(client, t, qos)
             pending, self._outbox = list(self._outbox.values()), OrderedDict()
@@ -230,12 +232,19 @@ class MqttTransport:
     def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         with self._lock:
             topic = self._sub_mids.pop(mid, None)
-            if topic is None or not any(getattr(rc, "is_failure", False) for rc in reason_codes):
+            if topic is None:
+                return
+            if not any(getattr(rc, "is_failure", False) for rc in reason_codes):
+                self._sub_refusals.pop(topic, None)
                 return
             self.refused_subscriptions += 1
-            self._sub_retry[topic] = time.monotonic() + self.config.resubscribe_s
-        log.warning("broker %s:%s refused the subscription to %s (%s); retrying in %.1fs", self.host, self.port,
-                    topic, reason_codes[0], self.config.resubscribe_s)
+            n = self._sub_refusals[topic] = self._sub_refusals.get(topic, 0) + 1
+            # doubling up to 10 s: prompt while a cluster recovers, quiet for a topic refused for good
+            delay = min(self.config.resubscribe_s * 2 ** min(n - 1, 10), max(10.0, self.config.resubscribe_s))
+            self._sub_retry[topic] = time.monotonic() + delay
+        log.log(logging.WARNING if n == 1 or n % 30 == 0 else logging.DEBUG,
+                "broker %s:%s refused the subscription to %s (%s, %d time(s)); retrying in %.1fs",
+                self.host, self.port, topic, reason_codes[0], n, delay)
 
     def _retry_refused_subscriptions(self, client) -> None:
         now = time.monotonic()

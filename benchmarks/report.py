@@ -219,6 +219,14 @@ def to_markdown(result: dict, plot_files: dict[str, str] | None = None, *, level
     lines += _table(["model", "kind", "backend", "precision", "target", "batch", "sha256"],
                     [[str(m.get("path")), m.get("kind"), f"{m.get('backend')} {m.get('backend_version') or ''}",
                       str(m.get("precision")), str(m.get("target")), str(met["batch"]), str(m.get("sha256", ""))[:16]]])
+    used = result.get("inputs_used") or {}
+    if used:
+        lines += ["", "Inputs fed:", ""]
+        lines += _table(["input", "shape", "dtype", "source"],
+                        [[k, "x".join(map(str, u["shape"])), u["dtype"], u["source"]] for k, u in used.items()])
+    if met.get("tokens_per_s"):
+        lines += ["", f"Tokens/s (samples/s x sequence length {met['sequence_length']}, padding included): "
+                      f"**{_f(met['tokens_per_s'])}**"]
     lines += ["", f"{h}# Latency over all repeats (ms, nearest-rank percentiles)", ""]
     keys = ["min", "mean", "p50", "p90", "p95", "p99", "p99_9", "max"]
     lines += _table(["queries"] + [k.replace("_", ".") for k in keys], [[str(lat["count"])] + [lat[k] for k in keys]])

@@ -10,6 +10,9 @@ backend and precision, running the real ``edgeml bench`` command in a fresh
 process per run (so cold start and peak memory are per model). It then runs
 OpenVINO's own ``benchmark_app`` and ``edgeml bench`` on the *same* OpenVINO IR,
 interleaved round by round, to show both measure the same latency (within 10%).
+The transformer encoders of benchmarks/encoder.py (bert-mini; bert-tiny under --quick)
+are compiled the same way and benchmarked at sequence lengths 32 and 128
+(``edgeml bench --input-shape input_ids=B,L ...``), reported in tokens/s.
 Everything in REPORT.md is rendered from the suite's own output (suite.json).
 """
 
@@ -34,6 +37,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REFERENCE_MODELS = ("digits", "mlp", "mobilenetv2", "resnet18")
+ENCODER_SEQ_LENS = (32, 128)  # tokens per sample at which the transformer encoders are benchmarked
 AGREEMENT = 0.10  # edgeml bench and benchmark_app must agree within 10%
 
 
@@ -52,6 +56,8 @@ class SuiteConfig:
     bapp_rounds: int = 16
     bapp_seconds: int = 5   # benchmark_app's -t takes whole seconds
     bapp_threads: int = 1   # one inference thread on both sides: far less sensitive to a busy machine
+    encoders: list[str] = field(default_factory=lambda: ["bert-mini"])   # benchmarks/encoder.py names
+    seq_lens: list[int] = field(default_factory=lambda: list(ENCODER_SEQ_LENS))
     out_dir: Path = HERE
     work_dir: Path | None = None
     python: str = sys.executable
@@ -59,6 +65,7 @@ class SuiteConfig:
     @classmethod
     def quick_config(cls, **kw) -> "SuiteConfig":
         base: dict[str, Any] = dict(quick=True, backends=["onnxruntime", "openvino"], duration="1s", repeats=3,
+                                    encoders=["bert-tiny"],
                                     min_queries=16, bapp_models=["mobilenetv2"], bapp_rounds=12, bapp_seconds=2)
         base.update(kw)
         return cls(**base)
@@ -142,12 +149,26 @@ def scenario_args(cfg: SuiteConfig) -> dict[str, list[str]]:
     }
 
 
+def encoder_args(cfg: SuiteConfig, seq_len: int) -> dict[str, list[str]]:
+    """The scenario arguments with both token inputs sized to ``seq_len`` (axis 0 = the scenario's batch)."""
+    from edgeml.benchmarks.encoder import INPUTS
+
+    out = {}
+    for scen, args in scenario_args(cfg).items():
+        batch = cfg.offline_batch if scen == "offline" else 1
+        shapes = [a for name in INPUTS for a in ("--input-shape", f"{name}={batch},{seq_len}")]
+        out[scen] = [*args, *shapes]
+    return out
+
+
 def summarize_result(r: dict[str, Any]) -> dict[str, Any]:
     """The compact part of a result kept in suite.json (no traces)."""
     from edgeml.benchmarks import stats
 
     lat = r["metrics"]["latency_ms"]
     return {
+        "inputs_used": r.get("inputs_used"), "sequence_length": r["metrics"].get("sequence_length"),
+        "tokens_per_s": r["metrics"].get("tokens_per_s"),
         "scenario": r["scenario"], "verdict": r["verdict"], "batch": r["metrics"]["batch"],
         "latency_ms": {k: lat[k] for k in ("min", "mean", "p50", "p90", "p95", "p99", "p99_9", "max", "count")},
         "spread": r["spread"], "headline": r["metrics"]["headline"],
@@ -274,6 +295,69 @@ def _sha(path: Path) -> str:
     return file_sha256(path)
 
 
+# ----------------------------------------------------------------------------- transformer encoders
+
+def encoder_calib(name: str, out: Path, seq_len: int) -> Path:
+    from edgeml.benchmarks import encoder
+
+    calib, _ = encoder.data(name, n_calib=32, n_eval=1, seq_len=seq_len)
+    np.savez(out, **calib)
+    return out
+
+
+def run_encoder(cfg: SuiteConfig, name: str, work: Path, summary: dict[str, Any]) -> dict[str, Any] | None:
+    """Export ``name`` (benchmarks/encoder.py), compile each backend × precision, bench each at every seq_len."""
+    from edgeml.benchmarks import encoder
+
+    folder = work / name
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        _log(f"{name}: exporting the encoder")
+        onnx_path = encoder.export_onnx(name, folder / f"{name}.onnx")
+    except Exception as exc:
+        summary["skipped"].append({"model": name, "variant": "*", "stage": "export", "reason": f"{type(exc).__name__}: {exc}"[:500]})
+        return None
+    calib = encoder_calib(name, folder / "calib.npz", min(cfg.seq_lens))
+    variants = _compile_variants(cfg, name, onnx_path, folder, calib, work, summary)
+    entry: dict[str, Any] = {"name": name, "onnx_sha256": _sha(onnx_path), "seq_lens": list(cfg.seq_lens), "variants": []}
+    for label, path, compile_s in variants:
+        row: dict[str, Any] = {"label": label, "compile_s": float(compile_s) if compile_s else None, "runs": {}}
+        for seq in cfg.seq_lens:
+            for scen, args in encoder_args(cfg, seq).items():
+                try:
+                    _log(f"{name}: edgeml bench {label} {scen} at sequence length {seq}")
+                    res = bench(cfg, path, folder / "runs" / _slug(label) / f"{scen}-{seq}", args)
+                    row["runs"].setdefault(str(seq), {})[scen] = summarize_result(res)
+                except Exception as exc:
+                    summary["skipped"].append({"model": name, "variant": label, "stage": f"bench {scen} seq {seq}",
+                                               "reason": str(exc)[:500]})
+        if row["runs"]:
+            entry["variants"].append(row)
+    return entry
+
+
+def _slug(label: str) -> str:
+    return label.replace(" ", "_").replace("(", "").replace(")", "")
+
+
+def _compile_variants(cfg: SuiteConfig, name: str, onnx_path: Path, folder: Path, calib: Path, work: Path,
+                      summary: dict[str, Any]) -> list[tuple[str, Path, str | None]]:
+    """The raw ONNX plus one artifact per backend × precision that compiles (failures recorded as skipped)."""
+    variants: list[tuple[str, Path, str | None]] = [("onnx (ORT defaults)", onnx_path, None)]
+    for backend in cfg.backends:
+        for precision in cfg.precisions:
+            label = f"{backend}-{precision}"
+            try:
+                _log(f"{name}: compiling {label}")
+                t0 = time.perf_counter()
+                pkg = compile_variant(onnx_path, backend, precision, folder / f"{label}.edgepkg", calib, work / "cache")
+                variants.append((label, pkg, f"{time.perf_counter() - t0:.1f}"))
+            except Exception as exc:
+                summary["skipped"].append({"model": name, "variant": label, "stage": "compile",
+                                           "reason": f"{type(exc).__name__}: {exc}"[:500]})
+    return variants
+
+
 # ----------------------------------------------------------------------------- the suite
 
 def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
@@ -286,7 +370,7 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
                                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
                                           if k not in ("python", "out_dir", "work_dir")},
-                               "system": system_info(), "models": [], "side_by_side": [], "skipped": []}
+                               "system": system_info(), "models": [], "encoders": [], "side_by_side": [], "skipped": []}
     names = list(cfg.models) + [n for n in cfg.extra_onnx if n not in cfg.models]
     for name in names:
         folder = work / name
@@ -298,27 +382,16 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
             summary["skipped"].append({"model": name, "variant": "*", "stage": "export", "reason": str(exc)})
             continue
         entry: dict[str, Any] = {"name": name, "onnx_sha256": _sha(onnx_path), "variants": []}
-        variants: list[tuple[str, Path, str | None]] = [("onnx (ORT defaults)", onnx_path, None)]
         calib = folder / f"{name}_calib.npz"  # real calibration data from the models module, when it wrote some
         if not calib.exists():
             calib = make_calib(onnx_path, folder / "calib.npz")
-        for backend in cfg.backends:
-            for precision in cfg.precisions:
-                label = f"{backend}-{precision}"
-                try:
-                    _log(f"{name}: compiling {label}")
-                    t0 = time.perf_counter()
-                    pkg = compile_variant(onnx_path, backend, precision, folder / f"{label}.edgepkg", calib, work / "cache")
-                    variants.append((label, pkg, f"{time.perf_counter() - t0:.1f}"))
-                except Exception as exc:
-                    summary["skipped"].append({"model": name, "variant": label, "stage": "compile",
-                                               "reason": f"{type(exc).__name__}: {exc}"[:500]})
+        variants = _compile_variants(cfg, name, onnx_path, folder, calib, work, summary)
         for label, path, compile_s in variants:
             row: dict[str, Any] = {"label": label, "compile_s": float(compile_s) if compile_s else None, "runs": {}}
             for scen, args in scenario_args(cfg).items():
                 try:
                     _log(f"{name}: edgeml bench {label} {scen}")
-                    res = bench(cfg, path, folder / "runs" / label.replace(" ", "_").replace("(", "").replace(")", "") / scen, args)
+                    res = bench(cfg, path, folder / "runs" / _slug(label) / scen, args)
                     row["runs"][scen] = summarize_result(res)
                 except Exception as exc:
                     summary["skipped"].append({"model": name, "variant": label, "stage": f"bench {scen}",
@@ -332,6 +405,10 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
             except Exception as exc:
                 summary["skipped"].append({"model": name, "variant": "openvino IR", "stage": "benchmark_app side-by-side",
                                            "reason": f"{type(exc).__name__}: {exc}"[:500]})
+    for name in cfg.encoders:
+        enc = run_encoder(cfg, name, work, summary)
+        if enc is not None:
+            summary["encoders"].append(enc)
     summary["elapsed_s"] = round(time.time() - started, 1)
     summary["work_dir"] = str(work)
     return summary
@@ -344,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--onnx", action="append", default=[], metavar="NAME=PATH", help="also benchmark this ONNX model")
     p.add_argument("--backends", help="comma-separated backends to compile for")
     p.add_argument("--precisions", help="comma-separated precisions (fp32,int8,fp16)")
+    p.add_argument("--encoders", help="transformer encoders of benchmarks/encoder.py (default bert-mini, --quick "
+                   "bert-tiny; '' for none), benchmarked at sequence lengths 32 and 128")
+    p.add_argument("--seq-lens", help="comma-separated sequence lengths for the encoders (default 32,128)")
     p.add_argument("--bapp-models", help="models for the benchmark_app side-by-side ('' for none)")
     p.add_argument("--duration", help="measured time per repeat (default 3s, --quick 1s)")
     p.add_argument("--repeats", type=int, help="repeats per run (default 3)")
@@ -369,6 +449,13 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("duration", "repeats", "bapp_rounds", "bapp_seconds"):
             if getattr(a, key) is not None:
                 kw[key] = getattr(a, key)
+        if a.encoders is not None:
+            kw["encoders"] = [m for m in a.encoders.split(",") if m]
+        if a.seq_lens is not None:
+            try:
+                kw["seq_lens"] = [int(x) for x in a.seq_lens.split(",") if x]
+            except ValueError:
+                p.error(f"--seq-lens {a.seq_lens!r} is not comma-separated integers (e.g. 32,128)")
         if a.bapp_models is not None:
             kw["bapp_models"] = [m for m in a.bapp_models.split(",") if m]
         kw["extra_onnx"] = dict(item.split("=", 1) for item in a.onnx)

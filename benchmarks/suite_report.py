@@ -63,6 +63,37 @@ def model_section(entry: dict[str, Any], pngs: dict[str, bytes]) -> list[str]:
     return lines
 
 
+def _tokens(run: dict | None) -> str:
+    """Median tokens/s with the min–max over repeats (samples/s of each repeat x the sequence length)."""
+    if not run or not run.get("sequence_length"):
+        return "-"
+    seq = run["sequence_length"]
+    per = [r["samples_per_s"] * seq for r in run["repeats"]]
+    return f"{_f(float(stats.spread(per)['median']))} ({_f(min(per))}–{_f(max(per))})"
+
+
+def encoder_section(entry: dict[str, Any]) -> list[str]:
+    """One row per variant × sequence length: latency and throughput in tokens/s."""
+    name = entry["name"]
+    lines = [f"### {name} (transformer encoder)", "", f"ONNX sha256 `{entry['onnx_sha256'][:16]}`; random-weight "
+             "BERT-class encoder from benchmarks/encoder.py; inputs `input_ids` (random ids within the vocabulary) "
+             "and `attention_mask` (all ones) sized with `--input-shape`. Tokens/s = samples/s × sequence length.", ""]
+    rows = []
+    for v in entry["variants"]:
+        for seq, runs in v["runs"].items():
+            ss, off = runs.get("single-stream"), runs.get("offline")
+            any_run = ss or off
+            rows.append([v["label"], str(any_run["model"]["precision"]), seq,
+                         _range(ss["spread"]["p50_ms"]) if ss else "-", _tokens(ss),
+                         _range(off["spread"]["samples_per_s"]) if off else "-", _tokens(off),
+                         "/".join(r["verdict"]["result"] for r in runs.values())])
+    batch = next((r["offline"]["batch"] for v in entry["variants"] for r in v["runs"].values() if "offline" in r), "-")
+    lines += _table(["variant", "precision", "sequence length", "single-stream p50 ms (min–max)",
+                     "single-stream tokens/s", f"offline samples/s, batch {batch}", "offline tokens/s", "verdicts"], rows)
+    lines.append("")
+    return lines
+
+
 def side_by_side_section(items: list[dict[str, Any]]) -> list[str]:
     lines = ["## edgeml bench vs OpenVINO benchmark_app", "",
              "Both tools run the **same OpenVINO IR** (converted once from the reference ONNX, fp32, batch 1) with the "
@@ -113,6 +144,11 @@ def render_suite(summary: dict[str, Any], out: Path) -> dict[str, str]:
     lines += ["## Reference models × backends × precisions", ""]
     for entry in summary.get("models", []):
         lines += model_section(entry, pngs)
+    if summary.get("encoders"):
+        lines += ["## Transformer encoders at sequence lengths " + ", ".join(
+            str(n) for n in summary["encoders"][0].get("seq_lens", [])), ""]
+        for enc in summary["encoders"]:
+            lines += encoder_section(enc)
     skipped = summary.get("skipped") or []
     lines += ["## Skipped or failed", ""]
     if skipped:

@@ -1,10 +1,12 @@
 """A clustered broker's MQTT side, checked on a real nats-server (MQTT gateway + JetStream) on free loopback ports:
 what edgeml keeps there. MQTT 5 is refused (so no ``$share``): the transport falls back to 3.1.1 by itself;
-retained messages and QoS 1 work. The 3-node cluster with a node killed mid-rollout is not here yet (docs/scale.md)."""
+retained messages, QoS 1, Last Will and persistent sessions work; refused subscriptions are retried. The 3-node
+cluster with a node killed mid-rollout: tests/fleet/test_cluster_nats3.py (docs/scale.md)."""
 
 from __future__ import annotations
 
 import shutil
+import time
 import subprocess
 from pathlib import Path
 
@@ -78,3 +80,47 @@ def test_a_refused_subscription_is_retried_on_the_same_connection(nats_mqtt):
     finally:
         sub.stop()
         pub.stop()
+
+
+def test_nats_keeps_last_will_and_persistent_sessions(nats_mqtt, tmp_path):
+    """The two features the table in docs/scale.md listed as untested: a client killed -9 gets its Last Will
+    published (retained); a persistent-session client that was away receives the QoS 1 message sent meanwhile."""
+    import sys
+
+    got: list[tuple[str, bytes, bool]] = []
+    watcher = MqttTransport(BrokerConfig(nats_mqtt, backoff_min_s=0.1, backoff_max_s=0.5), "edgeml-w",
+                            on_message=lambda t, p, r: got.append((t, p, r)))
+    child = (
+        "import sys, time\n"
+        "from edgeml.fleet.transport import BrokerConfig, MqttTransport\n"
+        "t = MqttTransport(BrokerConfig(sys.argv[1]), 'edgeml-dies', will=('edgeml/v1/devices/dies/presence',"
+        " b'offline', 1, True)).start()\n"
+        "assert t.wait_connected(15)\nprint('up', flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", child, nats_mqtt], stdout=subprocess.PIPE, text=True)
+    away = MqttTransport(BrokerConfig(nats_mqtt, persistent_session=True, backoff_min_s=0.1, backoff_max_s=0.5),
+                         "edgeml-away", on_message=lambda t, p, r: got.append((t, p, r)))
+    try:
+        watcher.subscribe("edgeml/v1/devices/+/presence", 1)
+        watcher.start()
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
+        wait_until(lambda: watcher.connected, 10, "the watcher connected")
+        proc.kill()                                      # no DISCONNECT: the broker must publish the Will
+        proc.wait(10)
+        wait_until(lambda: ("edgeml/v1/devices/dies/presence", b"offline", False) in got, 15, "the Last Will")
+
+        away.subscribe("edgeml/v1/devices/away/desired", 1)
+        away.start()
+        wait_until(lambda: away.connected, 10, "the persistent client connected")
+        time.sleep(0.5)                                  # let its SUBACK land before it leaves
+        away.stop()
+        watcher.publish("edgeml/v1/devices/away/desired", b"while away", 1)
+        time.sleep(0.5)
+        away = MqttTransport(BrokerConfig(nats_mqtt, persistent_session=True, backoff_min_s=0.1, backoff_max_s=0.5),
+                             "edgeml-away", on_message=lambda t, p, r: got.append((t, p, r)))
+        away.start()                                     # same client id, no new subscription: the session's
+        wait_until(lambda: any(p == b"while away" for _, p, _ in got), 15, "the QoS 1 message queued in the session")
+    finally:
+        watcher.stop()
+        away.stop()
+        if proc.poll() is None:
+            proc.kill()

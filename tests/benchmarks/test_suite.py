@@ -32,7 +32,7 @@ def test_parse_benchmark_app_log_converts_units():
 
 @pytest.mark.slow
 def test_tiny_suite_end_to_end_renders_report_from_its_own_output(tiny_onnx, tmp_path):
-    argv = ["--models", "", "--onnx", f"tiny={tiny_onnx}", "--backends", "", "--duration", "200ms", "--repeats", "2",
+    argv = ["--models", "", "--onnx", f"tiny={tiny_onnx}", "--backends", "", "--encoders", "", "--duration", "200ms", "--repeats", "2",
             "--bapp-models", "tiny" if shutil.which("benchmark_app") or (suite.Path(suite.sys.executable).parent / "benchmark_app").exists() else "",
             "--bapp-rounds", "1", "--bapp-seconds", "1", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
     assert suite.main(argv) == 0
@@ -57,3 +57,29 @@ def test_tiny_suite_end_to_end_renders_report_from_its_own_output(tiny_onnx, tmp
     before = report
     assert suite.main(["--render-only", "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out/REPORT.md").read_text() == before
+
+
+@pytest.mark.slow
+def test_suite_benchmarks_the_encoder_at_each_sequence_length_in_tokens_per_s(tmp_path):
+    pytest.importorskip("transformers", reason="the encoder is built from a transformers BertConfig")
+    argv = ["--models", "", "--encoders", "bert-tiny", "--backends", "", "--bapp-models", "", "--duration", "100ms",
+            "--repeats", "2", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
+    assert suite.main(argv) == 0
+    summary = json.loads((tmp_path / "out/results/suite.json").read_text())
+    assert summary["skipped"] == [] and summary["config"]["seq_lens"] == [32, 128]
+    enc = summary["encoders"][0]
+    assert enc["name"] == "bert-tiny" and enc["seq_lens"] == [32, 128]
+    runs = enc["variants"][0]["runs"]
+    assert set(runs) == {"32", "128"}
+    report = (tmp_path / "out/REPORT.md").read_text()
+    assert "## Transformer encoders at sequence lengths 32, 128" in report
+    from edgeml.benchmarks.report import _f
+    from edgeml.benchmarks.stats import spread
+
+    for seq in (32, 128):
+        for scen, batch in (("single-stream", 1), ("offline", 8)):
+            run = runs[str(seq)][scen]
+            assert run["sequence_length"] == seq and run["inputs_used"]["input_ids"]["shape"] == [batch, seq]
+            assert run["tokens_per_s"] > 0
+            per_repeat = [r["samples_per_s"] * seq for r in run["repeats"]]
+            assert _f(float(spread(per_repeat)["median"])) in report  # the report's tokens/s is the measured one

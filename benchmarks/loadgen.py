@@ -456,7 +456,9 @@ def build_result(target: BenchTarget, settings: BenchSettings, runs: list[Repeat
         metrics["server"]["completed_qps"] = stats.spread([p["completed_qps"] for p in per])
     if settings.scenario == "multi-stream":
         metrics["samples_per_query"] = per[0].get("samples_per_query")
-    used = target.inputs_used(metrics["batch"])
+    dynamic = any(s.shape and s.shape[0] is None for s in target.inputs)
+    fed = settings.samples_per_query if settings.scenario == "multi-stream" and dynamic else metrics["batch"]
+    used = target.inputs_used(fed)
     seq = used["sequence_length"]
     if seq:  # token inputs: throughput in tokens (padding included), as transformer benchmarks report it
         metrics["sequence_length"] = seq

@@ -101,3 +101,15 @@ def test_sampler_bins_in_its_own_thread_and_counts_what_it_drops(digits):
     assert seen.n + seen.dropped == 200
     assert seen.dropped >= 200 - 10 * 2        # a full pending list drops (the worker may drain it once)
     assert seen.n >= 10
+
+
+def test_overhead_benchmark_prints_the_control_arm_and_the_accounted_cost(capsys):
+    import json
+
+    from edgeml.benchmarks import drift_overhead
+
+    assert drift_overhead.main(["--models", "mlp", "--rounds", "1", "--seconds", "0.3", "--rate", "1.0", "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert set(row["each"]) == {"off", "off again", "on"}          # the A/A control runs beside on and off
+    assert row["hook_us"] > 0 and row["accounted_percent"] >= row["worker_cpu_percent"] >= 0
+    assert row["rows_sampled"] + row["dropped"] > 0                 # at rate 1 every answered request was offered

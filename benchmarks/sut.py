@@ -35,6 +35,7 @@ TOKEN_ID_NAMES = ("input_ids", "token_ids")
 # every real tokenizer's vocabulary is larger, so these ids are valid rows of any embedding table.
 DEFAULT_VOCAB = 1000
 MAX_DATA_BYTES = 1 << 30          # --data: the arrays of one .npz together (hostile-input bound)
+MAX_FEED_BYTES = 1 << 30          # generated inputs: all feeds of one call together (an --input-shape typo)
 MAX_DATA_ARRAYS = 64
 
 
@@ -250,10 +251,20 @@ class BenchTarget:
     def make_feeds(self, batch: int, rng: np.random.Generator, count: int = 4) -> list[dict[str, np.ndarray]]:
         if self.data is not None:
             return self._data_feeds(batch, rng, count)
+        self._check_feed_size(batch, max(1, count))
         if self.vocab is None and any(token_role(s) == "ids" for s in self.inputs):
             self.vocab = self.token_vocab() or 0
         return [{s.name: random_array(s, batch, rng, vocab=self.vocab or None) for s in self.inputs}
                 for _ in range(max(1, count))]
+
+    def _check_feed_size(self, batch: int, count: int) -> None:
+        total = 0
+        for spec in self.inputs:
+            total += int(np.prod(_shape_for(spec, batch), dtype=np.int64)) * np.dtype(spec.dtype).itemsize * count
+            if total > MAX_FEED_BYTES:
+                raise UsageError(f"the random inputs would take more than {MAX_FEED_BYTES >> 20} MiB "
+                                 f"(input '{spec.name}' at batch {batch})",
+                                 hint="use a smaller --input-shape or --batch")
 
     def _data_feeds(self, batch: int, rng: np.random.Generator, count: int) -> list[dict[str, np.ndarray]]:
         """Consecutive batches of the samples (wrapping), from a seeded start; enough to cover them (<= 64)."""

@@ -128,6 +128,8 @@ def test_bad_shapes_and_data_are_clean_errors(bert_tiny, tmp_path):
     cases.append((["--input-shape", "token=1,8"], "--input-shape names 'token', which is not an input"))
     cases.append((["--input-shape", "input_ids=1,8,2"], "does not fit the model's [?, ?]"))
     cases.append((["--input-shape", "input_ids=1,x"], "non-integer dimension"))  # the compiler's own parser
+    cases.append((["--input-shape", "input_ids=1,400000000", "--input-shape", "attention_mask=1,400000000"],
+                  "the random inputs would take more than 1024 MiB (input 'input_ids' at batch 1)"))
     cases.append(([*SEQ, "--batch", "4"], "--input-shape gives batch 2 (axis 0) but --batch is 4"))
     cases.append(([*SEQ, "--data", tmp_path / "partial.npz"], "either --input-shape or --data"))
     for args, message in cases:

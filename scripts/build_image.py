@@ -42,6 +42,10 @@ SUITE = "bookworm"
 PY_TAG = "3.11"
 EXIT_MISSING = 3
 DEVICE_SIZE_GOAL_MB = 250
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+# Debian packages beyond python3 in the base: TVM's export_library links each compiled model with the host's
+# g++ (the compiler image only; the device image never compiles).
+ROOTFS_EXTRA_PACKAGES = {"device": [], "compiler": ["g++"]}
 USER_ID = 10001
 PLATFORMS = {"amd64": ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"],
              "arm64": ["manylinux_2_28_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64"]}
@@ -114,29 +118,33 @@ def debian_mirror() -> str:
     return "http://deb.debian.org/debian"
 
 
-def debootstrap_rootfs(arch: str, cache: Path) -> Path:
-    """A Debian minbase + python3 tree for ARCH, unpacked without a second stage; cached by its marker."""
-    rootfs = cache / f"rootfs-{SUITE}-{arch}"
+def debootstrap_rootfs(arch: str, cache: Path, extra_packages: list[str]) -> Path:
+    """A Debian minbase + python3 (+ EXTRA_PACKAGES) tree for ARCH, unpacked without a second stage; cached by
+    its marker. The device tree (no extras) keeps the name and marker scripts/aarch64_proof.py shares."""
+    suffix = "-" + "-".join(name.replace("+", "p") for name in extra_packages) if extra_packages else ""
+    rootfs = cache / f"rootfs-{SUITE}-{arch}{suffix}"
     if (rootfs / ".edgeml-rootfs-ok").exists():
         log(f"rootfs: cached {rootfs}")
         return rootfs
     if os.geteuid() != 0:
         raise Missing("debootstrap needs root to build the base root filesystem (or pass --base IMAGE)")
     need_tools("debootstrap", "dpkg-deb")
-    tmp = cache / f"rootfs-{SUITE}-{arch}.tmp"
+    tmp = cache / f"rootfs-{SUITE}-{arch}{suffix}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     cache.mkdir(parents=True, exist_ok=True)
     mirror = debian_mirror()
     log(f"rootfs: debootstrap --foreign {arch} {SUITE} from {mirror}")
-    run(["debootstrap", "--foreign", f"--arch={arch}", "--variant=minbase", "--include=python3", SUITE,
+    include = ",".join(["python3", *extra_packages])
+    run(["debootstrap", "--foreign", f"--arch={arch}", "--variant=minbase", f"--include={include}", SUITE,
          str(tmp), mirror], "debootstrap")
     debs = sorted((tmp / "var/cache/apt/archives").glob("*.deb"))
     for deb in debs:
         run(["dpkg-deb", "-x", str(deb), str(tmp)], f"unpacking {deb.name}")
         deb.unlink()
-    if not (tmp / "usr/bin/python3.11").exists():
-        raise StepFailed(f"the {arch} rootfs has no /usr/bin/python3.11 after unpacking {len(debs)} packages")
-    (tmp / ".edgeml-rootfs-ok").write_text(f"{SUITE} {mirror}\n")
+    for needed in ["python3.11", *extra_packages]:
+        if not (tmp / "usr/bin" / needed).exists():
+            raise StepFailed(f"the {arch} rootfs has no /usr/bin/{needed} after unpacking {len(debs)} packages")
+    (tmp / ".edgeml-rootfs-ok").write_text(f"{SUITE} {mirror}" + (f" {include}" if extra_packages else "") + "\n")
     tmp.rename(rootfs)
     return rootfs
 
@@ -177,28 +185,63 @@ def import_base(rootfs: Path, arch: str) -> str:
     return name
 
 
-def requirement_lines(kind: str) -> list[str]:
-    """The wheels a KIND image needs, pinned to the versions this checkout's environment runs and tests."""
+def requirement_lines(kind: str, source: Path) -> list[str]:
+    """The wheels a KIND image needs: what SOURCE's pyproject.toml declares (base, plus the compiler extra for
+    the compiler image), each pinned to the version this environment runs and tests where it is installed.
+
+    Read from pyproject.toml, not from the installed edgeml's metadata: an editable install's metadata is
+    only as new as its last ``pip install -e``, and the image must carry what the packaged wheel declares."""
+    import tomllib
     from importlib import metadata
 
-    extras = ["compiler"] if kind == "compiler" else []
-    reqs = []
-    for line in metadata.requires("edgeml") or []:
-        name_part, _, marker = line.partition(";")
-        extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)", marker)
-        if extra and extra.group(1) not in extras:
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # pip's vendored copy: the script already needs pip
+        from pip._vendor.packaging.requirements import Requirement  # type: ignore[assignment]
+
+    project = tomllib.loads((source / "pyproject.toml").read_text())["project"]
+    lines = list(project.get("dependencies", []))
+    if kind == "compiler":
+        lines += project.get("optional-dependencies", {}).get("compiler", [])
+    target_env = {"sys_platform": "linux", "platform_system": "Linux", "os_name": "posix",
+                  "python_version": PY_TAG, "python_full_version": f"{PY_TAG}.2",
+                  "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
+    reqs = set()
+    for line in lines:
+        req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate(target_env):
             continue
-        name = re.split(r"[<>=!~\[ ]", name_part.strip(), maxsplit=1)[0]
+        name = req.name + (f"[{','.join(sorted(req.extras))}]" if req.extras else "")
         try:
-            reqs.append(f"{name}=={metadata.version(name)}")
+            installed = metadata.version(req.name)
         except metadata.PackageNotFoundError:
-            reqs.append(name_part.strip())
+            installed = None
+        reqs.add(f"{name}=={installed}" if installed and req.specifier.contains(installed, prereleases=True)
+                 else f"{name}{req.specifier}")
     return sorted(reqs)
 
 
-def install_site_deps(kind: str, arch: str, cache: Path) -> Path:
+def torch_cpu_index(url: str, reqs: list[str]) -> list[str]:
+    """pip options for PyTorch's CPU-only wheels: PyPI's Linux torch pulls multi-GB CUDA libraries.
+
+    The index is used only when reachable (a 5 s probe): on a machine without it, pip's own configuration
+    (find-links, a mirror) must supply the CPU wheel, and the torch pin (``+cpu`` when this environment runs
+    the CPU build) makes pip fail clearly rather than fall back to the CUDA build."""
+    import urllib.request
+
+    if not url or not any(r.startswith("torch==") or r.startswith("torch>") for r in reqs):
+        return []
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/torch/", timeout=5):
+            return ["--extra-index-url", url]
+    except OSError as exc:
+        log(f"site: the PyTorch CPU index {url} is not reachable ({exc}); using pip's configured sources")
+        return []
+
+
+def install_site_deps(kind: str, arch: str, cache: Path, source: Path, torch_index: str) -> Path:
     """Dependencies (not edgeml itself) for ARCH into a cached --target folder."""
-    reqs = requirement_lines(kind)
+    reqs = requirement_lines(kind, source)
     key = hashlib.sha256(" ".join([kind, arch, *reqs, *PLATFORMS[arch]]).encode()).hexdigest()[:12]
     site = cache / f"site-{kind}-cp311-{arch}-{key}"
     if (site / ".edgeml-site-ok").exists():
@@ -211,7 +254,7 @@ def install_site_deps(kind: str, arch: str, cache: Path) -> Path:
     for platform in PLATFORMS[arch]:
         cmd += ["--platform", platform]
     if kind == "compiler":
-        cmd += ["--extra-index-url", "https://download.pytorch.org/whl/cpu"]
+        cmd += torch_cpu_index(torch_index, reqs)
     log(f"site: pip install ({arch}) {len(reqs)} requirements")
     run(cmd + reqs, f"pip install of the {arch} wheels")
     if kind == "device":
@@ -273,11 +316,12 @@ def build(args: argparse.Namespace) -> BuildResult:
     cache = Path(args.cache).expanduser()
     if args.base == "debootstrap":
         rootfs = debootstrap_rootfs(args.arch, Path(args.rootfs_cache).expanduser() if args.rootfs_cache
-                                    else cache / "rootfs")
+                                    else cache / "rootfs", ROOTFS_EXTRA_PACKAGES[args.kind])
         base = import_base(rootfs, args.arch)
     else:
         base = args.base
-    site_deps = install_site_deps(args.kind, args.arch, cache / "image-site")
+    site_deps = install_site_deps(args.kind, args.arch, cache / "image-site", Path(args.source).resolve(),
+                                  args.torch_index)
     tag = args.tag or f"localhost/edgeml-{args.kind}:{version()}-{args.arch}"
     with tempfile.TemporaryDirectory(prefix="edgeml-image-", dir=cache) as tmp:
         context = build_context(Path(args.source).resolve(), site_deps, Path(tmp) / "context")
@@ -313,6 +357,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache", default="~/.cache/edgeml", help="cache folder (rootfs, site, build temp)")
     p.add_argument("--rootfs-cache", help="where the Debian rootfs lives (default CACHE/rootfs)")
     p.add_argument("--source", default=str(REPO), help="the edgeml source tree to package (default this checkout)")
+    p.add_argument("--torch-index", default=TORCH_CPU_INDEX,
+                   help="compiler image: PyTorch's CPU wheel index, used when reachable ('' to never use it)")
     p.add_argument("--oci-archive", help="also write the image as an OCI archive to this file")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p.parse_args(argv)

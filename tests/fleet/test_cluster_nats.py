@@ -103,22 +103,27 @@ def test_nats_keeps_last_will_and_persistent_sessions(nats_mqtt, tmp_path):
         watcher.subscribe("edgeml/v1/devices/+/presence", 1)
         watcher.start()
         assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
-        wait_until(lambda: watcher.connected, 10, "the watcher connected")
+        wait_until(lambda: watcher.connected, 20, "the watcher connected")
         proc.kill()                                      # no DISCONNECT: the broker must publish the Will
         proc.wait(10)
-        wait_until(lambda: ("edgeml/v1/devices/dies/presence", b"offline", False) in got, 15, "the Last Will")
+        wait_until(lambda: ("edgeml/v1/devices/dies/presence", b"offline", False) in got, 30, "the Last Will")
 
         away.subscribe("edgeml/v1/devices/away/desired", 1)
         away.start()
-        wait_until(lambda: away.connected, 10, "the persistent client connected")
-        time.sleep(0.5)                                  # let its SUBACK land before it leaves
+        wait_until(lambda: away.connected, 20, "the persistent client connected")
+
+        def subscribed() -> bool:                        # its subscription is live before it leaves
+            watcher.publish("edgeml/v1/devices/away/desired", b"before", 1)
+            return any(p == b"before" for _, p, _ in got)
+
+        wait_until(subscribed, 20, "the persistent client's subscription", interval=0.5)
         away.stop()
         watcher.publish("edgeml/v1/devices/away/desired", b"while away", 1)
         time.sleep(0.5)
         away = MqttTransport(BrokerConfig(nats_mqtt, persistent_session=True, backoff_min_s=0.1, backoff_max_s=0.5),
                              "edgeml-away", on_message=lambda t, p, r: got.append((t, p, r)))
         away.start()                                     # same client id, no new subscription: the session's
-        wait_until(lambda: any(p == b"while away" for _, p, _ in got), 15, "the QoS 1 message queued in the session")
+        wait_until(lambda: any(p == b"while away" for _, p, _ in got), 30, "the QoS 1 message queued in the session")
     finally:
         watcher.stop()
         away.stop()

@@ -1,9 +1,10 @@
 """The compiler image (``scripts/build_image.py --kind compiler``): checked when one is already built.
 
-Building it takes about 3 minutes (more on a cold pip cache) and 5 GB of disk (a 2.4 GB image, its 2 GB wheel cache and a Debian base with g++; torch CPU, OpenVINO, TVM, NNCF), too slow
-and large to build in every CI run, so this test never builds it: it checks the image in the local podman store
-and skips, saying so, when there is none. The proof run recorded in docs/deploy.md ("Compiler image") is this
-test run against an image built with the documented command.
+Building it takes about 3 minutes (more on a cold pip cache) and 5 GB of disk (a 2.4 GB image, a 2 GB wheel
+cache and a Debian base with g++; torch CPU, OpenVINO, TVM, NNCF): too slow and large to build in every CI run.
+So this test never builds it: it checks the image in the local podman store and skips, saying so, when there
+is none. The proof run recorded in docs/deploy.md ("Compiler image") is this test run against an image built
+with the documented command.
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ def image() -> str:
     if shutil.which("podman") is None:
         pytest.skip("podman is not installed (Debian package podman), so no compiler image can be present")
     if subprocess.run(["podman", "image", "exists", tag], capture_output=True, timeout=60).returncode != 0:
-        pytest.skip(f"no compiler image {tag} in the local podman store; this test does not build it (about 3 minutes and "
-                    "5 GB of disk with its caches: too slow for CI). Build it with: sudo .venv/bin/python scripts/build_image.py "
-                    "--kind compiler (or set EDGEML_COMPILER_IMAGE to a built tag)")
+        pytest.skip(f"no compiler image {tag} in the local podman store; this test does not build it (about "
+                    "3 minutes and 5 GB of disk with its caches: too slow for CI). Build it with: sudo "
+                    ".venv/bin/python scripts/build_image.py --kind compiler (or set EDGEML_COMPILER_IMAGE)")
     return tag
 
 

@@ -248,6 +248,12 @@ def host_llvm_target():
 def export(executable, path: Path, target, cross_compiler: str | None) -> None:
     """``export_library`` with the cross compiler when the target is another arch."""
     fcompile = None
+    if not cross_compiler:
+        from tvm.support import cc as tvm_cc
+
+        if tvm_cc.get_cc() is None:  # TVM links every compiled model with the host's C/C++ compiler
+            raise MissingDependency("TVM needs a C/C++ compiler to link the model; none is installed (g++, gcc, clang)",
+                                    hint="apt-get install g++ (or choose --backend onnxruntime / openvino)")
     if cross_compiler:
         if shutil.which(cross_compiler) is None:
             raise MissingDependency(

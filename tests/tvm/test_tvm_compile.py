@@ -196,3 +196,16 @@ def test_target_without_tvm_table_is_a_compile_error():
 
     with pytest.raises(CompileError, match="no \\[tvm\\] table"):
         tvm_target({})
+
+
+def test_a_host_without_a_c_compiler_gets_a_clear_missing_dependency(monkeypatch, tmp_path):
+    from tvm.support import cc
+
+    from edgeml.backends.tvm.build import export
+    from edgeml.errors import MissingDependency
+
+    monkeypatch.setattr(cc, "get_cc", lambda: None)
+    with pytest.raises(MissingDependency, match=r"C/C\+\+ compiler") as info:
+        export(object(), tmp_path / "model.so", None, None)
+    assert "apt-get install g++" in str(info.value)
+    assert not (tmp_path / "model.so").exists()

@@ -15,6 +15,7 @@ have aarch64-linux-gnu-gcc || need+=(gcc-aarch64-linux-gnu)   # TVM cross-compil
 have podman || need+=(podman)                          # container image tests (deploy/)
 have runc || need+=(runc)                              # podman's runtime that works without CAP_SYS_RESOURCE
 have systemd-analyze || need+=(systemd)                # `systemd-analyze verify` of the shipped units
+have nats-server || need+=(nats-server)                # NATS cluster (MQTT gateway + JetStream) fail-over tests
 have promtool || need+=(prometheus)                    # promtool rule tests + a real Prometheus scrape
 for extra in ${EDGEML_EXTRA_DEBIAN_PACKAGES:-}; do
   dpkg -s "$extra" >/dev/null 2>&1 || need+=("$extra")

@@ -16,7 +16,6 @@ with a failed report after ``max_attempts``.
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 import uuid
@@ -26,6 +25,7 @@ from typing import Any, Callable, Protocol
 
 from edgeml.errors import EdgemlError, MessageRejected
 from edgeml.fleet import protocol as P
+from edgeml.fleet.install_checks import InstallChecks, InstallFailed, Interrupted, Superseded
 from edgeml.fleet.serving import Serving
 from edgeml.fleet.slots import Journal, Slots, slot_problem
 from edgeml.fleet.states import FailureCode, InstallState
@@ -62,23 +62,7 @@ class AgentConfig:
         return bool(self.trusted_keys) and not self.allow_unsigned
 
 
-class InstallFailed(Exception):
-    def __init__(self, reason: str, code: FailureCode, *, after_swap: bool = False):
-        super().__init__(reason)
-        self.reason = reason
-        self.code = code
-        self.after_swap = after_swap
-
-
-class Superseded(Exception):
-    code = FailureCode.SUPERSEDED
-
-
-class Interrupted(Exception):
-    """The agent is stopping mid-install: leave the journal as it is; the next start resumes."""
-
-
-class AgentCore:
+class AgentCore(InstallChecks):
     def __init__(self, config: AgentConfig, link: Link, serving: Serving, *,
                  clock: Callable[[], float] = time.time, downloader=download):
         self.config = config
@@ -455,90 +439,6 @@ class AgentCore:
                 self._rollback_serving()
             self._finish_failed(desired, attempt, getattr(exc, "message", None) or str(exc),
                                 state="rolled_back" if swapped else "failed", code=FailureCode.ERROR)
-
-    def _stage_artifact(self, desired: dict[str, Any], attempt: int) -> Path:
-        art = desired["artifact"]
-        j = self.journal.data
-        for rec in (j["committed"], j["previous"]):   # reuse a slot we already hold (rollbacks)
-            if rec and rec.get("sha256") == art["sha256"] and rec.get("slot") and Path(rec["slot"]).is_file():
-                return Path(rec["slot"])
-        path = self.slots.artifact(desired["seq"], art["sha256"])
-        self._journal_state(desired, attempt, "downloading", slot=str(path))
-        from edgeml.errors import ArtifactError
-
-        # network trouble (store restarting, link down) is retried with backoff + jitter until
-        # download_patience_s; content that does not match its sha256 fails at once
-        deadline = time.monotonic() + self.config.download_patience_s
-        i = 0
-        while True:
-            try:
-                return self.downloader(art["url"], path, sha256=art["sha256"], size=art["size"])
-            except ArtifactError as exc:   # wrong content, HTTP 4xx, wrong size: retrying cannot help
-                raise InstallFailed(f"download failed: {exc.message}", FailureCode.DOWNLOAD) from None
-            except EdgemlError as exc:
-                i += 1
-                if self._stop.is_set():
-                    raise Interrupted() from None
-                if time.monotonic() >= deadline:
-                    raise InstallFailed(f"download failed after {i} attempts: {exc.message}",
-                                        FailureCode.DOWNLOAD) from None
-                log.warning("download attempt %d failed (will retry): %s", i, exc.message)
-                with self._lock:
-                    if self._wanted is not None and self._wanted["seq"] > desired["seq"]:
-                        raise Superseded(f"superseded by deployment {self._wanted['deployment_id']}") from None
-                self._stop.wait(random.uniform(0.5, 1.0) * min(0.25 * 2 ** i, 10.0))
-
-    def _verify(self, path: Path, art: dict[str, Any]) -> None:
-        from edgeml.errors import UnsupportedHost
-        from edgeml.runtime.artifact import verify_zip
-        from edgeml.targets import check_host_supports
-
-        try:
-            manifest, _, signer, _ = verify_zip(path, trusted_keys=self.config.trusted_keys,
-                                                require_signature=self.config.require_signed)
-        except EdgemlError as exc:
-            raise InstallFailed(f"verification failed: {exc.message}", FailureCode.VERIFICATION) from None
-        if manifest["name"] != art["name"] or manifest["version"] != art["version"]:
-            raise InstallFailed(f"artifact is {manifest['name']}@{manifest['version']}, the manager said"
-                                f" {art['name']}@{art['version']}", FailureCode.VERIFICATION)
-        if self.config.check_host:
-            try:
-                check_host_supports(manifest["target"], manifest["required_features"], manifest["arch"])
-            except UnsupportedHost as exc:
-                raise InstallFailed(f"target check failed: {exc.message}", FailureCode.TARGET) from None
-
-    def _health_window(self, desired: dict[str, Any]) -> None:
-        from edgeml.fleet.metrics import quantile
-        from edgeml.fleet.metrics import Histogram
-
-        window = float(desired.get("health_window_s", self.config.health_window_s))
-        end = time.monotonic() + window
-        probes = errors = 0
-        hist = Histogram()
-        last_error = None
-        while True:
-            try:
-                hist.observe(self.serving.probe())
-            except Exception as exc:  # noqa: BLE001 - any failure of the new model counts
-                errors += 1
-                last_error = f"{type(exc).__name__}: {exc}"
-            probes += 1
-            with self._lock:
-                if self._wanted is not None and self._wanted["seq"] > desired["seq"]:
-                    raise Superseded(f"superseded by deployment {self._wanted['deployment_id']}")
-            if self._stop.is_set():
-                raise Interrupted()
-            if time.monotonic() >= end:
-                break
-            self._stop.wait(self.config.health_probe_s)
-        rate = errors / max(probes, 1)
-        if rate > self.config.health_max_error_rate:
-            raise InstallFailed(f"health window: {errors}/{probes} probes failed (last: {last_error})",
-                                FailureCode.HEALTH, after_swap=True)
-        p95 = quantile(hist.cumulative(), 0.95)
-        if self.config.health_max_p95_ms is not None and p95 is not None and p95 > self.config.health_max_p95_ms:
-            raise InstallFailed(f"health window: p95 {p95} ms over {self.config.health_max_p95_ms} ms",
-                                FailureCode.HEALTH, after_swap=True)
 
     def _rollback_serving(self) -> None:
         c = self.journal.data["committed"]

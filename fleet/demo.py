@@ -22,6 +22,22 @@ from typing import Callable
 from edgeml.errors import FleetError
 
 
+class DemoLog:
+    """A demo's work folder and its timestamped echo (``[  12.3s] message``), shared by every scenario."""
+
+    def __init__(self, prefix: str, workdir: Path | None, echo: Callable[[str], None]):
+        self.t0 = time.monotonic()
+        self.work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=prefix))
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.echo = echo
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def say(self, msg: str) -> None:
+        self.echo(f"[{self.elapsed():6.1f}s] {msg}")
+
+
 def run_demo(*, broker_kind: str = "auto", workdir: Path | None = None, bake_s: float = 3.0,
              echo: Callable[[str], None] = print, timeout_s: float = 120.0) -> dict:
     from edgeml.fleet.broker import Broker, free_port
@@ -31,12 +47,8 @@ def run_demo(*, broker_kind: str = "auto", workdir: Path | None = None, bake_s: 
     from edgeml.fleet.transport import BrokerConfig
     from edgeml.runtime.signing import generate_keypair
 
-    t0 = time.monotonic()
-    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="edgeml-demo-"))
-    work.mkdir(parents=True, exist_ok=True)
-
-    def say(msg: str) -> None:
-        echo(f"[{time.monotonic() - t0:6.1f}s] {msg}")
+    demo = DemoLog("edgeml-demo-", workdir, echo)
+    work, say = demo.work, demo.say
 
     key, pub = generate_keypair(work / "signing.key", overwrite=True)
     arts = {v: make_artifact(work / f"tiny-{v}.edgepkg", "tiny", v, sign_key=key,
@@ -131,7 +143,7 @@ def run_demo(*, broker_kind: str = "auto", workdir: Path | None = None, bake_s: 
         if svc is not None:
             svc.stop()
         broker.stop()
-    summary["seconds"] = time.monotonic() - t0
+    summary["seconds"] = demo.elapsed()
     say(f"done: agents, manager and broker stopped; files in {work}")
     return summary
 

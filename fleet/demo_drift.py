@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -64,6 +63,7 @@ def run_drift_demo(*, broker_kind: str = "auto", workdir: Path | None = None,
                    echo: Callable[[str], None] = print) -> dict[str, Any]:
     import edgeml
     from edgeml.fleet.broker import Broker, free_port
+    from edgeml.fleet.demo import DemoLog
     from edgeml.fleet.demo_alerts import WebhookReceiver
     from edgeml.fleet.manager import ManagerConfig
     from edgeml.fleet.monitor_cli import Monitoring
@@ -71,12 +71,8 @@ def run_drift_demo(*, broker_kind: str = "auto", workdir: Path | None = None,
     from edgeml.fleet.transport import BrokerConfig
     from edgeml.runtime.signing import generate_keypair
 
-    t0 = time.monotonic()
-    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="edgeml-demo-drift-"))
-    work.mkdir(parents=True, exist_ok=True)
-
-    def say(msg: str) -> None:
-        echo(f"[{time.monotonic() - t0:6.1f}s] {msg}")
+    demo = DemoLog("edgeml-demo-drift-", workdir, echo)
+    work, say = demo.work, demo.say
 
     if not (DIGITS / "digits.onnx").is_file():
         raise FleetError(f"demo: the digits example is missing ({DIGITS}); run from a source checkout of edgeml")
@@ -123,7 +119,7 @@ def run_drift_demo(*, broker_kind: str = "auto", workdir: Path | None = None,
         drift_lines = [ln for ln in metrics.splitlines() if ln.startswith("edgeml_fleet_drift_")]
         say("manager /metrics, drift series:\n  " + "\n  ".join(drift_lines))
         summary["metrics"] = drift_lines
-        summary["seconds"] = round(time.monotonic() - t0, 1)
+        summary["seconds"] = round(demo.elapsed(), 1)
         return summary
     finally:
         for p in procs:

@@ -11,7 +11,6 @@ import json
 import random
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -38,6 +37,7 @@ def _infer(port: int, x: np.ndarray, rid: str) -> str:
 def run_experiment_demo(*, broker_kind: str = "auto", workdir: Path | None = None,
                         echo: Callable[[str], None] = print) -> dict[str, Any]:
     from edgeml.fleet.broker import Broker, free_port
+    from edgeml.fleet.demo import DemoLog
     from edgeml.fleet.demo_alerts import WebhookReceiver
     from edgeml.fleet.experiment_cli import status_text
     from edgeml.fleet.experiments import status
@@ -48,12 +48,8 @@ def run_experiment_demo(*, broker_kind: str = "auto", workdir: Path | None = Non
     from edgeml.fleet.transport import BrokerConfig
     from edgeml.runtime.signing import generate_keypair
 
-    t0 = time.monotonic()
-    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="edgeml-demo-exp-"))
-    work.mkdir(parents=True, exist_ok=True)
-
-    def say(msg: str) -> None:
-        echo(f"[{time.monotonic() - t0:6.1f}s] {msg}")
+    demo = DemoLog("edgeml-demo-exp-", workdir, echo)
+    work, say = demo.work, demo.say
 
     key, pub = generate_keypair(work / "signing.key", overwrite=True)
     broker = Broker(work / "broker", kind=broker_kind, persistence=False).start()
@@ -138,7 +134,7 @@ def run_experiment_demo(*, broker_kind: str = "auto", workdir: Path | None = Non
             summary["promoted"] = False
         champion = "tiny@2.0.0" if summary["promoted"] else "tiny@1.0.0"
         summary["alerts"] = _guardrail(m, ports, receiver, say, champion, str(monitoring.metrics_url))
-        summary["seconds"] = round(time.monotonic() - t0, 1)
+        summary["seconds"] = round(demo.elapsed(), 1)
         return summary
     finally:
         for p in procs:

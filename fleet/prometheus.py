@@ -15,9 +15,11 @@ import json
 import logging
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Iterable
+
+from edgeml.fleet.httpbg import BackgroundHTTPServer
 
 log = logging.getLogger("edgeml.fleet.prometheus")
 ACTIVE_ROLLOUT_STATES = ("running", "paused", "rolling_back")
@@ -173,7 +175,7 @@ def _json(text: Any) -> Any:
         return None
 
 
-class MetricsServer:
+class MetricsServer(BackgroundHTTPServer):
     """``GET /metrics`` in a background thread (ThreadingHTTPServer); anything else is 404."""
 
     def __init__(self, metrics: FleetMetrics, host: str = "127.0.0.1", port: int = 0):
@@ -201,24 +203,11 @@ class MetricsServer:
             def log_message(self, *args: Any) -> None:
                 return
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
-        self.host, self.port = str(self.httpd.server_address[0]), int(self.httpd.server_address[1])
-        self._thread: threading.Thread | None = None
+        super().__init__(Handler, host, port, "fleet-metrics")
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}/metrics"
-
-    def start(self) -> "MetricsServer":
-        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(SHUTDOWN_POLL_S,), name="fleet-metrics",
-                                        daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def families(text: str) -> Iterable[str]:

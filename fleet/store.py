@@ -20,20 +20,19 @@ import shutil
 import threading
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 from edgeml.errors import ArtifactError, FleetError
 from edgeml.runtime.fsutil import atomic_path, atomic_write_json, fsync_dir
 from edgeml.runtime.signing import file_sha256
+from edgeml.fleet.httpbg import BackgroundHTTPServer
 
 log = logging.getLogger("edgeml.fleet.store")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
-# serve_forever notices shutdown() only between polls (0.5 s by default): SIGTERM took that long per server
-SHUTDOWN_POLL_S = 0.05
 
 class ArtifactStore:
     def __init__(self, root: Path):
@@ -157,32 +156,17 @@ class _Handler(BaseHTTPRequestHandler):
                     threading.Event().wait(0.01)
 
 
-class StoreServer:
+class StoreServer(BackgroundHTTPServer):
     """HTTP server for a store, in a background thread. ``throttle_bytes`` slows it (tests)."""
 
     def __init__(self, store: ArtifactStore, host: str = "127.0.0.1", port: int = 0, public_url: str | None = None):
-        handler = type("StoreHandler", (_Handler,), {"store": store})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
-        self.httpd.daemon_threads = True
-        self.httpd.throttle_bytes = None   # type: ignore[attr-defined] # tests slow the server down
+        super().__init__(type("StoreHandler", (_Handler,), {"store": store}), host, port, "artifact-store")
+        self.httpd.throttle_bytes = None   # tests slow the server down
         self.store = store
-        address = self.httpd.server_address
-        self.host, self.port = str(address[0]), int(address[1])
         self.base_url = (public_url or f"http://{self.host}:{self.port}").rstrip("/")
-        self._thread: threading.Thread | None = None
 
     def url_for(self, sha256: str) -> str:
         return f"{self.base_url}/artifacts/{sha256}"
-
-    def start(self) -> "StoreServer":
-        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(SHUTDOWN_POLL_S,), name="artifact-store",
-                                        daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def download(url: str, dest: Path, *, sha256: str, size: int, timeout: float = 30.0,

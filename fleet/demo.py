@@ -38,6 +38,18 @@ class DemoLog:
         self.echo(f"[{self.elapsed():6.1f}s] {msg}")
 
 
+def stop_processes(procs: list[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
+    """SIGTERM every process still running, then wait for each; kill what outlives ``timeout``."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def run_demo(*, broker_kind: str = "auto", workdir: Path | None = None, bake_s: float = 3.0,
              echo: Callable[[str], None] = print, timeout_s: float = 120.0) -> dict:
     from edgeml.fleet.broker import Broker, free_port
@@ -132,14 +144,7 @@ def run_demo(*, broker_kind: str = "auto", workdir: Path | None = None, bake_s: 
         summary["final_versions"] = versions
         summary["v3_state"] = s["state"]
     finally:
-        for p in agents:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in agents:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(agents)
         if svc is not None:
             svc.stop()
         broker.stop()

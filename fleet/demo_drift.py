@@ -63,7 +63,7 @@ def run_drift_demo(*, broker_kind: str = "auto", workdir: Path | None = None,
                    echo: Callable[[str], None] = print) -> dict[str, Any]:
     import edgeml
     from edgeml.fleet.broker import Broker, free_port
-    from edgeml.fleet.demo import DemoLog
+    from edgeml.fleet.demo import DemoLog, stop_processes
     from edgeml.fleet.demo_alerts import WebhookReceiver
     from edgeml.fleet.manager import ManagerConfig
     from edgeml.fleet.monitor_cli import Monitoring
@@ -122,13 +122,7 @@ def run_drift_demo(*, broker_kind: str = "auto", workdir: Path | None = None,
         summary["seconds"] = round(demo.elapsed(), 1)
         return summary
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs)
         if monitoring is not None:
             monitoring.stop()
         if svc is not None:

@@ -37,7 +37,7 @@ def _infer(port: int, x: np.ndarray, rid: str) -> str:
 def run_experiment_demo(*, broker_kind: str = "auto", workdir: Path | None = None,
                         echo: Callable[[str], None] = print) -> dict[str, Any]:
     from edgeml.fleet.broker import Broker, free_port
-    from edgeml.fleet.demo import DemoLog
+    from edgeml.fleet.demo import DemoLog, stop_processes
     from edgeml.fleet.demo_alerts import WebhookReceiver
     from edgeml.fleet.experiment_cli import status_text
     from edgeml.fleet.experiments import status
@@ -137,13 +137,7 @@ def run_experiment_demo(*, broker_kind: str = "auto", workdir: Path | None = Non
         summary["seconds"] = round(demo.elapsed(), 1)
         return summary
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs)
         if monitoring is not None:
             monitoring.stop()
         if svc is not None:

@@ -56,6 +56,7 @@ class ManagerConfig:
     offline_timeout_s: float = 300.0     # an offline device in a wave is pending until this, then "timeout"
     install_timeout_s: float = 900.0     # an online device that never finishes installing
     health_window_s: float = 10.0        # sent to agents in each desired message
+    resend_after_s: float = 15.0         # an online device silent about a desired state this long gets it again
     sign_key: Path | None = None
     tick_s: float = 0.5
 
@@ -80,6 +81,7 @@ class Manager(IngestHandlers):
         self.base_url = (artifact_base_url or config.public_url or
                          f"http://{config.http_host}:{config.http_port}").rstrip("/")
         self.rejected: list[str] = []
+        self._next_resend = 0.0
         self._log = RateLimitedLog(log)
         self._changes, self._changes_done = 1, 0   # bumped when a device appears/relabels or a rollout changes state
         self._handlers: dict[str, Callable[[dict[str, Any]], None]] = {
@@ -257,6 +259,7 @@ class Manager(IngestHandlers):
         self._guarded("commands", self.process_commands)
         now = self.clock()
         self._guarded("expiry", self._expire_devices, now)
+        self._guarded("resend", self._resend_unanswered, now)
         self._guarded("late devices", self._enroll_late_devices, now)
         for row in self.db.q("SELECT id, state FROM rollouts WHERE state IN (?, ?) ORDER BY id",
                              (RolloutState.RUNNING, RolloutState.ROLLING_BACK)):
@@ -279,6 +282,25 @@ class Manager(IngestHandlers):
                             (now - self.config.heartbeat_timeout_s,)).rowcount
         if expired:
             log.info("%d device(s) missed heartbeats for %.0fs: marked offline", expired, self.config.heartbeat_timeout_s)
+
+    def _resend_unanswered(self, now: float) -> None:
+        """Publish the stored desired state again to online devices that never answered it. A broker may accept
+        a publish and still lose it (NATS drops retained stores while JetStream re-elects leaders); the agent
+        treats a redelivery of the same deployment as a no-op, so resending is always safe."""
+        if now < self._next_resend:
+            return
+        self._next_resend = now + self.config.resend_after_s / 2
+        rows = self.db.q("SELECT d.deployment_id, d.device_id, s.payload FROM deployments d"
+                         " JOIN desired s ON s.deployment_id = d.deployment_id"
+                         " JOIN devices v ON v.device_id = d.device_id"
+                         " WHERE d.status = ? AND d.updated_at < ? AND v.online = 1 LIMIT 1000",
+                         (DeviceStatus.SENT, now - self.config.resend_after_s))
+        for row in rows:
+            self.db.x("UPDATE deployments SET updated_at = ? WHERE deployment_id = ? AND status = ?",
+                      (now, row["deployment_id"], DeviceStatus.SENT))
+            self._publish(P.topic(row["device_id"], "desired"), bytes(row["payload"]))
+        if rows:
+            log.info("resent %d desired state(s) that online devices never answered", len(rows))
 
     def _wave_devices(self, rid: str, wave: int, *, pending_only: bool = False) -> list[dict[str, Any]]:
         only = " AND rd.status = 'pending'" if pending_only else ""

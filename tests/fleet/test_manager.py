@@ -388,3 +388,34 @@ def test_late_device_after_rollback_or_abort_does_not_get_that_version(env):
     assert m.db.one("SELECT COUNT(*) FROM rollout_devices WHERE rollout_id = ? AND device_id = 'new-4'",
                     (r3["id"],))[0] == 0
     assert joins(m) == ["new-1", "new-2", "new-3", "new-3", "new-4"]   # r1, r1, r3, then r1 once r3 was aborted
+
+
+def test_a_desired_state_the_broker_lost_is_resent_until_the_device_answers(env):
+    m, clock, link, cfg = env
+    fleet = FakeFleet(m, 2)
+
+    def at(t):
+        clock.t = t
+        for d in fleet.devices:
+            fleet.heartbeat(d)
+        link.sent.clear()
+        m.tick()
+        return sorted((s["device_id"], s["deployment_id"], s["seq"]) for s in link.sent)
+
+    m.start_rollout("tiny@1.0.0", selector={"hw": "x"}, waves=[1.0], max_failure_rate=0.1, bake_s=0, gates=[],
+                    actor="alice")
+    first = at(1000.0)                     # sent; the test's broker "loses" both (nobody answers)
+    assert [d for d, _, _ in first] == ["d00", "d01"]
+    assert at(1000.0 + cfg.resend_after_s - 5) == []                      # not silent long enough yet
+    assert at(1000.0 + cfg.resend_after_s + 3) == first                   # the same deployments, same seq
+    fleet.answer(link_with(first, m), silent=("d01",))                    # d00 answers, d01 stays silent
+    assert [d for d, _, _ in at(1000.0 + 2 * cfg.resend_after_s + 6)] == ["d01"]
+
+
+def link_with(sent, m):
+    """A Link holding the stored desired messages of ``sent`` (device, deployment, seq), for FakeFleet.answer."""
+    link = Link()
+    for device_id, dep, _ in sent:
+        row = m.db.one("SELECT payload FROM desired WHERE device_id = ? AND deployment_id = ?", (device_id, dep))
+        link.sent.append(json.loads(bytes(row["payload"])))
+    return link

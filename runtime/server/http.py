@@ -73,6 +73,9 @@ class Handler(Protocol):
 
     def loop_time(self) -> float: ...
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...
+
     def connection_closed(self, conn: "HttpConnection") -> None: ...
 
     def protocol_error(self, conn: "HttpConnection", status: int, message: str) -> None: ...
@@ -89,6 +92,7 @@ class HttpConnection(asyncio.Protocol):
     """One client connection. ``slot`` = [response bytes or None, keep_alive]."""
 
     MAX_PIPELINE = 128
+    LINGER_S = 2.0      # after a closing answer: how long unread client bytes are drained before the socket closes
 
     __slots__ = ("app", "parser", "transport", "url", "headers", "body", "body_size", "too_big",
                  "pending", "closed", "paused", "limit", "last_active", "head_size", "phase", "phase_started",
@@ -240,11 +244,28 @@ class HttpConnection(asyncio.Protocol):
             write(s[0])
             if not s[1]:
                 pending.clear()
-                self.transport.close()  # type: ignore[union-attr]
-                self.closed = True
+                self._linger_close()
                 return
         if self.paused and not self.failed and len(pending) <= self.MAX_PIPELINE // 2:
             self._resume()
+
+    def _linger_close(self) -> None:
+        """Close after the last answer without losing it: closing a socket that still holds unread client bytes
+        (a slow client's trickle) makes the kernel send RST, which can discard the answer before the client reads
+        it. So shut the write side (the client reads the answer, then EOF), drain and discard what still
+        arrives for LINGER_S, then close (Apache's "lingering close")."""
+        transport = self.transport
+        self.closed = True                      # data_received discards from now on
+        if transport is None:
+            return
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        if self.paused:
+            self.paused = False
+            transport.resume_reading()
+        self.app.loop.call_later(self.LINGER_S, transport.close)
 
     def _fail(self, status: int, message: str, extra: bytes = b"") -> None:
         """Answer one error after what the connection already owes, then close; read nothing more."""

@@ -49,20 +49,27 @@ def test_over_max_inflight_is_429_with_retry_after(tmp_path):
 def test_predicted_queue_wait_over_limit_is_503_up_front(tmp_path):
     # One row per batch, a model that takes ~4 ms per run: the second queued request would
     # wait a whole run, over the 2 ms limit, so it is refused before it queues.
-    srv = ModelServer(ServerConfig(port=0, cache_dir=tmp_path / "cache", max_batch=1, max_queue_ms=2.0,
-                                   batch_mode="thread"))
-    srv.load(write_onnx_artifact(tmp_path / "slow.edgepkg", slow_onnx(), name="slow", version="1",
-                                 inputs=[{"name": "x", "dtype": "float32", "shape": [None, 1024]}],
-                                 outputs=[{"name": "y", "dtype": "float32", "shape": [None, 1024]}]))
-    srv.start()
-    try:
-        body = {"inputs": [{"name": "x", "shape": [1, 1024], "datatype": "FP32", "data": [0.1] * 1024}]}
-        results = pipelined(srv, [post("/v2/models/slow/infer", body)] * 4)
-        assert [s for s, _, _ in results] == [200, 503, 503, 503]
-        assert "--max-queue-ms" in json.loads(results[1][2])["error"]
-        assert int(results[1][1]["retry-after"]) >= 1
-    finally:
-        srv.stop()
+    # On a starved 2-core box the FIRST request can itself wait > 2 ms for the batch thread to wake, and is then
+    # rightly expired by the backstop; that is scheduling noise, not this behaviour, so up to 3 fresh servers try.
+    artifact = write_onnx_artifact(tmp_path / "slow.edgepkg", slow_onnx(), name="slow", version="1",
+                                   inputs=[{"name": "x", "dtype": "float32", "shape": [None, 1024]}],
+                                   outputs=[{"name": "y", "dtype": "float32", "shape": [None, 1024]}])
+    body = {"inputs": [{"name": "x", "shape": [1, 1024], "datatype": "FP32", "data": [0.1] * 1024}]}
+    for attempt in range(3):
+        srv = ModelServer(ServerConfig(port=0, cache_dir=tmp_path / f"cache{attempt}", max_batch=1, max_queue_ms=2.0,
+                                       batch_mode="thread"))
+        srv.load(artifact)
+        srv.start()
+        try:
+            results = pipelined(srv, [post("/v2/models/slow/infer", body)] * 4)
+        finally:
+            srv.stop()
+        if results[0][0] == 200:
+            break
+        print(f"attempt {attempt + 1}: the first request waited past 2 ms for the batch thread (starved machine)")
+    assert [s for s, _, _ in results] == [200, 503, 503, 503]
+    assert "--max-queue-ms" in json.loads(results[1][2])["error"]
+    assert int(results[1][1]["retry-after"]) >= 1
 
 
 def test_batcher_expires_requests_that_waited_past_the_limit():

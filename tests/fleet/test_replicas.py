@@ -52,7 +52,7 @@ def test_kill_leader_mid_rollout(pg_schemas, own_broker, keys, artifacts, tmp_pa
         rid = CommandClient(url, actor="test").submit("rollout.start", {
             "target": "tiny@1.0.0", "selector": {}, "waves": [0.25, 0.5, 1.0], "max_failure_rate": 0.1,
             "bake_s": 4.0, "gates": []}, wait_s=30)["id"]
-        wait_until(lambda: rollout_status(db, rid)["per_wave"][0].get("committed") == 3, 30, "wave 1 committed")
+        wait_until(lambda: rollout_status(db, rid)["per_wave"][0].get("committed") == 3, 60, "wave 1 committed")
         leader = db.one("SELECT actor FROM audit WHERE action = 'manager.leader'")["actor"]
         victim = next(p for p in procs if leader.endswith(f":{p.pid}"))
         os.kill(victim.pid, signal.SIGKILL)          # during wave 1's bake

@@ -127,21 +127,9 @@ def compile_cmd(model: str, target: str, output: Path, precision: str, backend: 
 
 def render(report: dict) -> str:
     """The human summary: one table row per candidate, then the choice."""
-    rows = [("", "candidate", "status", "accuracy", "drop", "p50 ms", "p90 ms", "reason")]
-    for c in report["candidates"]:
-        lat = c.get("latency_ms") or {}
-        rows.append((
-            ">" if c.get("selected") else "",
-            str(c.get("label")),
-            str(c.get("status")),
-            "-" if c.get("accuracy") is None else f"{c['accuracy']:.2f}",
-            "-" if c.get("accuracy_drop") is None else f"{c['accuracy_drop']:+.2f}",
-            f"{lat['p50']:.3f}" if lat.get("p50") is not None else "-",
-            f"{lat['p90']:.3f}" if lat.get("p90") is not None else "-",
-            (c.get("reason") or "")[:70],
-        ))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
+    from edgeml.cli_format import candidate_rows
+
+    lines = candidate_rows(report["candidates"])
     acc = report.get("accuracy") or {}
     sel = report.get("selection") or {}
     lines += [

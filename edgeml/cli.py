@@ -38,6 +38,26 @@ COMMANDS = Registry(
 
 
 class LazyGroup(click.Group):
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        """Click's own usage errors in edgeml's format: ``error: ...`` + ``hint:`` (JSON with --json), exit 2."""
+        if os.environ.get("NO_COLOR"):
+            extra.setdefault("color", False)
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx is not None else "edgeml"
+            _fail(UsageError(exc.format_message(), hint=f"see '{command} --help'"), "--json" in argv)
+        except click.exceptions.ClickException as exc:
+            _fail(EdgemlError(exc.format_message()), "--json" in argv, exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS.names())
 
@@ -62,6 +82,14 @@ def _unavailable_command(name: str, reason: str) -> click.Command:
             f"  hint: install the extra it needs (pip install 'edgeml[all]') or check the installation")
 
     return unavailable
+
+
+def _fail(err: EdgemlError, as_json: bool, code: int | None = None) -> None:
+    if as_json:
+        click.echo(json.dumps(err.to_dict(), indent=2))
+    else:
+        click.echo(f"error: {err}", err=True)
+    sys.exit(err.exit_code if code is None else code)
 
 
 def emit(obj: Any, as_json: bool, human: Callable[[Any], str] | None = None) -> None:
@@ -143,8 +171,148 @@ def check_output_file(path: str | Path, option: str, *, overwrite: bool = True) 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="edgeml")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+log_level_option = click.option(
+    "--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="info", show_default=True,
+    envvar="EDGEML_LOG_LEVEL", show_envvar=True,
+    help="Least severe log records shown on stderr (edgeml -v / -q set it for every command).")
+
+
+def port_in_use(exc: OSError, option: str, port: int) -> "UsageError | None":
+    """A bind failure as one line naming the option and port (None: not a bind failure)."""
+    import errno
+
+    if exc.errno == errno.EADDRINUSE:
+        return UsageError(f"{option} {port}: the port is already in use (another edgeml process, or another program)",
+                          hint=f"choose another {option} (0 picks a free one) or stop the process listening there")
+    if exc.errno in (errno.EACCES, errno.EADDRNOTAVAIL):
+        return UsageError(f"{option} {port}: cannot listen there ({exc.strerror})",
+                          hint="ports below 1024 need root; the address must belong to this host")
+    return None
+
+
+def examples(*lines: str) -> str:
+    """An ``Examples:`` epilog for a command's --help, kept verbatim (click's \\b: no re-wrapping)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+class AliasedOption(click.Option):
+    """An option whose old spellings still work but are left out of --help (``hidden_aliases``)."""
+
+    def __init__(self, *args: Any, hidden_aliases: tuple[str, ...] = (), **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.hidden_aliases = tuple(hidden_aliases)
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        saved = self.opts
+        self.opts = [o for o in saved if o not in self.hidden_aliases]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = saved
+
+
+class PortType(click.ParamType):
+    """A TCP port: 0-65535 (0 picks a free one), -1 too where ``off`` names what it turns off. One message."""
+
+    name = "PORT"
+
+    def __init__(self, off: str | None = None):
+        self.off = off
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        low = -1 if self.off else 0
+        try:
+            port = int(value)
+        except (TypeError, ValueError):
+            port = None
+        if port is None or not low <= port <= 65535:
+            self.fail(f"{value!r} is not a port: give 1-65535, or 0 to pick a free one"
+                      + (f" (-1: {self.off})" if self.off else ""), param, ctx)
+        return port
+
+
+def port_option(*names: str, default: int | None, help: str, off: str | None = None,
+                hidden_aliases: tuple[str, ...] = (), dest: str | None = None) -> Callable:
+    """The one port option: ``--port`` (old spellings kept as hidden aliases), range-checked by PortType."""
+    decls = [*names, *hidden_aliases] + ([dest] if dest else [])
+    return click.option(*decls, cls=AliasedOption, hidden_aliases=hidden_aliases, type=PortType(off),
+                        default=default, show_default=default is not None, help=help)
+
+
+EXIT_CODES = (
+    (0, "success"),
+    (1, "unexpected failure (a bug: please report it), or a batch job with failed items"),
+    (2, "usage: a bad option, argument, file path, port or target name"),
+    (3, "an optional package is missing (the message names the pip extra)"),
+    (4, "this host lacks the CPU features the target or artifact needs"),
+    (5, "the model or data file is unreadable or does not fit the model"),
+    (6, "compile: no candidate could be built or kept the accuracy"),
+    (7, "artifact: not an .edgepkg, truncated, tampered, unsigned or wrongly signed"),
+    (8, "a backend failed to load or run the model"),
+    (9, "the model server could not start or serve"),
+    (10, "fleet: broker unreachable, rollout rolled back/aborted/timed out, unknown artifact or device"),
+    (130, "interrupted (Ctrl-C)"),
+)
+ENV_VARS = (
+    ("EDGEML_BROKER", "MQTT broker URL of agent, manager and fleet commands (--broker)"),
+    ("EDGEML_FLEET_DB", "the manager's database, SQLite file or postgresql:// URL (--db)"),
+    ("EDGEML_DEVICE_ID", "the agent's device id (--device-id)"),
+    ("EDGEML_TRUSTED_KEYS", "public keys (path-separated list) artifacts must be signed with"),
+    ("EDGEML_ADMIN_TOKEN", "bearer token of the model server's repository API (--admin-token)"),
+    ("EDGEML_LOG_LEVEL", "debug|info|warning|error for every command (--log-level; -v/-q set it)"),
+    ("NO_COLOR", "set: no colour in any output"),
+)
+
+
+def _epilog() -> str:
+    codes = "\n".join(f"  {code:>3}  {what}" for code, what in EXIT_CODES)
+    env = "\n".join(f"  {name:<20} {what}" for name, what in ENV_VARS)
+    return ("\b\nStart here: README.md 'Try it in five minutes', docs/quickstart-fleet.md.\n\n"
+            f"\b\nExit codes (the same code for the same mistake in every command):\n{codes}\n\n"
+            f"\b\nEnvironment:\n{env}\n\n"
+            "\b\nShell completion (bash; zsh/fish: replace bash_source):\n"
+            '  eval "$(_EDGEML_COMPLETE=bash_source edgeml)"')
+
+
+def _version_text() -> str:
+    """edgeml's version and every backend's, installed or not (importlib.metadata: no heavy import)."""
+    from importlib import metadata
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    import platform
+
+    rows = [("edgeml", version("edgeml")), ("python", platform.python_version()),
+            ("onnxruntime", version("onnxruntime")), ("openvino", version("openvino")),
+            ("apache-tvm", version("apache-tvm")), ("torch", version("torch")), ("paho-mqtt", version("paho-mqtt"))]
+    return "\n".join(f"{name:<12} {v}" for name, v in rows)
+
+
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    click.echo(_version_text())
+    ctx.exit(0)
+
+
+def _verbosity(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    if value and not ctx.resilient_parsing:
+        os.environ["EDGEML_LOG_LEVEL"] = {"verbose": "debug", "quiet": "warning"}[param.name or "verbose"]
+    return value
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=_epilog())
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show edgeml's version and its backends' versions, then exit.")
+@click.option("-v", "--verbose", count=True, expose_value=False, callback=_verbosity,
+              help="Debug logs in every command (sets $EDGEML_LOG_LEVEL=debug).")
+@click.option("-q", "--quiet", count=True, expose_value=False, callback=_verbosity,
+              help="Only warnings and errors in the logs (sets $EDGEML_LOG_LEVEL=warning).")
 def main() -> None:
     """edgeml: compile models into verified artifacts, serve them, roll them out."""
 

@@ -78,25 +78,32 @@ def inspect_cmd(artifact: Path, verify: bool, trusted_keys: tuple[Path, ...], as
 
 
 def _describe(m: dict, signer: str | None) -> str:
-    lines = [
-        f"{m['name']} {m['version']}  target={m['target']}  backend={m['backend']['name']} {m['backend'].get('version', '')}  precision={m['precision']}",
-        "inputs:  " + ", ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in m["inputs"]),
-        "outputs: " + ", ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in m["outputs"]),
+    from edgeml.cli_format import candidate_rows, key_values, num, table
+
+    backend = m.get("backend") or {}
+    pairs = [
+        ("artifact", f"{m.get('name')} {m.get('version')}"),
+        ("target", str(m.get("target"))),
+        ("backend", f"{backend.get('name')} {backend.get('version', '')}".strip()),
+        ("precision", str(m.get("precision"))),
+        ("inputs", ", ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in m.get("inputs", []))),
+        ("outputs", ", ".join(f"{t['name']} {t['dtype']}{t['shape']}" for t in m.get("outputs", []))),
     ]
     acc = m.get("accuracy") or {}
     if acc:
-        lines.append(f"accuracy ({acc.get('metric')}): fp32={acc.get('fp32')} compiled={acc.get('compiled')}")
+        verified = "" if acc.get("verified", True) else "  (UNVERIFIED on the compiling host)"
+        pairs.append(("accuracy", f"{acc.get('metric')}: fp32 {num(acc.get('fp32'))}  compiled "
+                                     f"{num(acc.get('compiled'))}  drop {num(acc.get('drop'))}"
+                                     f" (max {num(acc.get('max_drop'))}){verified}"))
     if m.get("quantization"):
-        lines.append(f"quantization: {m['quantization']}")
-    for c in m.get("candidates", []):
-        lat = c.get("latency_ms") or {}
-        label = c.get("label") or f"{c.get('backend')}/{c.get('precision')}"
-        acc_text = "-" if c.get("accuracy") is None else f"{c['accuracy']:.2f}"
-        lines.append(
-            f"  {'>' if c.get('selected') else ' '} {label:<55} p50={lat.get('p50', '-')} ms  "
-            f"acc={acc_text}  {c.get('status', '')} {c.get('reason') or ''}".rstrip()
-        )
-    lines.append(f"signed by: {signer}" if signer else "signature: " + ("present (not checked: no trusted key given)" if m.get("signed") else "none"))
+        q = m["quantization"]
+        pairs.append(("quantization", key_values(q) if isinstance(q, dict) else str(q)))
+    signature = (f"signed by {signer}" if signer else
+                 "present (not checked: no trusted key given)" if m.get("signed") else "none")
+    pairs.append(("signature", signature))
+    lines = table(pairs)
+    if m.get("candidates"):
+        lines += ["", "candidates (> = selected):"] + candidate_rows(m["candidates"])
     return "\n".join(lines)
 
 
@@ -191,6 +198,7 @@ def _run_one(artifact: Path, input_path: Path, output_text: str | None, trusted_
     import numpy as np
 
     import edgeml
+    from edgeml.cli_format import top_classes
     from edgeml.compiler_data import load_npz_inputs
     from edgeml.runtime.fsutil import atomic_path
 
@@ -211,12 +219,24 @@ def _run_one(artifact: Path, input_path: Path, output_text: str | None, trusted_
         emit({"outputs": summary, "output_file": str(output_path) if output_path else None,
               "values": None if output_path else {k: v.tolist() for k, v in outputs.items()}}, True)
     else:
+        classifier = _is_classifier(model)
         for name, v in outputs.items():
             click.echo(f"{name}: shape={list(v.shape)} dtype={v.dtype}")
-            if not output_path:
-                click.echo(np.array2string(v, threshold=50))
+            tops = top_classes(name, v) if classifier and v.ndim == 2 else []
+            if tops:
+                click.echo("\n".join(tops[1:]))
+            elif not output_path:
+                click.echo(np.array2string(v, threshold=50, precision=4, suppress_small=True))
         if output_path:
             click.echo(f"wrote {output_path}")
+
+
+def _is_classifier(model) -> bool:
+    """Class scores: the artifact was checked with a class metric (top1 / argmax agreement)."""
+    manifest = getattr(model, "manifest", None)
+    acc = (manifest.get("accuracy") if isinstance(manifest, dict) else getattr(manifest, "accuracy", None)) or {}
+    metric = acc.get("metric") if isinstance(acc, dict) else getattr(acc, "metric", None)
+    return metric in ("top1", "fp32_agreement", "agreement")
 
 
 def _cast_feeds(feeds: dict, model, input_path: Path) -> dict:

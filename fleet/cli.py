@@ -20,7 +20,8 @@ import click
 
 from edgeml.fleet.profiles import apply_profile, profile_option
 
-from edgeml.cli import emit, handle_errors, json_option
+from edgeml.cli import (AliasedOption, emit, examples, handle_errors, json_option, log_level_option, port_in_use,
+                        port_option)
 from edgeml.fleet.monitor_cli import Monitoring, manager_options, register as register_monitoring
 
 if TYPE_CHECKING:
@@ -38,7 +39,9 @@ def _setup_logging(level: str) -> None:
 
 def broker_options(func):
     opts = [
-        click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, help="mqtt://host:port or mqtts://host:port"),
+        click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, envvar="EDGEML_BROKER",
+                     show_envvar=True, help="mqtt://HOST:PORT or mqtts://HOST:PORT (several, comma-separated: a"
+                                            " cluster's nodes)."),
         click.option("--username", help="MQTT username."),
         click.option("--password-file", type=click.Path(dir_okay=False, path_type=Path), help="File holding the MQTT password."),
         click.option("--tls-ca", type=click.Path(dir_okay=False, path_type=Path), help="CA certificate (enables TLS)."),
@@ -83,6 +86,18 @@ def _db_path(db: Path | str | None) -> Path | str:
     return value if is_postgres_url(value) else Path(value)
 
 
+def _connected_or_exit(transport, timeout_s: float, stop) -> None:
+    """--connect-timeout: wait for the broker's CONNACK; else stop and exit 10 naming the last failure."""
+    from edgeml.errors import FleetError
+
+    if transport.wait_connected(timeout_s):
+        return
+    reason = transport.last_error or "no answer"
+    stop()
+    raise FleetError(f"cannot reach the MQTT broker {transport.host}:{transport.port} within {timeout_s:g}s: {reason}",
+                     hint="check --broker (or $EDGEML_BROKER), that the broker runs, and credentials/TLS files")
+
+
 def _wait_for_signal() -> None:
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -92,17 +107,27 @@ def _wait_for_signal() -> None:
 
 
 # ====================================================================== agent
-@click.command("agent")
+@click.command("agent", epilog=examples(
+    "edgeml agent --device-id cam-1 --state-dir /var/lib/edgeml --trusted-key signing.key.pub",
+    "EDGEML_BROKER=mqtt://10.0.0.5:1883 edgeml agent --device-id cam-2 --labels site=lab --state-dir st2 \\",
+    "    --trusted-key signing.key.pub --port 8102 --profile lab --connect-timeout 30s",
+    "(docs/quickstart-fleet.md walks a manager and two agents on one machine)"))
 @broker_options
-@click.option("--device-id", required=True, help="This device's id (letters, digits, _ . -).")
+@click.option("--device-id", required=True, envvar="EDGEML_DEVICE_ID", show_envvar=True,
+              help="This device's id (letters, digits, _ . -).")
 @click.option("--labels", default="", help="k=v,k2=v2 labels the manager selects on.")
 @click.option("--state-dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Journal + slots.")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Public key artifacts (and manager messages) must be signed with; repeatable.")
 @click.option("--allow-unsigned", is_flag=True, help="Accept unsigned artifacts and messages (development only).")
-@click.option("--http-host", default="127.0.0.1", show_default=True, help="Where the embedded model server listens.")
-@click.option("--http-port", type=int, default=8000, show_default=True, help="Model server port (-1: no HTTP server).")
-@click.option("--heartbeat", default="10s", show_default=True, help="Heartbeat interval.")
+@click.option("--host", "--http-host", "http_host", cls=AliasedOption, hidden_aliases=("--http-host",),
+              default="127.0.0.1", show_default=True, help="Where the embedded model server listens.")
+@port_option("--port", hidden_aliases=("--http-port",), dest="http_port", default=8000, off="no HTTP server",
+             help="The embedded KServe v2 model server's port (0: a free one, -1: no HTTP server).")
+@click.option("--connect-timeout", default=None,
+              help="Exit (code 10) when the broker is not reached within this time, e.g. 30s (default: keep"
+                   " retrying; failures are logged at WARNING).")
+@click.option("--heartbeat", default="10s", show_default=True, help="Heartbeat interval (a duration: 500ms, 10s, 5m).")
 @click.option("--telemetry", "telemetry_every", default="10s", show_default=True, help="Telemetry interval.")
 @click.option("--health-window", default="10s", show_default=True, help="Default health window after a swap.")
 @click.option("--health-max-error-rate", type=float, default=0.0, show_default=True,
@@ -113,11 +138,11 @@ def _wait_for_signal() -> None:
 @click.option("--admin-token", envvar="EDGEML_ADMIN_TOKEN", default=None,
               help="Turn on the embedded server's repository API (load/unload) behind this bearer token"
                    " (also $EDGEML_ADMIN_TOKEN). Default: off, repository endpoints answer 403.")
-@click.option("--log-level", default="info", show_default=True)
+@log_level_option
 @profile_option
 @json_option
 @handle_errors
-def agent_cmd(device_id, labels, state_dir, trusted_keys, allow_unsigned, http_host, http_port, heartbeat,
+def agent_cmd(device_id, labels, state_dir, trusted_keys, allow_unsigned, http_host, http_port, connect_timeout, heartbeat,
               telemetry_every, health_window, health_max_error_rate, health_max_p95_ms, admin_token, log_level,
               as_json, **kw):
     """Run the device agent: reconcile the desired model, serve it, report."""
@@ -143,19 +168,25 @@ def agent_cmd(device_id, labels, state_dir, trusted_keys, allow_unsigned, http_h
         raise UsageError(f"--health-max-error-rate {health_max_error_rate} must be between 0 and 1")
     if health_max_p95_ms is not None and not 0 < health_max_p95_ms < 1e7:
         raise UsageError(f"--health-max-p95-ms {health_max_p95_ms} must be a positive number of milliseconds")
-    if not -1 <= http_port <= 65535:
-        raise UsageError(f"--http-port {http_port} is not a port (0-65535, or -1 for no HTTP server)")
+    connect_timeout_s = None if connect_timeout is None else bounded_duration(connect_timeout, "--connect-timeout",
+                                                                               min_s=0.1, max_s=86400)
     config = AgentConfig(device_id=device_id, state_dir=state_dir, labels=parse_labels(labels),
                          trusted_keys=list(trusted_keys), allow_unsigned=allow_unsigned,
                          heartbeat_s=bounded_duration(heartbeat, "--heartbeat", min_s=MIN_INTERVAL_S, max_s=3600),
                          telemetry_s=bounded_duration(telemetry_every, "--telemetry", min_s=MIN_INTERVAL_S, max_s=3600),
                          health_window_s=bounded_duration(health_window, "--health-window", min_s=0, max_s=3600),
                          health_max_error_rate=health_max_error_rate, health_max_p95_ms=health_max_p95_ms)
-    serving = make_serving(Path(state_dir) / "cache", http_host=http_host, http_port=None if http_port < 0 else http_port,
-                           admin_token=admin_token, drift_rate=kw.pop("drift_rate"))
+    try:
+        serving = make_serving(Path(state_dir) / "cache", http_host=http_host,
+                               http_port=None if http_port < 0 else http_port, admin_token=admin_token,
+                               drift_rate=kw.pop("drift_rate"))
+    except OSError as exc:
+        raise port_in_use(exc, "--port", http_port) or exc from None
     if serving.address:
         config.endpoint = f"http://{serving.address[0]}:{serving.address[1]}"
     agent = Agent(config, broker, serving).start()
+    if connect_timeout_s is not None:
+        _connected_or_exit(agent.transport, connect_timeout_s, agent.stop)
     info = {"device_id": device_id, "broker": broker.url, "state_dir": str(state_dir), "labels": config.labels,
             "http": f"http://{serving.address[0]}:{serving.address[1]}" if serving.address else None,
             "active": agent.core.active(), "pid": os.getpid()}
@@ -173,24 +204,33 @@ def fleet_group() -> None:
     """Operate a fleet: manager, artifacts, devices, rollouts, telemetry, demo."""
 
 
-@fleet_group.command("manager")
+@fleet_group.command("manager", epilog=examples(
+    "edgeml fleet manager --db fleet.db --sign-key signing.key",
+    "edgeml fleet manager --db postgresql://edgeml@db:5432/fleet --port 8765 --public-url http://mgr:8765",
+    "(docs/quickstart-fleet.md: manager, signed artifact, two agents, a rollout)"))
 @broker_options
 @click.option("--db", type=DB_TYPE, help=DB_HELP)
 @click.option("--store", "store_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Artifact store folder (default: beside the db).")
-@click.option("--http-host", default="127.0.0.1", show_default=True, help="Artifact HTTP server address.")
-@click.option("--http-port", type=int, default=8765, show_default=True)
+@click.option("--host", "--http-host", "http_host", cls=AliasedOption, hidden_aliases=("--http-host",),
+              default="127.0.0.1", show_default=True, help="Where the artifact HTTP server listens.")
+@port_option("--port", hidden_aliases=("--http-port",), dest="http_port", default=8765,
+             help="The artifact HTTP server's port, which devices download from (0: a free one).")
+@click.option("--connect-timeout", default=None,
+              help="Exit (code 10) when the broker is not reached within this time, e.g. 30s (default: keep"
+                   " retrying; failures are logged at WARNING).")
 @click.option("--public-url", help="URL devices use for the artifact server (default http://HOST:PORT).")
 @click.option("--sign-key", type=click.Path(dir_okay=False, path_type=Path), help="Sign desired-state messages.")
-@click.option("--heartbeat-timeout", default="30s", show_default=True)
+@click.option("--heartbeat-timeout", default="30s", show_default=True,
+              help="A device silent this long is marked offline.")
 @click.option("--offline-timeout", default="5m", show_default=True, help="Offline devices in a wave: pending this long.")
 @click.option("--health-window", default="10s", show_default=True, help="Health window agents run after a swap.")
-@click.option("--log-level", default="info", show_default=True)
+@log_level_option
 @manager_options
 @profile_option
 @json_option
 @handle_errors
-def manager_cmd(db, store_dir, http_host, http_port, public_url, sign_key, heartbeat_timeout, offline_timeout,
+def manager_cmd(db, store_dir, http_host, http_port, connect_timeout, public_url, sign_key, heartbeat_timeout, offline_timeout,
                 health_window, log_level, as_json, **kw):
     """Run the fleet manager (long-running)."""
     timing = apply_profile(kw.pop("profile"), "manager", {"heartbeat_timeout": heartbeat_timeout,
@@ -199,8 +239,8 @@ def manager_cmd(db, store_dir, http_host, http_port, public_url, sign_key, heart
     heartbeat_timeout, offline_timeout, health_window = (timing["heartbeat_timeout"], timing["offline_timeout"],
                                                          timing["health_window"])
     from edgeml.fleet.manager import ManagerConfig
-    from edgeml.fleet.waves import parse_duration
     from edgeml.fleet.service import ManagerService
+    from edgeml.fleet.waves import bounded_duration, parse_duration
 
     _setup_logging(log_level)
     config = ManagerConfig(db=_db_path(db), store_dir=store_dir, http_host=http_host, http_port=http_port,
@@ -208,7 +248,14 @@ def manager_cmd(db, store_dir, http_host, http_port, public_url, sign_key, heart
                            heartbeat_timeout_s=parse_duration(heartbeat_timeout),
                            offline_timeout_s=parse_duration(offline_timeout),
                            health_window_s=parse_duration(health_window))
-    svc = ManagerService(config, _broker(kw)).start()
+    connect_timeout_s = None if connect_timeout is None else bounded_duration(connect_timeout, "--connect-timeout",
+                                                                               min_s=0.1, max_s=86400)
+    try:
+        svc = ManagerService(config, _broker(kw)).start()
+    except OSError as exc:
+        raise port_in_use(exc, "--port", http_port) or exc from None
+    if connect_timeout_s is not None:
+        _connected_or_exit(svc.transport, connect_timeout_s, svc.stop)
     monitoring = Monitoring(config.db, config.store_path(), kw)   # /metrics + alert webhook (fleet/monitor_cli.py)
     emit({"db": str(config.db), "artifacts": svc.server.base_url, "broker": svc.broker.url, "pid": os.getpid(),
           "metrics": monitoring.metrics_url}, as_json,
@@ -221,10 +268,13 @@ def manager_cmd(db, store_dir, http_host, http_port, public_url, sign_key, heart
         svc.stop()
 
 
-@fleet_group.command("publish")
+@fleet_group.command("publish", epilog=examples(
+    "edgeml fleet publish digits.edgepkg --trusted-key signing.key.pub",
+    "edgeml fleet artifacts          # what is published"))
 @click.argument("artifact", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--db", type=DB_TYPE, help=DB_HELP)
-@click.option("--store", "store_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--store", "store_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Artifact store folder (default: beside the db; the manager's --store).")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Refuse the artifact unless signed by one of these keys.")
 @json_option
@@ -245,139 +295,122 @@ def publish_cmd(artifact, db, store_dir, trusted_keys, as_json):
                                  f" {'signed' if r['signed'] else 'UNSIGNED'})")
 
 
-@fleet_group.command("devices")
+@fleet_group.group("devices", invoke_without_command=True,
+                   epilog=examples("edgeml fleet devices", "edgeml fleet devices --selector site=lab --json",
+                                   "edgeml fleet devices --wait-online 2 --timeout 60s",
+                                   "edgeml fleet devices forget cam-007"))
 @click.option("--db", type=DB_TYPE, help=DB_HELP)
 @click.option("--selector", default="", help="k=v,... labels to match.")
+@click.option("--wait-online", type=click.IntRange(1, 1_000_000), default=None, metavar="N",
+              help="First wait until at least N matching devices are online (exit 10 after --timeout).")
+@click.option("--timeout", default="2m", show_default=True, help="With --wait-online: how long to wait.")
 @json_option
+@click.pass_context
 @handle_errors
-def devices_cmd(db, selector, as_json):
-    """List registered devices."""
-    from edgeml.fleet.db import FleetDB
-    from edgeml.fleet.protocol import parse_labels, selector_matches
-
-    from edgeml.fleet.resilience import latest
+def devices_cmd(ctx, db, selector, wait_online, timeout, as_json):
+    """List registered devices (or forget one: devices forget ID)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from edgeml.errors import FleetError
+    from edgeml.fleet.protocol import parse_labels
+    from edgeml.fleet.waves import parse_duration
 
     sel = parse_labels(selector)
-    rows = []
-    fdb = FleetDB(_db_path(db), readonly=True)
-    resilience = latest(fdb)
-    for r in fdb.q("SELECT * FROM devices ORDER BY device_id"):
-        labels = json.loads(r["labels"])
-        if not selector_matches(sel, labels):
-            continue
-        active = json.loads(r["active"]) if r["active"] else None
-        rows.append({"device_id": r["device_id"], "online": bool(r["online"]), "labels": labels, "endpoint": r["endpoint"],
-                     "active": f"{active['name']}@{active['version']}" if active and active.get("name") else None,
-                     "active_detail": active,   # the protocol's object (docs/fleet-protocol.md)
-                     "committed_seq": r["committed_seq"], "state": r["state"], "last_seen": r["last_seen"],
-                     "refused_messages": r["refused"],
-                     "last_failed": json.loads(r["last_failed"]) if r["last_failed"] else None,
-                     "resilience": resilience.get(r["device_id"], {})})
+    timeout_s = parse_duration(timeout)
+    rows = _device_rows(_db_path(db), sel)
+    deadline = time.monotonic() + timeout_s
+    while wait_online is not None and sum(d["online"] for d in rows) < wait_online:
+        if time.monotonic() > deadline:
+            online = sum(d["online"] for d in rows)
+            raise FleetError(f"{online} of the {wait_online} device(s) wanted are online after {timeout}"
+                             f" ({len(rows)} registered{' matching ' + selector if selector else ''})",
+                             hint="check that the agents run and reach the same broker as the manager")
+        time.sleep(0.5)
+        rows = _device_rows(_db_path(db), sel)
 
     def human(rows):
-        lines = [f"{'DEVICE':<20} {'ONLINE':<7} {'ACTIVE':<24} {'STATE':<12} LABELS"]
-        for d in rows:
-            lines.append(f"{d['device_id']:<20} {'yes' if d['online'] else 'no':<7} {d['active'] or '-':<24} "
-                         f"{d['state'] or '-':<12} {','.join(f'{k}={v}' for k, v in d['labels'].items())}")
-        return "\n".join(lines + [f"{len(rows)} device(s)"])
+        from edgeml.cli_format import table
+
+        out = [("DEVICE", "ONLINE", "ACTIVE", "STATE", "ENDPOINT", "LABELS")]
+        out += [(d["device_id"], "yes" if d["online"] else "no", d["active"] or "-", d["state"] or "-",
+                 d["endpoint"] or "-", ",".join(f"{k}={v}" for k, v in d["labels"].items())) for d in rows]
+        return "\n".join(table(out) + [f"{len(rows)} device(s)"])
 
     emit(rows, as_json, human)
 
 
-@fleet_group.group("rollout")
-def rollout_group() -> None:
-    """Start and steer rollouts."""
-
-
-def _status_text(s: dict) -> str:
-    lines = [f"rollout {s['id']}: {s['target']}  state={s['state']}  wave {s['wave']}/{len(s['waves'])}"
-             f" ({','.join(s['waves'])})  by {s['created_by']}"]
-    if s["reason"]:
-        lines.append(f"  reason: {s['reason']}")
-    for i, w in enumerate(s["per_wave"]):
-        lines.append(f"  wave {i + 1}: " + (", ".join(f"{k}={v}" for k, v in sorted(w.items())) or "-"))
-    if s["rollback"]:
-        lines.append("  rollback: " + ", ".join(f"{k}={v}" for k, v in sorted(s["rollback"].items())))
-    for g in s["gates"]:
-        value = "no data yet" if g["value"] is None else f"value={g['value']}"
-        lines.append(f"  gate {g['gate']}: {'ok' if g['ok'] else 'BREACH'} {value} limit={g['threshold']} ({g['detail']})")
-    for f in s["failures"][:5]:
-        lines.append(f"  failed {f['device_id']}: {f['reason']}")
-    return "\n".join(lines)
-
-
-@rollout_group.command("start")
-@click.argument("target")
-@click.option("--db", type=DB_TYPE, help=DB_HELP)
-@click.option("--selector", default="", help="k=v,... labels of the devices to update (default all).")
-@click.option("--waves", default="5%,25%,100%", show_default=True,
-              help="Cumulative percentages, or label waves first: ring=canary,50%,100%.")
-@click.option("--max-failure-rate", default="10%", show_default=True)
-@click.option("--bake", default="60s", show_default=True, help="Wait after each wave commits with gates green before the next -- and after the last before"
-                   " 'completed' (a breach then still rolls back). 0s in labs.")
-@click.option("--gate", "gates", multiple=True, help="Extra gate, e.g. p95_latency_ms<50, error_rate<0.01, p95_ratio<1.2.")
-@click.option("--health-window", default=None, help="Override the agents' health window for this rollout.")
-@profile_option
-@json_option
-@handle_errors
-def rollout_start_cmd(target, db, selector, waves, max_failure_rate, bake, gates, health_window, profile, as_json):
-    """Roll NAME@VERSION out in waves (the running manager executes it)."""
-    timing = apply_profile(profile, "rollout", {"bake": bake, "health_window": health_window})
-    bake, health_window = timing["bake"], timing["health_window"]
-    from edgeml.fleet.gates import parse_gate
-    from edgeml.fleet.waves import parse_duration, parse_rate, parse_waves
-    from edgeml.fleet.protocol import parse_labels
-    from edgeml.fleet.service import CommandClient
-
-    args = {"target": target, "selector": parse_labels(selector), "waves": parse_waves(waves),
-            "max_failure_rate": parse_rate(max_failure_rate), "bake_s": parse_duration(bake), "gates": list(gates)}
-    for g in gates:
-        parse_gate(g)   # refuse a bad gate here, before queuing
-    if health_window is not None:
-        args["health_window_s"] = parse_duration(health_window)
-    emit(CommandClient(_db_path(db)).submit("rollout.start", args), as_json, _status_text)
-
-
-@rollout_group.command("status")
-@click.argument("rollout_id", required=False)
-@click.option("--db", type=DB_TYPE, help=DB_HELP)
-@json_option
-@handle_errors
-def rollout_status_cmd(rollout_id, db, as_json):
-    """Show one rollout (or list all)."""
+def _device_rows(db_path, sel: dict) -> list[dict]:
     from edgeml.fleet.db import FleetDB
-    from edgeml.fleet.manager import rollout_status
+    from edgeml.fleet.protocol import selector_matches
+    from edgeml.fleet.resilience import latest
+
+    rows = []
+    fdb = FleetDB(db_path, readonly=True)
+    try:
+        resilience = latest(fdb)
+        for r in fdb.q("SELECT * FROM devices ORDER BY device_id"):
+            labels = json.loads(r["labels"])
+            if not selector_matches(sel, labels):
+                continue
+            active = json.loads(r["active"]) if r["active"] else None
+            rows.append({"device_id": r["device_id"], "online": bool(r["online"]), "labels": labels,
+                         "endpoint": r["endpoint"],
+                         "active": f"{active['name']}@{active['version']}" if active and active.get("name") else None,
+                         "active_detail": active,   # the protocol's object (docs/fleet-protocol.md)
+                         "committed_seq": r["committed_seq"], "state": r["state"], "last_seen": r["last_seen"],
+                         "refused_messages": r["refused"],
+                         "last_failed": json.loads(r["last_failed"]) if r["last_failed"] else None,
+                         "resilience": resilience.get(r["device_id"], {})})
+    finally:
+        fdb.close()
+    return rows
+
+
+@devices_cmd.command("forget", epilog=examples("edgeml fleet devices forget cam-007"))
+@click.argument("device_id")
+@click.option("--db", type=DB_TYPE, help=DB_HELP)
+@json_option
+@handle_errors
+def devices_forget_cmd(device_id, db, as_json):
+    """Remove an offline DEVICE_ID (decommissioned, renamed) from the device list and its telemetry.
+
+    Its rollout and audit history stay. A forgotten device that connects again registers anew."""
+    from edgeml.errors import FleetError
+    from edgeml.fleet.db import FleetDB
+    from edgeml.fleet.service import default_actor
+    from edgeml.fleet.states import RolloutState
 
     fdb = FleetDB(_db_path(db), readonly=True)
-    if rollout_id:
-        emit(rollout_status(fdb, rollout_id), as_json, _status_text)
-        return
-    rows = [rollout_status(fdb, r["id"]) for r in fdb.q("SELECT id FROM rollouts ORDER BY CAST(id AS INTEGER)")]
-    emit(rows, as_json, lambda rs: "\n".join(f"{s['id']:>4} {s['target']:<24} {s['state']:<13} wave {s['wave']}/{len(s['waves'])}"
-                                             f"{'  ' + s['reason'] if s['reason'] else ''}" for s in rs) or "no rollouts")
+    try:
+        row = fdb.one("SELECT online FROM devices WHERE device_id = ?", (device_id,))
+        if row is None:
+            known = [r["device_id"] for r in fdb.q("SELECT device_id FROM devices ORDER BY device_id")]
+            import difflib
+
+            close = difflib.get_close_matches(device_id, known, n=3)
+            raise FleetError(f"no device {device_id!r} is registered",
+                             hint=f"did you mean {' or '.join(close)}?" if close else "list them: edgeml fleet devices")
+        if row["online"]:
+            raise FleetError(f"device {device_id} is online: forgetting it would only last until its next heartbeat",
+                             hint="stop its agent first (a device is offline after the manager's --heartbeat-timeout)")
+        active = (RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.ROLLING_BACK)
+        busy = fdb.q("SELECT r.id FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id"
+                     f" WHERE rd.device_id = ? AND r.state IN ({','.join('?' * len(active))})",
+                     (device_id, *[str(s) for s in active]))
+        if busy:
+            raise FleetError(f"device {device_id} is in active rollout(s) {sorted(r['id'] for r in busy)}",
+                             hint="wait for them to end, or abort them first")
+        with fdb.tx() as tx:
+            for table in ("devices", "device_telemetry", "telemetry"):
+                tx.conn.execute(f"DELETE FROM {table} WHERE device_id = ?", (device_id,))
+        fdb.audit(time.time(), default_actor(), "device.forget", device_id)
+    finally:
+        fdb.close()
+    emit({"forgotten": device_id}, as_json, lambda r: f"forgot device {r['forgotten']}")
 
 
-def _op(name: str, doc: str):
-    @rollout_group.command(name, help=doc)
-    @click.argument("rollout_id")
-    @click.option("--db", type=DB_TYPE, help=DB_HELP)
-    @json_option
-    @handle_errors
-    def cmd(rollout_id, db, as_json):
-        from edgeml.fleet.service import CommandClient
-
-        emit(CommandClient(_db_path(db)).submit(f"rollout.{name}", {"id": rollout_id}), as_json, _status_text)
-
-    return cmd
-
-
-_op("pause", "Stop advancing waves (in-flight installs finish).")
-_op("resume", "Continue a paused rollout.")
-_op("abort", "Stop the rollout; devices stay where they are.")
-_op("rollback", "Return every device this rollout updated to its previous version.")
-
-
-@fleet_group.command("telemetry")
+@fleet_group.command("telemetry", epilog=examples(
+    "edgeml fleet telemetry", "edgeml fleet telemetry --device cam-1 --json"))
 @click.option("--db", type=DB_TYPE, help=DB_HELP)
 @click.option("--device", help="Only this device.")
 @json_option
@@ -428,7 +461,8 @@ def telemetry_cmd(db, device, as_json):
     emit(out, as_json, human)
 
 
-@fleet_group.command("demo")
+@fleet_group.command("demo", epilog=examples(
+    "edgeml fleet demo", "edgeml fleet demo --scenario drift", "edgeml fleet demo --scenario experiment"))
 @click.option("--broker-kind", type=click.Choice(["auto", "mosquitto", "amqtt"]), default="auto", show_default=True)
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), help="Keep files here (default: temp).")
 @click.option("--bake", default="3s", show_default=True)
@@ -484,6 +518,9 @@ def simulate_cmd(devices, fail_rate, waves, bake, workdir, as_json):
 
 
 register_monitoring(fleet_group)   # edgeml fleet drift (fleet/monitor_cli.py)
+from edgeml.fleet.rollout_cli import register as register_rollouts  # noqa: E402
+
+register_rollouts(fleet_group)      # edgeml fleet rollout / artifacts (fleet/rollout_cli.py)
 from edgeml.fleet.experiment_cli import register as register_experiments  # noqa: E402
 
 register_experiments(fleet_group)   # edgeml fleet experiment (fleet/experiment_cli.py)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from edgeml.cli import emit, handle_errors, json_option
+from edgeml.cli import emit, examples, handle_errors, json_option
 
 
 class BenchGroup(click.Group):
@@ -46,10 +46,15 @@ def _duration(ctx, param, value):
         raise click.BadParameter(exc.message) from None
 
 
-@bench_group.command("run")
+@bench_group.command("run", epilog=examples(
+    "edgeml bench digits.edgepkg                       # single-stream, 3 repeats of 10 s",
+    "edgeml bench digits.edgepkg --scenario server --duration 20s --report out/   # + HTML, plots",
+    "edgeml bench examples/digits/digits.onnx --scenario offline --batch 32"))
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--scenario", type=click.Choice(["single-stream", "multi-stream", "offline", "server"]),
-              default="single-stream", show_default=True)
+              default="single-stream", show_default=True,
+              help="MLPerf scenario: one query at a time (latency), N streams, all at once (throughput), or"
+                   " Poisson arrivals at a target rate.")
 @click.option("--duration", default="10s", show_default=True, callback=_duration, help="Minimum measured time per repeat (60s, 500ms, 2m).")
 @click.option("--min-queries", type=int, default=64, show_default=True, help="Minimum queries per repeat.")
 @click.option("--max-duration", default=None, callback=_duration, help="Hard cap per repeat; a run cut short is INVALID.")
@@ -121,7 +126,8 @@ def summary_text(result: dict) -> str:
     return "\n".join(lines)
 
 
-@bench_group.command("compare")
+@bench_group.command("compare", epilog=examples(
+    "edgeml bench compare a/result.json b/result.json --report cmp/"))
 @click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--label", "labels", multiple=True, help="A name for each result, in order (default: model [backend/precision]).")
 @click.option("--noise-floor", type=float, default=0.05, show_default=True,

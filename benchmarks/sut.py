@@ -446,9 +446,13 @@ def open_target(path: Path | str, *, threads: int | None = None, clock: Callable
                 data: Path | None = None, **kw) -> BenchTarget:
     """Open ``path`` (.edgepkg or .onnx), apply --input-shape / --data, and run its first inference."""
     path = Path(path)
-    if not path.exists():
-        raise ModelError(f"{path} does not exist", hint="pass an .edgepkg from edgeml compile, or an .onnx file")
     suffix = path.suffix.lower()
+    if suffix != ".onnx" and (path.is_dir() or not path.exists()):   # the same message and code as serve/inspect
+        from edgeml.runtime.archive import check_artifact_path
+
+        check_artifact_path(path)
+    if not path.exists():
+        raise ModelError(f"model {path} does not exist", hint="pass an .edgepkg from edgeml compile, or an .onnx file")
     if suffix == ".onnx":
         target: BenchTarget = OnnxTarget(path, threads=threads, clock=clock)
     elif suffix == ".edgepkg":

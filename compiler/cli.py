@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from edgeml.backends import backend_names
-from edgeml.cli import check_output_file, emit, handle_errors, json_option
+from edgeml.cli import check_output_file, emit, examples, handle_errors, json_option
 
 
 class _Progress:
@@ -64,11 +64,18 @@ def _parse_backend_option(values: tuple[str, ...]) -> dict:
     return out
 
 
-@click.command("compile")
+@click.command("compile", epilog=examples(
+    "edgeml compile model.onnx -t x86_64 -o model.edgepkg",
+    "edgeml compile examples/digits/digits.onnx -t x86_64 --calib examples/digits/calib.npz \\",
+    "    --eval examples/digits/eval.npz --name digits-cnn --version 1.0.0 --sign-key signing.key -o digits.edgepkg",
+    "edgeml compile model.onnx -t aarch64-a76 --backend tvm --tune-budget 10m -o model-a76.edgepkg",
+    "(edgeml targets lists the targets; docs/compiler.md, docs/artifact.md)"))
 @click.argument("model")
 @click.option("-t", "--target", required=True, help="Target name (edgeml targets).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact to write (.edgepkg).")
-@click.option("--precision", default="auto", type=click.Choice(["auto", "fp32", "fp16", "bf16", "int8"]), show_default=True)
+@click.option("--precision", default="auto", type=click.Choice(["auto", "fp32", "fp16", "bf16", "int8"]), show_default=True,
+              help="auto: every precision the target allows (int8 needs --calib); the fastest within the accuracy"
+                   " tolerance wins.")
 @click.option("--backend", default="auto", type=click.Choice(["auto", *backend_names()]), show_default=True,
               help="auto: every backend the target lists (the null test double only by name).")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration .npz keyed by input name.")

@@ -49,8 +49,17 @@ class LazyGroup(click.Group):
         try:
             rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.UsageError as exc:
-            command = exc.ctx.command_path if exc.ctx is not None else "edgeml"
-            _fail(UsageError(exc.format_message(), hint=f"see '{command} --help'"), "--json" in argv)
+            names: list[str] = []
+            ctx = exc.ctx
+            while ctx is not None and ctx.parent is not None:     # the root's name may be "python -m edgeml.cli"
+                names.insert(0, ctx.info_name or "")
+                ctx = ctx.parent
+            command = " ".join(["edgeml", *names])
+            message = exc.format_message()
+            if isinstance(exc, click.BadParameter) and exc.param is not None and exc.param_hint is None:
+                opts = [o for o in getattr(exc.param, "opts", []) if o not in getattr(exc.param, "hidden_aliases", ())]
+                message = f"{opts[0] if opts else exc.param.human_readable_name}: {exc.message}"
+            _fail(UsageError(message, hint=f"see '{command} --help'"), "--json" in argv)
         except click.exceptions.ClickException as exc:
             _fail(EdgemlError(exc.format_message()), "--json" in argv, exc.exit_code)
         except click.exceptions.Abort:
@@ -130,8 +139,9 @@ def handle_errors(func: Callable) -> Callable:
 
 
 def _os_error_text(exc: OSError) -> str:
-    where = f" {exc.filename}" if exc.filename is not None else ""
-    return f"cannot access{where}: {exc.strerror or exc}"
+    if exc.filename is None:     # not a path: a socket, a process, a limit
+        return f"the operating system refused: {exc.strerror or exc}"
+    return f"cannot access {exc.filename}: {exc.strerror or exc}"
 
 
 def check_output_file(path: str | Path, option: str, *, overwrite: bool = True) -> Path:
@@ -178,10 +188,14 @@ log_level_option = click.option(
     help="Least severe log records shown on stderr (edgeml -v / -q set it for every command).")
 
 
-def port_in_use(exc: OSError, option: str, port: int) -> "UsageError | None":
-    """A bind failure as one line naming the option and port (None: not a bind failure)."""
+def port_in_use(exc: BaseException, option: str, port: int) -> "UsageError | None":
+    """A bind failure (an OSError, or an error caused by one) as one line naming the option and port, exit 2 in
+    every command (None: not a bind failure)."""
     import errno
 
+    if not isinstance(exc, OSError):
+        cause = exc.__cause__
+        return port_in_use(cause, option, port) if isinstance(cause, OSError) else None
     if exc.errno == errno.EADDRINUSE:
         return UsageError(f"{option} {port}: the port is already in use (another edgeml process, or another program)",
                           hint=f"choose another {option} (0 picks a free one) or stop the process listening there")
@@ -227,7 +241,7 @@ class PortType(click.ParamType):
         except (TypeError, ValueError):
             port = None
         if port is None or not low <= port <= 65535:
-            self.fail(f"{value!r} is not a port: give 1-65535, or 0 to pick a free one"
+            self.fail(f"{value} is not a port: give 1-65535, or 0 to pick a free one"
                       + (f" (-1: {self.off})" if self.off else ""), param, ctx)
         return port
 
@@ -243,12 +257,12 @@ def port_option(*names: str, default: int | None, help: str, off: str | None = N
 EXIT_CODES = (
     (0, "success"),
     (1, "unexpected failure (a bug: please report it), or a batch job with failed items"),
-    (2, "usage: a bad option, argument, file path, port or target name"),
+    (2, "usage: a bad option or argument value, a port out of range or taken, an unknown target"),
     (3, "an optional package is missing (the message names the pip extra)"),
     (4, "this host lacks the CPU features the target or artifact needs"),
-    (5, "the model or data file is unreadable or does not fit the model"),
+    (5, "the model or a data file is missing, unreadable or does not fit the model"),
     (6, "compile: no candidate could be built or kept the accuracy"),
-    (7, "artifact: not an .edgepkg, truncated, tampered, unsigned or wrongly signed"),
+    (7, "artifact: missing, a folder, an .onnx instead, truncated, tampered or badly signed"),
     (8, "a backend failed to load or run the model"),
     (9, "the model server could not start or serve"),
     (10, "fleet: broker unreachable, rollout rolled back/aborted/timed out, unknown artifact or device"),

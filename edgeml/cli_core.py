@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from edgeml.cli import check_output_file, emit, handle_errors, json_option
+from edgeml.cli import check_output_file, emit, examples, handle_errors, json_option
 from edgeml.errors import UsageError
 
 
-@click.command("targets")
+@click.command("targets", epilog=examples("edgeml targets", "edgeml targets --host --json"))
 @click.option("--host", "host_only", is_flag=True, help="Only the targets this machine can execute.")
 @json_option
 @handle_errors
@@ -35,7 +35,8 @@ def targets_cmd(host_only: bool, as_json: bool) -> None:
     click.echo("\n* best target for this host, + runs on this host")
 
 
-@click.command("keygen")
+@click.command("keygen", epilog=examples(
+    "edgeml keygen signing.key          # then: compile --sign-key signing.key; agents --trusted-key signing.key.pub"))
 @click.argument("key", type=str)
 @click.option("--force", is_flag=True, help="Overwrite an existing key.")
 @json_option
@@ -53,7 +54,9 @@ def keygen_cmd(key: str, force: bool, as_json: bool) -> None:
          lambda r: f"wrote {r['private_key']} (keep secret) and {r['public_key']} (key id {r['key_id']})")
 
 
-@click.command("inspect")
+@click.command("inspect", epilog=examples(
+    "edgeml inspect digits.edgepkg", "edgeml inspect digits.edgepkg --trusted-key signing.key.pub",
+    "edgeml inspect digits.edgepkg --json      # the whole manifest"))
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--verify/--no-verify", default=True, help="Check every file hash (default) or only read the manifest.")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path), help="Check the signature against this public key.")
@@ -107,12 +110,16 @@ def _describe(m: dict, signer: str | None) -> str:
     return "\n".join(lines)
 
 
-@click.command("run")
+@click.command("run", epilog=examples(
+    "edgeml run digits.edgepkg --input examples/digits/sample.npz",
+    "edgeml run digits.edgepkg --input examples/digits/sample.npz -o outputs.npz",
+    "edgeml run digits.edgepkg --input 'images/*.png' -o results/      # batch, resumable",
+    "edgeml run digits.edgepkg --mqtt-in cam/frames --mqtt-out cam/classes --broker mqtt://127.0.0.1:1883"))
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--input", "input_text", type=str,
               help="An .npz keyed by input name; or, for a batch job, a folder, a quoted glob ('data/*.npy') "
                    "or '-' (paths on stdin) of .npy/.npz/image items.")
-@click.option("--output", "output_text", type=str,
+@click.option("-o", "--output", "output_text", type=str,
               help="With one .npz input: write its outputs to this .npz. Batch job: the folder of <item>.npz.")
 @click.option("--mqtt-in", "mqtt_in", type=str, help="Stream job: consume v2 inference requests from this topic.")
 @click.option("--mqtt-out", "mqtt_out", type=str, help="Stream job: publish the responses on this topic.")
@@ -121,7 +128,8 @@ def _describe(m: dict, signer: str | None) -> str:
               help="Stream job: stop after this many messages (default: until SIGINT/SIGTERM).")
 @click.option("--idle-timeout", "idle_timeout_s", type=click.FloatRange(0.001, 86_400 * 365), default=None,
               help="Stream job: stop after this many seconds without a message.")
-@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path))
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path),
+              help="Refuse the artifact unless signed by this public key (repeatable).")
 @json_option
 @handle_errors
 def run_cmd(artifact: Path, input_text: str | None, output_text: str | None, mqtt_in: str | None,
@@ -137,6 +145,11 @@ def run_cmd(artifact: Path, input_text: str | None, output_text: str | None, mqt
                            trusted_keys, as_json)
     if input_text is None:
         raise UsageError("give --input (an .npz, a folder, a glob or '-') or a stream (--mqtt-in ...)")
+    if input_text != "-" and not any(ch in input_text for ch in "*?[") and not Path(input_text).exists():
+        from edgeml.errors import DataError
+
+        raise DataError(f"--input {input_text} does not exist",
+                        hint="give an .npz keyed by input name, a folder of items, a quoted glob or '-'")
     if input_text.endswith(".npz") and Path(input_text).is_file():     # the one-file form, unchanged
         return _run_one(artifact, Path(input_text), output_text, trusted_keys, as_json)
     return _run_batch(artifact, input_text, output_text, trusted_keys, as_json)

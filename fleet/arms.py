@@ -71,7 +71,7 @@ class ExperimentRunner:
 
         server = getattr(self.serving, "server", None)
         if server is None:
-            raise EdgemlError("experiments need the embedded model server (start the agent with --http-port)")
+            raise EdgemlError("experiments need the embedded model server (start the agent with --port)")
         active = self.serving.active()
         if not active or active["name"] != doc["model"] or active["version"] != doc["champion"]:
             raise EdgemlError(f"this device serves {active}, not the champion {doc['model']}@{doc['champion']}")

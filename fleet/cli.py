@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from edgeml.errors import EdgemlError
 from edgeml.fleet.profiles import apply_profile, profile_option
 
 from edgeml.cli import (AliasedOption, emit, examples, handle_errors, json_option, log_level_option, port_in_use,
@@ -180,7 +181,7 @@ def agent_cmd(device_id, labels, state_dir, trusted_keys, allow_unsigned, http_h
         serving = make_serving(Path(state_dir) / "cache", http_host=http_host,
                                http_port=None if http_port < 0 else http_port, admin_token=admin_token,
                                drift_rate=kw.pop("drift_rate"))
-    except OSError as exc:
+    except (OSError, EdgemlError) as exc:
         raise port_in_use(exc, "--port", http_port) or exc from None
     if serving.address:
         config.endpoint = f"http://{serving.address[0]}:{serving.address[1]}"
@@ -252,7 +253,7 @@ def manager_cmd(db, store_dir, http_host, http_port, connect_timeout, public_url
                                                                                min_s=0.1, max_s=86400)
     try:
         svc = ManagerService(config, _broker(kw)).start()
-    except OSError as exc:
+    except (OSError, EdgemlError) as exc:
         raise port_in_use(exc, "--port", http_port) or exc from None
     if connect_timeout_s is not None:
         _connected_or_exit(svc.transport, connect_timeout_s, svc.stop)
@@ -463,9 +464,10 @@ def telemetry_cmd(db, device, as_json):
 
 @fleet_group.command("demo", epilog=examples(
     "edgeml fleet demo", "edgeml fleet demo --scenario drift", "edgeml fleet demo --scenario experiment"))
-@click.option("--broker-kind", type=click.Choice(["auto", "mosquitto", "amqtt"]), default="auto", show_default=True)
+@click.option("--broker-kind", type=click.Choice(["auto", "mosquitto", "amqtt"]), default="auto", show_default=True,
+              help="The demo's own broker: Mosquitto when installed (auto), else amqtt (pip extra 'demo').")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), help="Keep files here (default: temp).")
-@click.option("--bake", default="3s", show_default=True)
+@click.option("--bake", default="3s", show_default=True, help="Bake time after each wave (a duration).")
 @click.option("--scenario", type=click.Choice(["rollout", "experiment", "drift"]), default="rollout", show_default=True,
               help="experiment: shadow agreement, then an A/B test to its decision and promotion (fleet/demo_experiment.py);"
                    " drift: clean vs shifted digits, drift detected and its alert posted to a webhook (fleet/demo_drift.py).")
@@ -499,12 +501,13 @@ def demo_cmd(broker_kind, workdir, bake, scenario, as_json):
         f"{r['target']} {r['state']}" for r in s["rollouts"]))
 
 
-@fleet_group.command("simulate")
+@fleet_group.command("simulate", epilog=examples(
+    "edgeml fleet simulate --devices 500", "edgeml fleet simulate --devices 2000 --fail 5% --waves 1%,10%,100%"))
 @click.option("--devices", default=500, show_default=True, help="Simulated devices (one process, model run stubbed).")
 @click.option("--fail", "fail_rate", default="20%", show_default=True, help="Share of devices whose v2 self-test fails.")
-@click.option("--waves", default="5%,25%,100%", show_default=True)
-@click.option("--bake", default="0.5s", show_default=True)
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--waves", default="5%,25%,100%", show_default=True, help="Cumulative wave sizes.")
+@click.option("--bake", default="0.5s", show_default=True, help="Bake time after each wave (a duration).")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), help="Keep files here (default: temp).")
 @json_option
 @handle_errors
 def simulate_cmd(devices, fail_rate, waves, bake, workdir, as_json):

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from edgeml.cli import emit, handle_errors, json_option
+from edgeml.cli import emit, examples, handle_errors, json_option
 
 
 def _db(db: Path | str | None) -> Path | str:
@@ -57,24 +57,34 @@ def register(fleet_group: click.Group) -> None:
 
     @fleet_group.group("experiment")
     def experiment_group() -> None:
-        """Shadow, A/B and bandit experiments between two versions of a model (docs/monitoring.md)."""
+        """Shadow, A/B and bandit experiments between two versions of a model (docs/experiments.md)."""
 
-    @experiment_group.command("start")
+    @experiment_group.command("start", epilog=examples(
+        "edgeml fleet experiment start digits-ab --champion digits-cnn@1.0.0 --challenger digits-cnn@1.1.0 \\",
+        "    --mode ab --selector site=lab",
+        "edgeml fleet experiment start digits-shadow --champion digits-cnn@1.0.0 --challenger digits-cnn@1.1.0 \\",
+        "    --mode shadow"))
     @click.argument("name")
     @click.option("--champion", required=True, help="NAME@VERSION serving today.")
     @click.option("--challenger", required=True, help="NAME@VERSION to compare (published first).")
-    @click.option("--mode", type=click.Choice(["shadow", "ab", "bandit"]), required=True)
+    @click.option("--mode", type=click.Choice(["shadow", "ab", "bandit"]), required=True,
+                  help="shadow: challenger sees copies, answers are compared; ab: split with a significance test;"
+                       " bandit: Thompson sampling shifts traffic to the better arm.")
     @click.option("--selector", default="", help="k=v,... labels of the devices taking part (default all).")
     @click.option("--sample", default="10%", show_default=True, help="shadow: share of requests mirrored.")
     @click.option("--split", default="50%", show_default=True, help="ab: share of traffic on the challenger.")
-    @click.option("--split-by", type=click.Choice(["request", "device"]), default="request", show_default=True)
-    @click.option("--reward", type=click.Choice(["binary", "continuous"]), default="binary", show_default=True)
+    @click.option("--split-by", type=click.Choice(["request", "device"]), default="request", show_default=True,
+                  help="Assign each request, or each whole device, to an arm.")
+    @click.option("--reward", type=click.Choice(["binary", "continuous"]), default="binary", show_default=True,
+                  help="binary: success/failure per request; continuous: a score per request.")
     @click.option("--baseline", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
                   help="ab: the champion's expected outcome rate (sizes the test).")
     @click.option("--mde", default=0.05, show_default=True, type=float, help="ab: smallest effect worth detecting.")
     @click.option("--sigma", default=1.0, show_default=True, type=float, help="ab, continuous: reward std. dev.")
-    @click.option("--alpha", default=0.05, show_default=True, type=click.FloatRange(0, 0.5, min_open=True))
-    @click.option("--power", default=0.8, show_default=True, type=click.FloatRange(0.5, 1, max_open=True))
+    @click.option("--alpha", default=0.05, show_default=True, type=click.FloatRange(0, 0.5, min_open=True),
+                  help="A/B: significance level of the test (false-positive rate).")
+    @click.option("--power", default=0.8, show_default=True, type=click.FloatRange(0.5, 1, max_open=True),
+                  help="A/B: chance of detecting the minimum effect; sets the sample size.")
     @click.option("--duration", default=None, help="Stop by itself after this long (e.g. 1h).")
     @click.option("--db", type=DB_TYPE, help=DB_HELP)
     @json_option
@@ -94,7 +104,8 @@ def register(fleet_group: click.Group) -> None:
         build_spec(args)          # refuse bad options here, before queuing
         emit(CommandClient(_db(db)).submit("experiment.start", args), as_json, status_text)
 
-    @experiment_group.command("status")
+    @experiment_group.command("status", epilog=examples(
+        "edgeml fleet experiment status", "edgeml fleet experiment status digits-ab --json"))
     @click.argument("experiment", required=False)
     @click.option("--db", type=DB_TYPE, help=DB_HELP)
     @json_option
@@ -111,7 +122,7 @@ def register(fleet_group: click.Group) -> None:
             emit(list_experiments(fdb), as_json, lambda rows: "\n\n".join(map(status_text, rows)) or "no experiments")
 
     def _op(op: str, doc: str) -> None:
-        @experiment_group.command(op, help=doc)
+        @experiment_group.command(op, help=doc, epilog=examples(f"edgeml fleet experiment {op} digits-ab"))
         @click.argument("experiment")
         @click.option("--db", type=DB_TYPE, help=DB_HELP)
         @json_option

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from edgeml.cli import emit, handle_errors, json_option
+from edgeml.cli import emit, examples, handle_errors, json_option
 
 
 def _human(reports: list[dict[str, Any]]) -> str:
@@ -27,7 +27,8 @@ def _human(reports: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-@click.command("drift")
+@click.command("drift", epilog=examples(
+    "edgeml fleet drift", "edgeml fleet drift --model digits-cnn --window 6h --by label:site --json"))
 @click.option("--db", help="The manager's database (SQLite file or postgresql:// URL; default $EDGEML_FLEET_DB or fleet.db).")
 @click.option("--store", "store_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Artifact store folder (default: beside the db), where the reference profiles are read.")

@@ -115,6 +115,7 @@ class MqttTransport:
         self._outbox_n = 0
         self._lock = threading.RLock()
         self._connected = threading.Event()
+        self._failures = 0       # connection attempts failed in a row (logged at WARNING now and then)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._client = None
@@ -208,6 +209,7 @@ class MqttTransport:
             return
         with self._lock:
             self.connects += 1
+            self._failures = 0
             self._connected.set()
             self._sub_mids.clear()
             self._sub_retry.clear()
@@ -302,7 +304,9 @@ class MqttTransport:
                     client.connect(self.host, self.port, keepalive=self.config.keepalive)
             except (OSError, ValueError) as exc:
                 self.last_error = f"cannot connect to {self.host}:{self.port}: {exc}"
-                log.debug("%s", self.last_error)
+                self._failures += 1     # WARNING on the first failure and every 10th: visible, never a flood
+                log.log(logging.WARNING if self._failures % 10 == 1 else logging.DEBUG, "%s (attempt %d; retrying)",
+                        self.last_error, self._failures)
                 if self._next_node():     # every node tried: back off
                     self._sleep(self._backoff(attempt))
                     attempt += 1

@@ -48,7 +48,7 @@ DEFAULT_LIMITS = ArchiveLimits()
 def open_zip(path: Path, limits: ArchiveLimits = DEFAULT_LIMITS) -> zipfile.ZipFile:
     path = Path(path)
     if not path.is_file():
-        raise ArtifactError(f"artifact {path} does not exist or is not a file")
+        check_artifact_path(path)
     try:
         with open(path, "rb") as fh:
             entries, cd_size = _end_record(fh)
@@ -61,8 +61,26 @@ def open_zip(path: Path, limits: ArchiveLimits = DEFAULT_LIMITS) -> zipfile.ZipF
     try:
         return zipfile.ZipFile(path)
     except (*_READ_ERRORS, ValueError) as exc:  # ValueError: a name flagged UTF-8 that is not
+        if path.suffix.lower() == ".onnx":
+            raise ArtifactError(f"{path} is an ONNX model, not an artifact: compile it first",
+                                hint=f"edgeml compile {path} --target TARGET -o {path.with_suffix('.edgepkg').name}"
+                                     " (edgeml targets lists them)") from None
         raise ArtifactError(f"{path} is not a readable .edgepkg (truncated or not an artifact): {exc}",
                             hint="re-download or recompile it") from None
+
+
+def check_artifact_path(path: Path) -> None:
+    """One message per way an artifact path can be wrong: missing, a folder, not a regular file (exit 7)."""
+    if not path.exists():
+        folder = path.parent
+        where = "" if folder.is_dir() else f" (nor does its folder {folder})"
+        raise ArtifactError(f"artifact {path} does not exist{where}",
+                            hint="check the path; edgeml compile MODEL -t TARGET -o FILE.edgepkg writes one")
+    if path.is_dir():
+        raise ArtifactError(f"artifact {path} is a folder, not an .edgepkg file",
+                            hint="pass the .edgepkg file inside it")
+    if not path.is_file():
+        raise ArtifactError(f"artifact {path} is not a regular file", hint="pass an .edgepkg file")
 
 
 def _end_record(fh: BinaryIO) -> tuple[int, int]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from edgeml.cli import emit, handle_errors, json_option
+from edgeml.cli import PortType, emit, examples, handle_errors, json_option, port_in_use
 
 
 def _finite(lo: float, hi: float, *, low_open: bool = False):
@@ -26,10 +26,14 @@ def _finite(lo: float, hi: float, *, low_open: bool = False):
     return check
 
 
-_PORT = click.IntRange(0, 65535)
+_PORT = PortType()      # one range check and message for every port option (edgeml/cli.py)
 
 
-@click.command("serve")
+@click.command("serve", epilog=examples(
+    "edgeml serve digits.edgepkg --port 8000",
+    "curl -s -H 'Content-Type: application/json' -d @digit.json localhost:8000/v2/models/digits-cnn/infer",
+    "edgeml serve a.edgepkg b.edgepkg --grpc-port 8001 --max-inflight 64 --cache-mb 32",
+    "(docs/serving.md: every endpoint, limits, admission, breaker, cache, fallback)"))
 @click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=_PORT, help="Port (0 picks a free one).")
@@ -86,6 +90,7 @@ def serve_cmd(artifacts, host, port, grpc_port, max_batch, max_delay_ms, max_bod
     """
     if admin_token is not None and len(admin_token) < 8:
         raise click.BadParameter("the token must be at least 8 characters", param_hint="'--admin-token'")
+    from edgeml.errors import ServeError
     from edgeml.runtime.server import ModelServer, ServerConfig
     from edgeml.runtime.server.breaker import BreakerConfig
 
@@ -107,7 +112,14 @@ def serve_cmd(artifacts, host, port, grpc_port, max_batch, max_delay_ms, max_bod
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    bound_host, bound_port = server.start()
+    try:
+        bound_host, bound_port = server.start()
+    except ServeError as exc:      # a taken port: the same message and exit code (2) as the manager and agent
+        err = port_in_use(exc, "--port", port)
+        if err is None:
+            raise
+        server.stop()
+        raise err from None
     result = {"listening": f"http://{bound_host}:{bound_port}", "models": server.models()}
     if server.grpc_address is not None:
         result["grpc"] = "{}:{}".format(*server.grpc_address)

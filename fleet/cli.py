@@ -116,7 +116,8 @@ def _wait_for_signal() -> None:
 @broker_options
 @click.option("--device-id", required=True, envvar="EDGEML_DEVICE_ID", show_envvar=True,
               help="This device's id (letters, digits, _ . -).")
-@click.option("--labels", default="", help="k=v,k2=v2 labels the manager selects on.")
+@click.option("--labels", default="", help="k=v,k2=v2 labels the manager selects on (host-target=<this host's best"
+                                           " CPU target> is added unless given: rollouts check artifacts against it).")
 @click.option("--state-dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Journal + slots.")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Public key artifacts (and manager messages) must be signed with; repeatable.")
@@ -154,12 +155,20 @@ def agent_cmd(device_id, labels, state_dir, trusted_keys, allow_unsigned, http_h
     from edgeml.fleet.agent import Agent, AgentConfig
     from edgeml.fleet.waves import bounded_duration
     from edgeml.fleet.protocol import check_device_id, parse_labels
+    from edgeml.fleet.rollout_cli import HOST_TARGET_LABEL
     from edgeml.fleet.serving import make_serving
+    from edgeml.targets import best_host_target
     from edgeml.runtime.signing import load_public_key
 
     _setup_logging(log_level)
     broker = _broker(kw)
     check_device_id(device_id)
+    labels = parse_labels(labels)
+    if HOST_TARGET_LABEL not in labels:    # what `rollout start` checks an artifact's target against
+        try:
+            labels[HOST_TARGET_LABEL] = best_host_target().name
+        except EdgemlError:
+            pass
     if not trusted_keys and not allow_unsigned:
         raise UsageError("the agent needs --trusted-key PUB (or --allow-unsigned for development)",
                          hint="create a key pair with: edgeml keygen KEY; pass KEY.pub here and sign with KEY")
@@ -171,7 +180,7 @@ def agent_cmd(device_id, labels, state_dir, trusted_keys, allow_unsigned, http_h
         raise UsageError(f"--health-max-p95-ms {health_max_p95_ms} must be a positive number of milliseconds")
     connect_timeout_s = None if connect_timeout is None else bounded_duration(connect_timeout, "--connect-timeout",
                                                                                min_s=0.1, max_s=86400)
-    config = AgentConfig(device_id=device_id, state_dir=state_dir, labels=parse_labels(labels),
+    config = AgentConfig(device_id=device_id, state_dir=state_dir, labels=labels,
                          trusted_keys=list(trusted_keys), allow_unsigned=allow_unsigned,
                          heartbeat_s=bounded_duration(heartbeat, "--heartbeat", min_s=MIN_INTERVAL_S, max_s=3600),
                          telemetry_s=bounded_duration(telemetry_every, "--telemetry", min_s=MIN_INTERVAL_S, max_s=3600),

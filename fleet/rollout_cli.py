@@ -139,6 +139,62 @@ def check_published(db_path: Any, spec: str) -> None:
     raise FleetError(f"{spec} is not published", hint=hint)
 
 
+HOST_TARGET_LABEL = "host-target"     # set by `edgeml agent`: the most specific CPU target its host runs
+
+
+def cannot_run(target: str | None, host_target: str | None) -> str | None:
+    """Why a device whose best CPU target is ``host_target`` certainly cannot run an artifact for ``target``
+    (None: it can, or it is not known). Certain because the best target is the runnable CPU target with the
+    most required features: a CPU target with more features, or another architecture, does not run there."""
+    from edgeml.targets import all_targets
+
+    targets = all_targets()
+    t, h = targets.get(target or ""), targets.get(host_target or "")
+    if t is None or h is None or t.device != "cpu":
+        return None
+    if t.arch != h.arch:
+        return f"{t.arch} artifact on a {h.arch} host"
+    have = set(h.required_features)
+    if set(t.required_features) <= have:
+        return None
+    if len(t.required_features) > len(have):
+        missing = sorted(set(t.required_features) - have)
+        return f"host (best target {h.name}) lacks {', '.join(missing)}"
+    return None
+
+
+def preflight(db_path: Any, spec: str, selector: dict[str, str], force: bool) -> list[str]:
+    """Refuse a rollout no selected device can run (FleetError; --force: a warning); warn about the devices
+    that cannot. Devices whose agent did not report its host target are not judged."""
+    import json
+
+    from edgeml.fleet.db import FleetDB
+    from edgeml.fleet.protocol import selector_matches
+
+    name, _, version = spec.partition("@")
+    fdb = FleetDB(db_path, readonly=True)
+    try:
+        art = fdb.one("SELECT target FROM artifacts WHERE name = ? AND version = ?", (name, version))
+        devices = {r["device_id"]: json.loads(r["labels"]) for r in fdb.q("SELECT device_id, labels FROM devices")}
+    finally:
+        fdb.close()
+    target = art["target"] if art else None
+    chosen = {d: lab for d, lab in devices.items() if selector_matches(selector, lab)}
+    bad = {d: why for d, lab in chosen.items() if (why := cannot_run(target, lab.get(HOST_TARGET_LABEL)))}
+    if not bad:
+        return []
+    listing = "; ".join(f"{d}: {why}" for d, why in sorted(bad.items())[:5]) + (
+        f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    if len(bad) == len(chosen):
+        err = FleetError(f"no selected device can run {spec} (target {target}): {listing}",
+                         hint="compile for a target they run (edgeml targets), or pass --force to roll out anyway")
+        if not force:
+            raise err
+        return [f"warning: --force: {err.message}"]
+    return [f"warning: {len(bad)} of {len(chosen)} selected devices cannot run {spec} (target {target}) and will"
+            f" fail their install (counted by --max-failure-rate): {listing}"]
+
+
 def register(fleet_group: click.Group) -> None:
     @fleet_group.command("artifacts", epilog=examples("edgeml fleet artifacts", "edgeml fleet artifacts --json"))
     @_db_opts
@@ -185,11 +241,13 @@ def register(fleet_group: click.Group) -> None:
                   help="Follow the rollout to its end (wave table on every change); exit 10 if it is rolled back"
                        " or aborted.")
     @click.option("--timeout", default="30m", show_default=True, help="With --wait: give up (exit 10) after this long.")
+    @click.option("--force", is_flag=True,
+                  help="Start even when no selected device can run the artifact's target (a warning instead).")
     @profile_option
     @json_option
     @handle_errors
     def rollout_start_cmd(target, db, selector, waves, max_failure_rate, bake, gates, health_window, wait, timeout,
-                          profile, as_json):
+                          force, profile, as_json):
         """Roll NAME@VERSION out in waves (the running manager executes it)."""
         timing = apply_profile(profile, "rollout", {"bake": bake, "health_window": health_window})
         bake, health_window = timing["bake"], timing["health_window"]
@@ -207,6 +265,8 @@ def register(fleet_group: click.Group) -> None:
         timeout_s = parse_duration(timeout)
         path = _db_path(db)
         check_published(path, target)
+        for line in preflight(path, target, args["selector"], force):
+            click.echo(line, err=True)
         s = CommandClient(path).submit("rollout.start", args)
         if not wait:
             emit(s, as_json, status_text)

@@ -36,10 +36,13 @@ class TensorSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
-    def fast_check(self) -> tuple[np.dtype, int, tuple[tuple[int, int], ...]]:
-        """(dtype, rank, fixed (axis, size) pairs): what the hot path compares."""
+    def fast_check(self) -> tuple[np.dtype, int, int, tuple[Any, ...] | None, tuple[tuple[int, int], ...]]:
+        """What the hot path compares: (dtype, rank, first fixed axis, the fixed tail of the shape from that
+        axis when every axis after it is fixed (else None), fixed (axis, size) pairs)."""
         fixed = tuple((axis, size) for axis, size in enumerate(self.shape) if size is not None)
-        return np.dtype(self.dtype), len(self.shape), fixed
+        lo = 1 if self.shape and self.shape[0] is None else 0
+        tail = tuple(self.shape[lo:])
+        return np.dtype(self.dtype), len(self.shape), lo, None if None in tail else tail, fixed
 
     def check(self, array: np.ndarray) -> None:
         if array.dtype != np.dtype(self.dtype):
@@ -85,6 +88,12 @@ class Model:
         self.outputs = [TensorSpec.from_decl(d) for d in self.spec.outputs]
         self._input_by_name = {s.name: s for s in self.inputs}
         self._fast = {s.name: s.fast_check() for s in self.inputs}
+        self._run = backend.run          # bound once: predict is on every request's path
+        self._single: tuple[str, np.dtype, int, int, tuple[Any, ...]] | None = None
+        if len(self.inputs) == 1:
+            dtype, rank, lo, tail, _ = self._fast[self.inputs[0].name]
+            if tail is not None:
+                self._single = (self.inputs[0].name, dtype, rank, lo, tail)
         self.load_seconds = load_seconds
         self.cold_start_ms: float | None = None
         self._started = time.perf_counter() - load_seconds
@@ -111,24 +120,39 @@ class Model:
         The hot path (every tensor an ndarray of the right dtype and shape) does a
         few comparisons per input and returns ``feeds`` itself; the rest is for messages.
         """
+        single = self._single
+        if single is not None:          # one input: the common case, without the loop
+            name, dtype, rank, lo, tail = single
+            if len(feeds) == 1:
+                value = feeds.get(name)
+                if type(value) is np.ndarray and value.dtype is dtype:
+                    shape = value.shape
+                    if len(shape) == rank and shape[lo:] == tail:
+                        return feeds
+            return self._validate_general(feeds)
+        return self._validate_general(feeds)
+
+    def _validate_general(self, feeds: Mapping[str, Any]) -> Mapping[str, np.ndarray]:
         fast = self._fast
-        if len(feeds) == len(fast):
-            ok = True
-            for name, value in feeds.items():
-                want = fast.get(name)
-                if want is None or type(value) is not np.ndarray or value.dtype != want[0] or value.ndim != want[1]:
-                    ok = False
-                    break
-                shape = value.shape
-                for axis, size in want[2]:
+        if len(feeds) != len(fast):
+            return self._validate_slow(feeds)
+        for name, value in feeds.items():
+            want = fast.get(name)
+            if want is None or type(value) is not np.ndarray:
+                return self._validate_slow(feeds)
+            dtype, rank, lo, tail, fixed = want
+            shape = value.shape
+            # builtin dtypes are singletons: ``is`` settles the usual case without numpy's comparison
+            if (value.dtype is not dtype and value.dtype != dtype) or len(shape) != rank:
+                return self._validate_slow(feeds)
+            if tail is not None:
+                if shape[lo:] != tail:
+                    return self._validate_slow(feeds)
+            else:
+                for axis, size in fixed:
                     if shape[axis] != size:
-                        ok = False
-                        break
-                if not ok:
-                    break
-            if ok:
-                return feeds
-        return self._validate_slow(feeds)
+                        return self._validate_slow(feeds)
+        return feeds
 
     def _validate_slow(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         unknown = [k for k in feeds if k not in self._input_by_name]
@@ -147,7 +171,7 @@ class Model:
     def predict(self, feeds: Mapping[str, Any], *, validate: bool = True) -> dict[str, np.ndarray]:
         if validate:
             feeds = self.validate(feeds)
-        result = self.backend.run(feeds if type(feeds) is dict else dict(feeds))
+        result = self._run(feeds if type(feeds) is dict else dict(feeds))
         if self.cold_start_ms is None:
             self.cold_start_ms = (time.perf_counter() - self._started) * 1000.0
         return result

@@ -399,7 +399,7 @@ class ModelServer:
             lm.mode = mode
             limits = AdmissionLimits(cfg.max_inflight, cfg.max_queue_ms)
             adm = lm.admission = Admission(limits, cfg.max_batch, lm.warmup_ms) if limits.active else None
-            lm.batcher = Batcher(lm.run, self._loop, lm.stats, max_batch=cfg.max_batch,
+            lm.batcher = Batcher(lm.model.backend.run, self._loop, lm.stats, max_batch=cfg.max_batch,
                                  max_delay_ms=cfg.max_delay_ms, batchable=lm.batchable,
                                  mode=mode, clock=self.clock, name=f"{lm.name}:{lm.version}",
                                  max_queue_ms=cfg.max_queue_ms, expired=adm.expired if adm else None,

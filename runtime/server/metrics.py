@@ -8,6 +8,7 @@ ints that are at worst one request stale.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, fields
 
 from edgeml.stats import Histogram, bound_key
@@ -22,26 +23,44 @@ LATENCY_BUCKETS_MS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0,
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+class LoopHistogram(Histogram):
+    """A ``Histogram`` written by one thread only (the server's event loop): ``observe`` takes no lock.
+
+    Readers on the loop (``/metrics``, ``stats()``) see consistent counts; ``cumulative`` still copies under
+    the lock, which writers here never hold, so a read from another thread is at worst one request stale."""
+
+    __slots__ = ()
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
 class ModelStats:
-    """Telemetry of one loaded model version."""
+    """Telemetry of one loaded model version (written on the server's event-loop thread only)."""
+
+    __slots__ = ("requests", "failures", "rejected", "latency_ms", "queue_ms", "compute_ms", "batch_size", "rows")
 
     def __init__(self) -> None:
         self.requests = 0            # answered inference requests (any status)
         self.failures = 0            # backend / server failures (5xx)
         self.rejected = 0            # bad input (4xx)
-        self.latency_ms = Histogram(LATENCY_BUCKETS_MS)
-        self.queue_ms = Histogram(LATENCY_BUCKETS_MS)
-        self.compute_ms = Histogram(LATENCY_BUCKETS_MS)   # per batch run
-        self.batch_size = Histogram(BATCH_BUCKETS)        # rows per batch run
+        self.latency_ms = LoopHistogram(LATENCY_BUCKETS_MS)
+        self.queue_ms = LoopHistogram(LATENCY_BUCKETS_MS)
+        self.compute_ms = LoopHistogram(LATENCY_BUCKETS_MS)   # per batch run
+        self.batch_size = LoopHistogram(BATCH_BUCKETS)        # rows per batch run
         self.rows = 0
 
     def record(self, status: int, latency_ms: float) -> None:
         self.requests += 1
-        if status >= 500:
-            self.failures += 1
-        elif status >= 400:
-            self.rejected += 1
-        self.latency_ms.observe(latency_ms)
+        if status >= 400:
+            if status >= 500:
+                self.failures += 1
+            else:
+                self.rejected += 1
+        h = self.latency_ms
+        h.counts[bisect_left(h.bounds, latency_ms)] += 1
+        h.sum += latency_ms
 
     def to_dict(self) -> dict:
         return {

@@ -84,6 +84,17 @@ class Router:
 
     # -- dispatch -----------------------------------------------------------
     def dispatch(self, conn, slot, method: bytes, url: bytes, headers: dict, body: bytes, keep_alive: bool) -> None:
+        # The hot path, POST /v2/models/{name}/infer with a plain name, goes straight to _infer; every other
+        # URL (versions, escapes, a query) takes the general route below, which gives the same answer.
+        if method == b"POST" and url[-6:] == b"/infer" and url[:11] == b"/v2/models/":
+            name = url[11:-6]
+            if name and b"/" not in name and b"%" not in name and b"?" not in name:
+                call = self.plane.begin(_clean_id(headers.get(b"x-request-id")), "POST", url.decode("latin-1"))
+                try:
+                    return self._infer(conn, slot, call, name.decode("latin-1"), None, headers, body)
+                except Exception as exc:  # noqa: BLE001 - never let one request kill the connection
+                    status, message = self.plane.error_of(exc, call)
+                    return self._error(conn, slot, call, status, message)
         path = url.split(b"?", 1)[0].decode("latin-1")
         if "%" in path:
             path = unquote(path)

@@ -36,6 +36,8 @@ def test_v2_decoder_uses_the_shared_dtype_map():
     assert protocol.DTYPE_TO_DATATYPE is dtypes.DTYPE_TO_DATATYPE
     for datatype, name in dtypes.DATATYPE_TO_DTYPE.items():
         assert protocol.datatype_of(name) == datatype == dtypes.datatype_of(np.dtype(name))
+        assert protocol.DATATYPE_OF_DTYPE[np.dtype(name)] == datatype     # the encoder's dtype-keyed copy
+    assert len(protocol.DATATYPE_OF_DTYPE) == len(dtypes.DATATYPE_TO_DTYPE)
     # behaviour kept for metadata of tensors v2 JSON cannot carry as numbers
     assert protocol.datatype_of("object") == "BYTES" and protocol.datatype_of("str") == "BYTES"
     assert protocol.datatype_of("complex64") == "COMPLEX64"

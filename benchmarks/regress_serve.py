@@ -113,7 +113,8 @@ def _raw_answer(url: str, body: bytes) -> bytes:
     req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as r:
         payload = r.read()
-        head = [f"HTTP/1.1 {r.status} OK"] + [f"{k}: {v}" for k, v in r.getheaders()]
+        # urllib asks for Connection: close; the keep-alive answer wrk gets has no Connection header
+        head = [f"HTTP/1.1 {r.status} OK"] + [f"{k}: {v}" for k, v in r.getheaders() if k.lower() != "connection"]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + payload
 
 

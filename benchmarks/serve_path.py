@@ -7,7 +7,8 @@ POST through a stand-in transport that only keeps what is written: the same pars
 decoding, batching, backend run, encoding and response assembly as a real connection, minus the kernel's
 socket work (which wrk runs measure, in regress_serve.py). One request at a time (c=1), interleaved with a
 bare backend call of the same input, so the path's own cost is ``per request - backend``. Prints one JSON
-line. ``--profile`` writes a cProfile of the measured loop (for flame graphs: ``flameprof``/snakeviz).
+line: wall-clock medians and ``cpu_request_us`` (the thread's CPU time per request, the steadier figure on a
+shared machine). ``--profile`` writes a cProfile of the measured loop (for flame graphs: ``flameprof``/snakeviz).
 The same file runs against an older checkout (regress.py), so it only uses long-standing server API.
 """
 
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m edgeml.benchmarks.serve_path", description=__doc__.splitlines()[0])
     p.add_argument("artifact", type=Path)
     p.add_argument("--requests", type=int, default=20000)
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="connections each sending one request per step (batches form as under wrk -c N)")
     p.add_argument("--body", type=Path, default=None, help="request body (default: the MLP's 30 features)")
     p.add_argument("--config", default="{}", help='ServerConfig fields as JSON, e.g. {"cache_mb": 0}')
     p.add_argument("--profile", type=Path, default=None, help="write a cProfile of the measured requests here")
@@ -86,28 +89,40 @@ def main(argv: list[str] | None = None) -> int:
     loop = server.loop if hasattr(server, "loop") else server._loop
     clock = time.perf_counter
 
+    c = max(1, a.concurrency)
+    thread_clock = time.thread_time       # CPU of this thread: steadier than wall time on a shared machine
+    cpu = [0.0]
+
     async def measure(n: int, prof) -> tuple[list[float], list[float]]:
-        transport = _Transport()
-        conn = HttpConnection(server)
-        conn.connection_made(transport)
+        conns = []
+        for _ in range(c):
+            transport = _Transport()
+            conn = HttpConnection(server)
+            conn.connection_made(transport)
+            conns.append((conn, transport))
         path_s, backend_s = [], []
-        for i in range(n):
+        cpu[0] = 0.0
+        for i in range(max(1, n // c)):
             t0 = clock()
             backend.run(feeds)
             t1 = clock()
-            transport.out.clear()
+            for _, transport in conns:
+                transport.out.clear()
             if prof is not None:
                 prof.enable()
-            conn.data_received(raw)
-            while not transport.out:
+            c0 = thread_clock()
+            for conn, _ in conns:
+                conn.data_received(raw)
+            while not all(t.out for _, t in conns):
                 await asyncio.sleep(0)
+            cpu[0] += thread_clock() - c0
             if prof is not None:
                 prof.disable()
             t2 = clock()
-            if i == 0 and b" 200 " not in transport.out[0][:16]:
-                raise SystemExit(f"the server answered {transport.out[0][:300]!r}")
+            if i == 0 and b" 200 " not in conns[0][1].out[0][:16]:
+                raise SystemExit(f"the server answered {conns[0][1].out[0][:300]!r}")
             backend_s.append(t1 - t0)
-            path_s.append(t2 - t1)
+            path_s.append((t2 - t1) / c)       # per request
         return path_s, backend_s
 
     asyncio.set_event_loop(loop)
@@ -123,10 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     path_s.sort()
     backend_s.sort()
     med = lambda v: v[len(v) // 2] * 1e6  # noqa: E731
-    print(json.dumps({"requests": a.requests, "request_us": round(med(path_s), 2),
+    print(json.dumps({"requests": a.requests, "concurrency": c, "request_us": round(med(path_s), 2),
                       "backend_us": round(med(backend_s), 2),
                       "path_us": round(med(path_s) - med(backend_s), 2),
-                      "mean_request_us": round(sum(path_s) / len(path_s) * 1e6, 2)}))
+                      "mean_request_us": round(sum(path_s) / len(path_s) * 1e6, 2),
+                      "cpu_request_us": round(cpu[0] / (len(path_s) * c) * 1e6, 2)}))
     return 0
 
 

@@ -45,15 +45,20 @@ import numpy as np
 import onnxruntime as ort
 import edgeml
 
-work, onnx_path, calib, evalf, target, seconds = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], float(sys.argv[6])
+work, onnx_path, calib, evalf, seconds = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5])
 art = work / "model.edgepkg"
 if not art.exists():
+    try:                      # each version names its own best target for this host
+        from edgeml.targets import best_host_target
+        target = best_host_target().name
+    except Exception:
+        target = "x86_64"
     work.mkdir(parents=True, exist_ok=True)
     try:
         edgeml.compile(onnx_path, target=target, output=art, calib=calib, eval=evalf)
     except TypeError:
         edgeml.compile(onnx_path, target=target, output=art)
-    print(json.dumps({"compiled": str(art)}))
+    print(json.dumps({"compiled": str(art), "target": target}))
     sys.exit(0)
 model = edgeml.load(art)
 feeds = {"input": np.load(evalf)["input"][:1]}
@@ -134,17 +139,18 @@ def serve_ratios(res: dict, floors: dict[str, float]) -> list[dict[str, Any]]:
 
 def run_compile(sides, work: Path, model: str, rounds: int, seconds: float, say) -> dict[str, Any]:
     from edgeml.benchmarks import models
-    from edgeml.targets import best_host_target
 
     data_dir = work / "compile-data"
     data_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = models.export_onnx(model, data_dir / f"{model}.onnx", batch=1)
     data = models.write_data(model, data_dir, n_calib=64, n_eval=64)
-    target = best_host_target().name
-    args = [str(onnx_path), str(data["calib"]), str(data["eval"]), target, str(seconds)]
+    args = [str(onnx_path), str(data["calib"]), str(data["eval"]), str(seconds)]
+    targets = {}
     for side in sides:
-        say(f"compile: {side.label} compiles {model} for {target}")
-        side.python(COMPILE_DRIVER, str(work / f"compile-{side.label}"), *args, timeout=900)
+        say(f"compile: {side.label} compiles {model} (auto, its best target for this host)")
+        done = json.loads(side.python(COMPILE_DRIVER, str(work / f"compile-{side.label}"), *args,
+                                      timeout=900).splitlines()[-1])
+        targets[side.label] = done["target"]
     per: dict[str, list[dict]] = {s.label: [] for s in sides}
     for r in range(rounds):
         order = sides[r % len(sides):] + sides[:r % len(sides)]
@@ -153,7 +159,7 @@ def run_compile(sides, work: Path, model: str, rounds: int, seconds: float, say)
             per[side.label].append(row)
             say(f"  round {r + 1} {side.label:<5} predict {row['predict_ms']:.4f} ms  ORT default "
                 f"{row['ort_ms']:.4f} ms  x ORT {row['x_ort']:.3f}")
-    return {"model": model, "target": target, "rounds": rounds, "results": per}
+    return {"model": model, "targets": targets, "rounds": rounds, "results": per}
 
 
 def run_ingest(sides, work: Path, rounds: int, count: int, say) -> dict[str, Any]:
@@ -242,22 +248,22 @@ def _run(a: argparse.Namespace, say) -> int:
         sides = [head, base]
         say(f"regress: working tree ({head.commit[:10]}) vs {a.base_ref} ({base.commit[:10]}), {rounds} rounds")
         if "serve" in only:
-            res = regress_serve.run(sides, work / "serve", levels=levels, rounds=rounds, duration=duration,
-                                    echo=a.echo, features=a.features, say=say)
+            res = _guarded(lambda: regress_serve.run(sides, work / "serve", levels=levels, rounds=rounds,
+                                                     duration=duration, echo=a.echo, features=a.features, say=say))
             out["serve"] = res
-            out["ratios"] += serve_ratios(res, floors)
+            if "results" in res:
+                out["ratios"] += serve_ratios(res, floors)
         if "compile" in only:
-            res = run_compile(sides, work, a.model, rounds, 1.0 if a.quick else 3.0, say)
+            res = _guarded(lambda: run_compile(sides, work, a.model, rounds, 1.0 if a.quick else 3.0, say))
             out["compile"] = res
-            x = [h["x_ort"] / b["x_ort"] for h, b in zip(res["results"]["head"], res["results"]["base"])]
-            out["ratios"].append({"metric": f"compile {a.model} predict speed-up over ORT default",
-                                  "what": "head / base", "gate": True, **verdict(x, floors["compile"])})
+            if "results" in res:
+                x = [h["x_ort"] / b["x_ort"] for h, b in zip(res["results"]["head"], res["results"]["base"])]
+                out["ratios"].append({"metric": f"compile {a.model} predict speed-up over ORT default",
+                                      "what": "head / base", "gate": True, **verdict(x, floors["compile"])})
         if "ingest" in only:
-            res = run_ingest(sides, work, rounds, 6000 if a.quick else 20000, say)
+            res = _guarded(lambda: run_ingest(sides, work, rounds, 6000 if a.quick else 20000, say))
             out["ingest"] = res
-            if "skipped" in res:
-                say(f"ingest skipped: {res['skipped']}")
-            else:
+            if "results" in res:
                 x = [h["per_core_msgs_s"] / b["per_core_msgs_s"]
                      for h, b in zip(res["results"]["head"], res["results"]["base"])]
                 out["ratios"].append({"metric": "fleet ingest msgs/s per core (SQLite)", "what": "head / base",
@@ -266,7 +272,21 @@ def _run(a: argparse.Namespace, say) -> int:
     print(table(out))
     if a.as_json:
         print(json.dumps(out, default=str))
-    return 1 if any(r["gate"] and r["below"] for r in out["ratios"]) else 0
+    failed = [k for k in COMPONENTS if "failed" in out.get(k, {})]
+    return 1 if failed or any(r["gate"] and r["below"] for r in out["ratios"]) else 0
+
+
+def _guarded(fn) -> dict[str, Any]:
+    """A component's result; the base failing to run it is a skip (older code may lack what it needs), the
+    working tree failing is a failure of the guard. Either way the reason is kept, one line."""
+    try:
+        return fn()
+    except RuntimeError as exc:
+        text = str(exc)
+        reason = text.splitlines()[-1][:300] if text else type(exc).__name__
+        if text.startswith("base "):
+            return {"skipped": f"the base could not run it: {reason}"}
+        return {"failed": f"the working tree could not run it: {reason}"}
 
 
 def _host() -> dict[str, Any]:
@@ -293,10 +313,13 @@ def table(out: dict[str, Any]) -> str:
         state = ("BELOW" if r["below"] else "ok") if r["gate"] else "info"
         lines.append(f"{r['metric']:<46} {r['median']:>7.3f} {r['min']:>6.3f}..{r['max']:<6.3f} {r['floor']:>6.2f}  "
                      f"{state:<7}  ({r['what']}, {r['rounds']} rounds)")
-    if "skipped" in out.get("ingest", {}):
-        lines.append(f"fleet ingest: skipped ({out['ingest']['skipped']})")
+    for k in COMPONENTS:
+        for state in ("skipped", "failed"):
+            if state in out.get(k, {}):
+                lines.append(f"{k}: {state.upper() if state == 'failed' else state} ({out[k][state]})")
     below = [r["metric"] for r in out["ratios"] if r["gate"] and r["below"]]
-    lines.append("guard: " + ("FAILED, below the floor in every round: " + "; ".join(below) if below else
+    below += [f"{k} did not run" for k in COMPONENTS if "failed" in out.get(k, {})]
+    lines.append("guard: " + ("FAILED: " + "; ".join(below) if below else
                               "passed (no gated ratio below its floor beyond the round-to-round spread)")
                  + f"; {out['seconds']} s")
     return "\n".join(lines)

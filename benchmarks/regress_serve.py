@@ -84,7 +84,11 @@ def _edgeml_variant(name: str, side: Side, work: Path, extra: list[str]) -> Vari
         proc = subprocess.Popen([sys.executable, "-m", "edgeml.cli", "serve", str(pkg), "--port", str(port),
                                  "--threads", "1", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env=env, cwd=side.root)
-        sb.wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", proc)
+        try:
+            sb.wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", proc)
+        except RuntimeError as exc:
+            sb.stop(proc)
+            raise RuntimeError(f"{side.label} ({side.commit[:10]}): edgeml serve did not start: {exc}") from None
         return proc
 
     return Variant(name, start, f"http://127.0.0.1:{port}/v2/models/mlp/infer")

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from edgeml.backends import backend_names
-from edgeml.cli import check_output_file, emit, examples, handle_errors, json_option
+from edgeml.cli import check_output_file, complete_target, emit, examples, handle_errors, json_option
 
 
 class _Progress:
@@ -71,7 +71,8 @@ def _parse_backend_option(values: tuple[str, ...]) -> dict:
     "edgeml compile model.onnx -t aarch64-a76 --backend tvm --tune-budget 10m -o model-a76.edgepkg",
     "(edgeml targets lists the targets; docs/compiler.md, docs/artifact.md)"))
 @click.argument("model")
-@click.option("-t", "--target", required=True, help="Target name (edgeml targets).")
+@click.option("-t", "--target", required=True, shell_complete=complete_target,
+              help="Target name (edgeml targets; shell completion lists them).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact to write (.edgepkg).")
 @click.option("--precision", default="auto", type=click.Choice(["auto", "fp32", "fp16", "bf16", "int8"]), show_default=True,
               help="auto: every precision the target allows (int8 needs --calib); the fastest within the accuracy"

@@ -33,6 +33,7 @@ COMMANDS = Registry(
         ("agent", "edgeml.fleet.cli:agent_cmd"),
         ("fleet", "edgeml.fleet.cli:fleet_group"),
         ("bench", "edgeml.benchmarks.cli:bench_group"),
+        ("doctor", "edgeml.doctor:doctor_cmd"),
     ],
 )
 
@@ -203,6 +204,15 @@ def port_in_use(exc: BaseException, option: str, port: int) -> "UsageError | Non
         return UsageError(f"{option} {port}: cannot listen there ({exc.strerror})",
                           hint="ports below 1024 need root; the address must belong to this host")
     return None
+
+
+def complete_target(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Shell completion of target names (the TOML files in targets/: no heavy import)."""
+    from click.shell_completion import CompletionItem
+
+    from edgeml.targets import all_targets
+
+    return [CompletionItem(t.name, help=t.description) for t in all_targets().values() if t.name.startswith(incomplete)]
 
 
 def examples(*lines: str) -> str:

@@ -200,8 +200,13 @@ def agent_cmd(device_id, labels, state_dir, trusted_keys, allow_unsigned, http_h
     info = {"device_id": device_id, "broker": broker.url, "state_dir": str(state_dir), "labels": config.labels,
             "http": f"http://{serving.address[0]}:{serving.address[1]}" if serving.address else None,
             "active": agent.core.active(), "pid": os.getpid()}
-    emit(info, as_json, lambda i: f"agent {i['device_id']} (pid {i['pid']}) -> {i['broker']}; serving {i['active']}"
-                                  f" {('at ' + i['http']) if i['http'] else '(no HTTP)'}")
+    def banner(i: dict) -> str:
+        active = i["active"] or {}
+        model = f"{active['name']}@{active['version']}" if active.get("name") else "no model yet (waiting for a rollout)"
+        return (f"agent {i['device_id']} (pid {i['pid']}) -> {i['broker']}; serving {model}"
+                f" {('at ' + i['http']) if i['http'] else '(no HTTP)'}")
+
+    emit(info, as_json, banner)
     try:
         _wait_for_signal()
     finally:

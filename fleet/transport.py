@@ -67,7 +67,8 @@ class BrokerConfig:
         for url in urls:
             u = urlparse(url)
             if u.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-                raise UsageError(f"broker URL {url!r} must start with mqtt:// or mqtts://",
+                raise UsageError(f"broker URL {url!r} must start with mqtt:// or mqtts:// (tcp:// and ssl:// are"
+                                 " accepted as their aliases)",
                                  hint="e.g. --broker mqtt://localhost:1883 (several: comma-separated)")
             tls = u.scheme in ("mqtts", "ssl") or self.tls_ca is not None
             try:

@@ -89,7 +89,7 @@ def sqlite_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
 
 
-def run(devices: int, ingest: int, pg: bool) -> dict:
+def run(devices: int, ingest: int, pg: bool, processes: int | None = None, bake_s: float = 0.0) -> dict:
     from edgeml.fleet.simulator import run_simulation
 
     work = Path(tempfile.mkdtemp(prefix="edgeml-fleet-scale-"))
@@ -101,9 +101,11 @@ def run(devices: int, ingest: int, pg: bool) -> dict:
             out["ingest_postgres"] = ingest_rate(pg_target[0], devices, ingest)
         finally:
             _drop_schema(pg_target[1])
-    sim = run_simulation(devices=devices, fail_fraction=0.2, waves=[0.05, 0.25, 1.0], bake_s=0.0,
-                         workdir=work / "sim", echo=lambda s: print(s, file=sys.stderr))
+    # the run `edgeml fleet simulate` does (same function; the CLI's default bake is 0.5 s per wave)
+    sim = run_simulation(devices=devices, fail_fraction=0.2, waves=[0.05, 0.25, 1.0], bake_s=bake_s,
+                         workdir=work / "sim", echo=lambda s: print(s, file=sys.stderr), processes=processes)
     out["simulation"] = sim
+    out["bake_s"] = bake_s
     out["rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     out["db_bytes_per_device"] = round(sqlite_bytes(work / "sim" / "fleet.db") / devices)
     return out
@@ -117,10 +119,16 @@ def table(o: dict) -> str:
             ("ingest, SQLite: msgs/s per manager core", f"{o['ingest_sqlite']['per_core_msgs_s']:,}"),
             ("ingest, PostgreSQL: msgs/s per manager core",
              f"{o['ingest_postgres']['per_core_msgs_s']:,}" if "ingest_postgres" in o else "not measured"),
-            ("3-wave rollout (bake 0): wall s / manager CPU s",
+            ("simulator child processes (0: in the manager's process)", f"{o['simulation']['simulator_processes']}"),
+            (f"3-wave rollout (bake {o.get('bake_s', 0)}): wall s / manager CPU s",
              f"{v1['seconds']} / {v1['manager_cpu_s']} ({v1['state']})"),
+            ("  its CPU s: simulator / broker / status polling",
+             f"{v1['simulator_cpu_s']} / {v1['broker_cpu_s']} / {v1['main_thread_cpu_s']}"),
+            ("  manager CPU ms per device", f"{1000 * v1['manager_cpu_s'] / o['devices']:.2f}"),
             ("abort + roll back, 20% failing: wall s / manager CPU s",
              f"{v2['seconds']} / {v2['manager_cpu_s']} ({v2['state']})"),
+            ("  its CPU s: simulator / broker / status polling",
+             f"{v2['simulator_cpu_s']} / {v2['broker_cpu_s']} / {v2['main_thread_cpu_s']}"),
             ("rolled back / updated devices", f"{rolled} / {updated} ({100 * rolled / max(updated, 1):.0f}%)"),
             ("process RSS, manager + simulator (MB)", f"{o['rss_mb']}"),
             ("SQLite bytes per device after both rollouts", f"{o['db_bytes_per_device']:,}")]
@@ -136,10 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ingest", type=int, default=60_000, help="messages for the ingest measurement")
     ap.add_argument("--no-postgres", action="store_true")
     ap.add_argument("--json", action="store_true", help="print the raw results as JSON after the table")
+    ap.add_argument("--processes", type=int, default=None,
+                    help="simulator child processes (default: every core but one, at most 4; 0: in-process)")
+    ap.add_argument("--bake", type=float, default=0.0, help="bake seconds per wave (the CLI's default is 0.5)")
     a = ap.parse_args(argv)
     if not 10 <= a.devices <= 100_000 or not 1000 <= a.ingest <= 1_000_000:
         ap.error("--devices must be 10..100000 and --ingest 1000..1000000")
-    o = run(a.devices, a.ingest, not a.no_postgres)
+    o = run(a.devices, a.ingest, not a.no_postgres, a.processes, a.bake)
     print(table(o))
     if a.json:
         print(json.dumps(o, default=str))

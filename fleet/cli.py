@@ -517,21 +517,35 @@ def demo_cmd(broker_kind, workdir, bake, scenario, as_json):
 
 @fleet_group.command("simulate", epilog=examples(
     "edgeml fleet simulate --devices 500", "edgeml fleet simulate --devices 2000 --fail 5% --waves 1%,10%,100%"))
-@click.option("--devices", default=500, show_default=True, help="Simulated devices (one process, model run stubbed).")
+@click.option("--devices", default=500, show_default=True, help="Simulated devices (model run stubbed).")
 @click.option("--fail", "fail_rate", default="20%", show_default=True, help="Share of devices whose v2 self-test fails.")
 @click.option("--waves", default="5%,25%,100%", show_default=True, help="Cumulative wave sizes.")
 @click.option("--bake", default="0.5s", show_default=True, help="Bake time after each wave (a duration).")
+@click.option("--processes", type=click.IntRange(0, 64), default=None,
+              help="Simulator child processes (default: every core but one, at most 4; 0: in the manager's process).")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), help="Keep files here (default: temp).")
 @json_option
 @handle_errors
-def simulate_cmd(devices, fail_rate, waves, bake, workdir, as_json):
-    """Roll v1 then a partly failing v2 over simulated devices; print how long each took."""
-    from edgeml.fleet.waves import parse_duration, parse_rate, parse_waves
-    from edgeml.fleet.simulator import run_simulation
+def simulate_cmd(devices, fail_rate, waves, bake, processes, workdir, as_json):
+    """Roll v1 then a partly failing v2 over simulated devices; print how long each took and where the CPU went
+    (manager, simulator, broker). The same run as benchmarks/fleet_scale.py. SIGTERM/SIGINT stop every child."""
+    import sys
 
-    out = run_simulation(devices=devices, fail_fraction=parse_rate(fail_rate), waves=parse_waves(waves),
-                         bake_s=parse_duration(bake), workdir=workdir, echo=(lambda s: None) if as_json else click.echo)
-    emit(out, as_json, lambda o: "simulation done")
+    from edgeml.fleet.waves import parse_duration, parse_rate, parse_waves
+    from edgeml.fleet.simulator import run_simulation, where_time_went
+    from edgeml.fleet.simulator_procs import Terminated
+
+    if not 1 <= devices <= 100_000:
+        raise click.BadParameter("must be 1..100000", param_hint="--devices")
+    try:
+        out = run_simulation(devices=devices, fail_fraction=parse_rate(fail_rate), waves=parse_waves(waves),
+                             bake_s=parse_duration(bake), workdir=workdir, processes=processes,
+                             echo=(lambda s: None) if as_json else click.echo)
+    except Terminated as exc:
+        click.echo(f"{exc}: broker, manager and simulator processes stopped", err=True)
+        sys.exit(128 + exc.signum)
+    emit(out, as_json, lambda o: "simulation done\n" + "\n".join(
+        f"{r['target']} {r['state']}: {where_time_went(r, o['devices'])}" for r in o["rollouts"]))
 
 
 register_monitoring(fleet_group)   # edgeml fleet drift (fleet/monitor_cli.py)

@@ -27,6 +27,7 @@ events, heartbeats, telemetry). What differs from a real agent:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -39,6 +40,7 @@ from pathlib import Path
 from edgeml.fleet import protocol as P
 from edgeml.fleet.agent import AgentConfig, AgentCore
 from edgeml.fleet.serving import StubServing
+from edgeml.fleet.slots import Journal
 from edgeml.fleet.store import download
 from edgeml.fleet.transport import BrokerConfig, MqttTransport
 
@@ -60,9 +62,10 @@ class SimConfig:
     health_window_s: float = 0.0
     workers: int = 16
     devices_per_connection: int = 500     # below the broker's per-client queue bound (see the module doc)
+    first: int = 0                        # number of the first device (a shard of fleet/simulator_procs.py)
 
     def device_ids(self) -> list[str]:
-        return [f"{self.prefix}-{i:04d}" for i in range(self.devices)]
+        return [f"{self.prefix}-{i:04d}" for i in range(self.first, self.first + self.devices)]
 
 
 def scaled_intervals(devices: int) -> tuple[float, float]:
@@ -103,6 +106,18 @@ class SharedDownloader:
         return dest
 
 
+class SimJournal(Journal):
+    """A simulated device's journal: the same records at the same steps, written as compact JSON (C encoder)
+    and renamed into place without fsync -- the simulated state lives in tmpfs (/dev/shm) and dies with the run.
+    Why: the pretty-printed, fsynced journal was a third of the simulator's CPU (8 writes per install; profile
+    in docs/scale.md). The real agent keeps ``Journal`` (temp + fsync + rename + fsync of the folder)."""
+
+    def save(self) -> None:
+        tmp = self.path.with_name(f".journal.{threading.get_ident()}.tmp")
+        tmp.write_bytes(json.dumps(self.data, sort_keys=True, separators=(",", ":")).encode())
+        os.replace(tmp, self.path)
+
+
 class FleetSimulator:
     def __init__(self, config: SimConfig, broker: BrokerConfig):
         self.config = config
@@ -118,7 +133,7 @@ class FleetSimulator:
         per = max(1, config.devices_per_connection)
         for k in range(0, len(ids), per):
             shard = ids[k:k + per]
-            transport = MqttTransport(broker, f"edgeml-sim-{config.prefix}-{k // per}", on_message=self._on_message,
+            transport = MqttTransport(broker, f"edgeml-sim-{config.prefix}-{config.first + k}", on_message=self._on_message,
                                       on_connect=lambda shard=shard: self._on_connect(shard))
             self.transports.append(transport)
             for dev in shard:
@@ -135,7 +150,9 @@ class FleetSimulator:
                          allow_unsigned=c.allow_unsigned, heartbeat_s=c.heartbeat_s, telemetry_s=c.telemetry_s,
                          health_window_s=c.health_window_s, health_probe_s=0.05, check_host=True)
         serving = StubServing(fail_selftest=dev in c.failing, fail_versions=c.failing_versions)
-        return AgentCore(ac, transport, serving, downloader=self.downloader)
+        core = AgentCore(ac, transport, serving, downloader=self.downloader)
+        core.journal = SimJournal(core.state_dir)
+        return core
 
     def start(self, timeout: float = 10.0) -> "FleetSimulator":
         for core in self.cores.values():
@@ -239,15 +256,16 @@ def cast_transport(core: AgentCore) -> MqttTransport:
 
 
 MANAGER_THREADS = ("fleet-manager", "fleet-ingest", "mqtt-edgeml-manager", "artifact-store")
+SIMULATOR_THREADS = ("sim-", "mqtt-edgeml-sim-")
 
 
-def manager_cpu_s() -> float:
-    """CPU seconds used so far by the manager's threads in this process (tick loop, ingest writer, its MQTT
-    network thread, artifact server): "manager time" while the simulator shares the process (Linux /proc)."""
+def manager_cpu_s(prefixes: tuple[str, ...] = MANAGER_THREADS) -> float:
+    """CPU seconds used so far by this process's threads named ``prefixes*`` -- by default the manager's (tick
+    loop, ingest writer, its MQTT network thread, artifact server): "manager time" (Linux /proc)."""
     total = 0.0
     tick = os.sysconf("SC_CLK_TCK")
     for t in threading.enumerate():
-        if t.native_id is None or not t.name.startswith(MANAGER_THREADS):
+        if t.native_id is None or not t.name.startswith(prefixes):
             continue
         try:
             fields = Path(f"/proc/self/task/{t.native_id}/stat").read_text().rsplit(")", 1)[1].split()
@@ -259,60 +277,104 @@ def manager_cpu_s() -> float:
 
 def run_simulation(*, devices: int = 500, fail_fraction: float = 0.2, waves: list[float] | None = None,
                    bake_s: float = 0.5, max_failure_rate: float = 0.1, workdir: Path | None = None,
-                   echo=print, seed: int = 7, db: str | None = None) -> dict:
+                   echo=print, seed: int = 7, db: str | None = None, processes: int | None = None) -> dict:
     """Broker + manager + ``devices`` simulated agents: roll out v1 (all good), then v2 that fails the
-    self-test on ``fail_fraction`` of the devices. Returns the two outcomes with their durations."""
+    self-test on ``fail_fraction`` of the devices. Returns the two outcomes, their wall time and where the CPU
+    went (manager threads, simulator, broker). ``edgeml fleet simulate`` and ``benchmarks/fleet_scale.py`` both
+    run this. ``processes``: simulator child processes (None: every core but one, at most 4; 0: in this
+    process, sharing the manager's interpreter lock as before). SIGTERM/SIGINT stop the broker, the manager and
+    every simulator child before ``Terminated`` propagates (fleet/simulator_procs.py)."""
+    from edgeml.fleet.simulator_procs import stop_on_signals
+
+    with stop_on_signals():
+        return _run_simulation(devices=devices, fail_fraction=fail_fraction, waves=waves, bake_s=bake_s,
+                               max_failure_rate=max_failure_rate, workdir=workdir, echo=echo, seed=seed, db=db,
+                               processes=processes)
+
+
+def _run_simulation(*, devices: int, fail_fraction: float, waves: list[float] | None, bake_s: float,
+                    max_failure_rate: float, workdir: Path | None, echo, seed: int, db: str | None,
+                    processes: int | None) -> dict:
     import random
 
     from edgeml.fleet.broker import Broker, free_port
     from edgeml.fleet.manager import ManagerConfig
     from edgeml.fleet.service import ManagerService
+    from edgeml.fleet.simulator_procs import SimulatorProcesses, default_processes, proc_cpu_s
     from edgeml.fleet.testing import make_artifact, wait_until
     from edgeml.runtime.signing import generate_keypair
 
     waves = waves or [0.05, 0.25, 1.0]
+    processes = default_processes() if processes is None else processes
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="edgeml-sim-"))
     work.mkdir(parents=True, exist_ok=True)
     key, pub = generate_keypair(work / "signing.key", overwrite=True)
     arts = [make_artifact(work / f"tiny-{v}.edgepkg", "tiny", v, sign_key=key) for v in ("1.0.0", "2.0.0")]
-    broker = Broker(work / "broker", persistence=False).start()
+    broker = svc = sim = None
     heartbeat_s, telemetry_s = scaled_intervals(devices)
-    svc = ManagerService(ManagerConfig(db=db or work / "fleet.db", store_dir=work / "store", http_port=free_port(), tick_s=0.2, sign_key=key,
-                                       health_window_s=0.0, heartbeat_timeout_s=max(30.0, 3 * heartbeat_s)),
-                          BrokerConfig(broker.url)).start()
     ids = [f"sim-{i:04d}" for i in range(devices)]
     failing = set(random.Random(seed).sample(ids, int(round(devices * fail_fraction))))
-    sim = None
-    out: dict = {"heartbeat_s": heartbeat_s, "telemetry_s": telemetry_s, "devices": devices, "failing": len(failing), "broker": broker.kind, "rollouts": []}
+    out: dict = {"heartbeat_s": heartbeat_s, "telemetry_s": telemetry_s, "devices": devices, "failing": len(failing),
+                 "simulator_processes": processes, "cpus": os.cpu_count(), "rollouts": []}
     try:
+        broker = Broker(work / "broker", persistence=False).start()
+        out["broker"] = broker.kind
+        svc = ManagerService(ManagerConfig(db=db or work / "fleet.db", store_dir=work / "store", http_port=free_port(),
+                                           tick_s=0.2, sign_key=key, health_window_s=0.0,
+                                           heartbeat_timeout_s=max(30.0, 3 * heartbeat_s)),
+                             BrokerConfig(broker.url)).start()
         m = svc.manager
         for a in arts:
             m.publish_artifact(a, "simulator")
-        sim = FleetSimulator(SimConfig(devices=devices, failing=failing, failing_versions={"2.0.0"},
-                                       trusted_keys=[pub], heartbeat_s=heartbeat_s, telemetry_s=telemetry_s),
-                             BrokerConfig(broker.url)).start()
+        config = SimConfig(devices=devices, failing=failing, failing_versions={"2.0.0"}, trusted_keys=[pub],
+                           heartbeat_s=heartbeat_s, telemetry_s=telemetry_s)
+        if processes:
+            sim = SimulatorProcesses(config, broker.url, processes=processes, workdir=work / "simulator").start()
+        else:
+            sim = FleetSimulator(config, BrokerConfig(broker.url)).start()
+        broker_pid = broker.proc.pid if broker.proc else None
+
+        def cpu() -> dict[str, float]:
+            sim_cpu = sim.cpu_s() if isinstance(sim, SimulatorProcesses) else manager_cpu_s(SIMULATOR_THREADS)
+            return {"manager_cpu_s": manager_cpu_s(), "simulator_cpu_s": sim_cpu, "broker_cpu_s": proc_cpu_s(broker_pid),
+                    "main_thread_cpu_s": time.thread_time() if threading.current_thread() is threading.main_thread() else 0.0}
+
         t = time.monotonic()
         wait_until(lambda: m.db.one("SELECT COUNT(*) FROM devices WHERE online = 1")[0] == devices, 120,
                    f"{devices} simulated devices to register")
-        echo(f"{devices} simulated devices registered in {time.monotonic() - t:.1f}s (model run stubbed)")
+        echo(f"{devices} simulated devices registered in {time.monotonic() - t:.1f}s (model run stubbed;"
+             f" simulator in {processes or 'the manager'}{' child process(es)' if processes else ' process'})")
         for target in ("tiny@1.0.0", "tiny@2.0.0"):
-            t, cpu = time.monotonic(), manager_cpu_s()
+            t, before = time.monotonic(), cpu()
             r = m.start_rollout(target, selector={"fleet": "sim"}, waves=waves, max_failure_rate=max_failure_rate,
                                 bake_s=bake_s, gates=[], actor="simulator")
             s = wait_until(lambda rid=r["id"]: (s := m.rollout_status(rid))["state"] in ("completed", "rolled_back") and s,
                            600, f"rollout of {target}", interval=0.5)   # each poll reads the whole rollout
-            secs, cpu = time.monotonic() - t, manager_cpu_s() - cpu
+            secs, after = time.monotonic() - t, cpu()
+            spent = {k: round(after[k] - before[k], 2) for k in after}
+            rec = {"target": target, "state": s["state"], "seconds": round(secs, 2), **spent,
+                   "per_wave": s["per_wave"], "rollback": s["rollback"], "reason": s["reason"]}
+            out["rollouts"].append(rec)
             echo(f"{target}: {s['state']} in {secs:.1f}s; per wave {s['per_wave']}"
                  + (f"; rollback {s['rollback']}; {s['reason']}" if s["reason"] else ""))
-            out["rollouts"].append({"target": target, "state": s["state"], "seconds": round(secs, 2),
-                                    "manager_cpu_s": round(cpu, 2),
-                                    "per_wave": s["per_wave"], "rollback": s["rollback"], "reason": s["reason"]})
+            echo("  " + where_time_went(rec, devices))
         wait_until(lambda: sim.versions() == {"tiny@1.0.0": devices}, 60, "every device back on 1.0.0")
         out["final_versions"] = sim.versions()
         echo(f"final: {out['final_versions']}")
     finally:
         if sim is not None:
             sim.stop()
-        svc.stop()
-        broker.stop()
+        if svc is not None:
+            svc.stop()
+        if broker is not None:
+            broker.stop()
     return out
+
+
+def where_time_went(rec: dict, devices: int) -> str:
+    """One line: a rollout's wall time and the CPU seconds of each side (manager, simulator, broker)."""
+    per = 1000.0 / max(devices, 1)
+    return (f"wall {rec['seconds']:.1f}s; CPU: manager {rec['manager_cpu_s']:.1f}s"
+            f" ({rec['manager_cpu_s'] * per:.2f} ms/device), simulator {rec['simulator_cpu_s']:.1f}s"
+            f" ({rec['simulator_cpu_s'] * per:.2f} ms/device), broker {rec['broker_cpu_s']:.1f}s,"
+            f" status polling {rec['main_thread_cpu_s']:.1f}s")

@@ -66,15 +66,19 @@ class Broker:
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise FleetError(f"{kind} exited with {self.proc.returncode}; see {self.workdir / (kind + '.log')}:\n"
-                                 + (self.workdir / f"{kind}.log").read_text()[-2000:])
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise FleetError(f"{kind} exited with {self.proc.returncode}; see {self.workdir / (kind + '.log')}:\n"
+                                     + (self.workdir / f"{kind}.log").read_text()[-2000:])
+                try:
+                    with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                        return self
+                except OSError:
+                    time.sleep(0.05)
+        except BaseException:      # e.g. SIGTERM while waiting (fleet/simulator_procs.py): never leave it running
+            self.stop()
+            raise
         self.stop()
         raise FleetError(f"{kind} did not open port {self.port} within {timeout}s")
 

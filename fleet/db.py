@@ -10,11 +10,12 @@ message per device, audit log, and the commands queue the CLI writes into.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from edgeml.errors import FleetError
 from edgeml.fleet.db_postgres import is_postgres_url, redact
@@ -183,6 +184,16 @@ class FleetDB:
     # ---------------------------------------------------------------- helpers
     def tx(self):
         return _Tx(self)
+
+    @contextlib.contextmanager
+    def pipeline(self) -> Iterator[None]:
+        """PostgreSQL: statements inside are sent without waiting for each answer (fleet/db_postgres.py); a
+        read waits. SQLite: nothing to do (no round trips)."""
+        if not self.postgres:
+            yield
+            return
+        with self.lock, self.conn.pipeline():
+            yield
 
     def q(self, sql: str, args: Iterable[Any] = ()) -> list[Any]:
         with self.lock:

@@ -20,8 +20,9 @@ One connection per ``FleetDB`` in autocommit mode; ``FleetDB.tx()`` opens an exp
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from functools import lru_cache
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from edgeml.errors import FleetError
@@ -71,27 +72,43 @@ def _row_factory(cursor: Any) -> Any:
 
 
 class PgCursor:
-    """What the manager uses of ``sqlite3.Cursor``: fetchone/fetchall/rowcount/lastrowid."""
+    """What the manager uses of ``sqlite3.Cursor``: fetchone/fetchall/rowcount/lastrowid.
 
-    def __init__(self, cursor: Any, returning_id: bool):
+    Inside ``PgConnection.pipeline()`` a statement is only sent; its result (rows, rowcount) is waited for when
+    first read (``_ready``: one pipeline sync for everything sent so far)."""
+
+    def __init__(self, cursor: Any, returning_id: bool, pipeline: Any = None):
         self._cursor = cursor
-        self.rowcount = cursor.rowcount
+        self._pipeline = pipeline
         self.lastrowid: int | None = None
         self._rows: list[PgRow] | None = None
         if returning_id:
+            self._ready()
             row = cursor.fetchone()
             self.lastrowid = row[0] if row else None
             self._rows = []
 
+    def _ready(self) -> None:
+        if self._pipeline is not None:
+            self._pipeline.sync()
+            self._pipeline = None
+
+    @property
+    def rowcount(self) -> int:
+        self._ready()
+        return int(self._cursor.rowcount)
+
     def fetchone(self) -> PgRow | None:
         if self._rows is not None:
             return self._rows.pop(0) if self._rows else None
+        self._ready()
         return self._cursor.fetchone() if self._cursor.description else None
 
     def fetchall(self) -> list[PgRow]:
         if self._rows is not None:
             rows, self._rows = self._rows, []
             return rows
+        self._ready()
         return self._cursor.fetchall() if self._cursor.description else []
 
 
@@ -113,12 +130,28 @@ class PgConnection:
                              hint="check --db (postgresql://USER@HOST:PORT/DATABASE) and that the server runs") from None
         self._columns: dict[str, list[str]] = {}
         self._tx: Any = None
+        self._pipeline: Any = None
 
     def execute(self, sql: str, args: Iterable[Any] = ()) -> PgCursor:
         text, returning_id = to_postgres(sql)
         if "{upsert:" in text:
             text = self._expand_upsert(text)
-        return PgCursor(self.raw.execute(text, tuple(args), prepare=True), returning_id)
+        return PgCursor(self.raw.execute(text, tuple(args), prepare=True), returning_id, self._pipeline)
+
+    @contextmanager
+    def pipeline(self) -> Iterator[None]:
+        """libpq pipeline mode for a burst of statements (the ingest writer's batch): each is sent without
+        waiting for its answer; a read waits (one sync). Before, every heartbeat/telemetry write was its own
+        round trip -- the PostgreSQL ingest rate was bound by them (profile in docs/scale.md)."""
+        if self._pipeline is not None:
+            yield
+            return
+        with self.raw.pipeline() as p:
+            self._pipeline = p
+            try:
+                yield
+            finally:
+                self._pipeline = None
 
     def begin(self) -> None:
         self._tx = self.raw.transaction()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgeml.errors import FleetError
+from edgeml.fleet.simulator_procs import cleaning_up, stops_children_on_signals
 
 
 class DemoLog:
@@ -50,6 +51,7 @@ def stop_processes(procs: list[subprocess.Popen[bytes]], timeout: float = 10.0) 
             p.kill()
 
 
+@stops_children_on_signals
 def run_demo(*, broker_kind: str = "auto", workdir: Path | None = None, bake_s: float = 3.0,
              echo: Callable[[str], None] = print, timeout_s: float = 120.0) -> dict:
     from edgeml.fleet.broker import Broker, free_port
@@ -144,10 +146,11 @@ def run_demo(*, broker_kind: str = "auto", workdir: Path | None = None, bake_s: 
         summary["final_versions"] = versions
         summary["v3_state"] = s["state"]
     finally:
-        stop_processes(agents)
-        if svc is not None:
-            svc.stop()
-        broker.stop()
+        with cleaning_up():   # a second SIGTERM/SIGINT waits: every child gets stopped
+            stop_processes(agents)
+            if svc is not None:
+                svc.stop()
+            broker.stop()
     summary["seconds"] = demo.elapsed()
     say(f"done: agents, manager and broker stopped; files in {work}")
     return summary

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeml.errors import FleetError
+from edgeml.fleet.simulator_procs import cleaning_up, stops_children_on_signals
 from edgeml.fleet.demo import _wait
 
 DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"
@@ -59,6 +60,7 @@ def _line(rep: Any) -> str:
             f"  top: {top}")
 
 
+@stops_children_on_signals
 def run_drift_demo(*, broker_kind: str = "auto", workdir: Path | None = None,
                    echo: Callable[[str], None] = print) -> dict[str, Any]:
     import edgeml
@@ -122,13 +124,14 @@ def run_drift_demo(*, broker_kind: str = "auto", workdir: Path | None = None,
         summary["seconds"] = round(demo.elapsed(), 1)
         return summary
     finally:
-        stop_processes(procs)
-        if monitoring is not None:
-            monitoring.stop()
-        if svc is not None:
-            svc.stop()
-        broker.stop()
-        receiver.close()
+        with cleaning_up():   # a second SIGTERM/SIGINT waits: every child gets stopped
+            stop_processes(procs)
+            if monitoring is not None:
+                monitoring.stop()
+            if svc is not None:
+                svc.stop()
+            broker.stop()
+            receiver.close()
 
 
 def _clean_then_shifted(m: Any, ends: dict[str, str], receiver: Any, say: Callable[[str], None]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeml.fleet.demo import _wait
+from edgeml.fleet.simulator_procs import cleaning_up, stops_children_on_signals
 
 
 def _post(url: str, doc: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
@@ -34,6 +35,7 @@ def _infer(port: int, x: np.ndarray, rid: str) -> str:
     return str(_post(f"http://127.0.0.1:{port}/v2/models/tiny/infer", body, {"X-Request-ID": rid})["model_version"])
 
 
+@stops_children_on_signals
 def run_experiment_demo(*, broker_kind: str = "auto", workdir: Path | None = None,
                         echo: Callable[[str], None] = print) -> dict[str, Any]:
     from edgeml.fleet.broker import Broker, free_port
@@ -138,13 +140,14 @@ def run_experiment_demo(*, broker_kind: str = "auto", workdir: Path | None = Non
         summary["seconds"] = round(demo.elapsed(), 1)
         return summary
     finally:
-        stop_processes(procs)
-        if monitoring is not None:
-            monitoring.stop()
-        if svc is not None:
-            svc.stop()
-        broker.stop()
-        receiver.close()
+        with cleaning_up():   # a second SIGTERM/SIGINT waits: every child gets stopped
+            stop_processes(procs)
+            if monitoring is not None:
+                monitoring.stop()
+            if svc is not None:
+                svc.stop()
+            broker.stop()
+            receiver.close()
 
 
 def _try_infer(port: int, rid: str) -> bool:

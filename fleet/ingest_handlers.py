@@ -21,6 +21,26 @@ from edgeml.fleet.states import FINAL_FAILURES, DeviceStatus, FailureCode, Insta
 log = logging.getLogger("edgeml.fleet.manager")   # the manager's logger: operators filter on this name
 
 
+_UPSERT_SQL: dict[tuple[tuple[str, ...], tuple[str, ...]], str] = {}   # _touch_device's statement per shape
+
+
+def _device_upsert(plain: tuple[str, ...], guarded: tuple[str, ...]) -> str:
+    """``_touch_device``'s statement: ``plain`` columns always written, ``guarded`` ones only when the message's
+    committed_seq is not older than the stored one (or is -1)."""
+    newer = "(excluded.committed_seq >= devices.committed_seq OR excluded.committed_seq = -1)"
+    updates = [f"{k} = excluded.{k}" for k in plain]
+    updates += [f"{k} = CASE WHEN {newer} THEN excluded.{k} ELSE devices.{k} END" for k in guarded
+                if k != "committed_seq"]
+    if "committed_seq" in guarded:   # last: every CASE above reads the stored (old) row anyway
+        updates.append(f"committed_seq = CASE WHEN {newer} THEN excluded.committed_seq ELSE devices.committed_seq END")
+    cols = ["device_id", "first_seen", *dict.fromkeys((*plain, *guarded))]
+    if "labels" not in cols:
+        cols.append("labels")
+        updates.append("labels = devices.labels")
+    return (f"INSERT INTO devices ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+            f" ON CONFLICT (device_id) DO UPDATE SET {', '.join(updates)}")
+
+
 def _failure_status(code: str | None) -> DeviceStatus:
     """A device's failed / rolled_back report: replaced by a newer desired state (e.g. this rollout's rollback)
     is not a failure. Decided by the protocol's ``code``, never by the wording of ``reason``."""
@@ -54,7 +74,7 @@ class IngestHandlers:
         checked = [(t, *c) for t, p in batch if (c := self._validated(t, p)) is not None]
         checked.sort(key=lambda item: item[2]["device_id"])
         try:
-            with self.db.tx():
+            with self.db.pipeline(), self.db.tx():     # PostgreSQL: writes sent without a round trip each
                 for _topic, kind, msg in checked:
                     self._handlers[kind](msg)
         except Exception:  # noqa: BLE001 - replayed one by one below, where the culprit is logged
@@ -95,22 +115,18 @@ class IngestHandlers:
         if online is not None:
             sets["online"] = int(online)
         sets.update(fields)
-        newer = "(excluded.committed_seq >= devices.committed_seq OR excluded.committed_seq = -1)"
-        updates = [f"{k} = excluded.{k}" for k in sets]
+        key = (tuple(sets), tuple(guarded or ()))
         if guarded:
             sets.update(guarded)
-            updates += [f"{k} = CASE WHEN {newer} THEN excluded.{k} ELSE devices.{k} END" for k in guarded
-                        if k != "committed_seq"]
-            if "committed_seq" in guarded:   # last: every CASE above reads the stored (old) row anyway
-                updates.append(f"committed_seq = CASE WHEN {newer} THEN excluded.committed_seq ELSE devices.committed_seq END")
-        cols = ["device_id", "first_seen", *sets]
         values = [msg["device_id"], now, *sets.values()]
         if "labels" not in sets:
-            cols.append("labels")
             values.append("{}")
-            updates.append("labels = devices.labels")
-        self.db.x(f"INSERT INTO devices ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
-                  f" ON CONFLICT (device_id) DO UPDATE SET {', '.join(updates)}", values)
+        sql = _UPSERT_SQL.get(key)
+        if sql is None:      # a handful of shapes: each statement is built once, not per message
+            sql = _device_upsert(*key)
+            if len(_UPSERT_SQL) < 256:
+                _UPSERT_SQL[key] = sql
+        self.db.x(sql, values)
 
     def _on_presence(self, msg: dict[str, Any]) -> None:
         # a restarted broker replays retained presence (Last Wills included) on every reconnect: one not newer
@@ -171,8 +187,14 @@ class IngestHandlers:
         self._touch_device(msg, online=True, **fields)
 
     def _apply_status(self, deployment_id: str, status: str, reason: str | None, event_seq: int | None = None) -> None:
-        if event_seq is None and self._settled.get(deployment_id) == status:
+        known = self._settled.get(deployment_id)
+        if event_seq is None and known == status:
             return   # a heartbeat repeating what is applied already: no read, no write
+        if status == DeviceStatus.INSTALLING and known is not None and known != DeviceStatus.SENT:
+            # the install's later steps (verifying, staged, selftest, swapped, health): the row is installing or
+            # final already, and a deployment never returns to "sent", so the read below would change nothing.
+            # Six of an install's seven events took a SELECT each (profile in docs/scale.md).
+            return
         now = self.clock()
         with self.db.tx() as db:
             dep = db.conn.execute("SELECT * FROM deployments WHERE deployment_id = ?", (deployment_id,)).fetchone()

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+import orjson
+
 from edgeml.errors import MessageRejected, SignatureError
 from edgeml.fleet.states import FailureCode, InstallState
 
@@ -150,6 +152,7 @@ def bucket_keys() -> tuple[str, ...]:
 
 
 BUCKET_KEYS = bucket_keys()
+_BUCKET_KEY_SET = frozenset(BUCKET_KEYS)
 
 
 def _typecheck(where: str, value: Any, want: Any) -> None:
@@ -159,6 +162,23 @@ def _typecheck(where: str, value: Any, want: Any) -> None:
     if not ok:
         raise MessageRejected(f"{where} has type {type(value).__name__}; expected {_tname(want)}")
     _check_number(where, value)
+
+
+def _passes(value: Any, want: Any, non_negative: bool = False) -> bool:
+    """True when ``value`` passes ``_typecheck`` (and, ``non_negative``, ``_check_number(non_negative=True)``)
+    -- decided without building the field's label, which is what the checks cost per message before (the
+    manager validates every device message; profile in docs/scale.md). False: the caller runs the full check,
+    which raises with the same words as ever."""
+    if isinstance(value, bool):
+        return want is _BOOL or (isinstance(want, tuple) and bool in want)
+    if not isinstance(value, want):
+        return False
+    if isinstance(value, (int, float)):
+        if value != value or not -MAX_INT <= value <= MAX_INT:     # NaN, +-inf, out of range
+            return False
+        if non_negative and value < 0:
+            return False
+    return True
 
 
 def _check_number(where: str, value: Any, *, non_negative: bool = False) -> None:
@@ -181,8 +201,9 @@ def _check_fields(where: str, obj: Any, fields: Mapping[str, Any], *, required: 
             if required:
                 raise MessageRejected(f"{where}.{name} is missing")
             continue
-        _typecheck(f"{where}.{name}", obj[name], want)
-    unknown = set(obj) - set(fields)
+        if not _passes(obj[name], want):
+            _typecheck(f"{where}.{name}", obj[name], want)
+    unknown = obj.keys() - fields.keys()
     if unknown:
         raise MessageRejected(f"{where}: unknown fields {sorted(unknown)[:8]}")
 
@@ -217,16 +238,33 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+_LONG_NUMBER_RE = re.compile(rb"[0-9]{19}")
+
+
 def decode(payload: bytes, where: str = "message") -> dict[str, Any]:
+    """Bounded JSON decode. The manager decodes every device message, so the common case is made cheap (profile
+    in docs/scale.md): the depth scan runs only when the message holds more brackets than the depth limit (depth
+    can never exceed the count), and orjson parses first. Anything orjson refuses, or that holds a 19+ digit run
+    (orjson turns integers past 64 bits into floats, json keeps them exact), goes to the standard parser, so what
+    is accepted and the words of every refusal are the same as before."""
     if len(payload) > MAX_MESSAGE_BYTES:
         raise MessageRejected(f"{where}: {len(payload)} bytes is over the {MAX_MESSAGE_BYTES}-byte limit")
-    depth = json_depth(bytes(payload))
-    if depth > MAX_DEPTH:
-        raise MessageRejected(f"{where}: JSON nested {depth} deep; the limit is {MAX_DEPTH}")
-    try:
-        obj = json.loads(payload.decode("utf-8"), parse_constant=_no_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise MessageRejected(f"{where}: not valid UTF-8 JSON ({str(exc)[:200]})") from None
+    data = bytes(payload)
+    if data.count(b"[") + data.count(b"{") > MAX_DEPTH:
+        depth = json_depth(data)
+        if depth > MAX_DEPTH:
+            raise MessageRejected(f"{where}: JSON nested {depth} deep; the limit is {MAX_DEPTH}")
+    obj: Any = None
+    if not _LONG_NUMBER_RE.search(data):
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            obj = None
+    if obj is None:
+        try:
+            obj = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise MessageRejected(f"{where}: not valid UTF-8 JSON ({str(exc)[:200]})") from None
     if not isinstance(obj, dict):
         raise MessageRejected(f"{where}: must be a JSON object, got {type(obj).__name__}")
     return obj
@@ -255,10 +293,12 @@ def validate_message(msg: Mapping[str, Any], mtype: str, where: str = "message")
             if required:
                 raise MessageRejected(f"{where}: required field '{field}' is missing")
             continue
-        _typecheck(f"{where}: field '{field}'", msg[field], want)
-        if field in _NON_NEGATIVE:
-            _check_number(f"{where}: field '{field}'", msg[field], non_negative=True)
-    unknown = set(msg) - set(schema) - {"schema_version", "type"}
+        non_negative = field in _NON_NEGATIVE
+        if not _passes(msg[field], want, non_negative):
+            _typecheck(f"{where}: field '{field}'", msg[field], want)
+            if non_negative:
+                _check_number(f"{where}: field '{field}'", msg[field], non_negative=True)
+    unknown = msg.keys() - schema.keys() - {"schema_version", "type"}
     if unknown:
         raise MessageRejected(f"{where}: unknown fields {sorted(unknown)[:8]}")
     check_device_id(msg["device_id"])
@@ -286,7 +326,8 @@ def _check_common(msg: Mapping[str, Any], where: str) -> None:
             raise MessageRejected(f"{where}: labels must be at most 64 string pairs of <= 63 characters")
     if msg.get("active") is not None:
         _check_fields(f"{where}: active", msg["active"], _ACTIVE_FIELDS, required=False)
-        _check_number(f"{where}: active.seq", msg["active"].get("seq", 0), non_negative=True)
+        if not _passes(seq := msg["active"].get("seq", 0), _NUM, non_negative=True):
+            _check_number(f"{where}: active.seq", seq, non_negative=True)
     if msg.get("last_failed") is not None:
         _check_fields(f"{where}: last_failed", msg["last_failed"], _LAST_FAILED_FIELDS, required=False)
         _check_code(f"{where}: last_failed.code", msg["last_failed"].get("code"))
@@ -323,11 +364,12 @@ def _check_telemetry(msg: Mapping[str, Any], where: str) -> None:
             model = {k: v for k, v in model.items() if k != "resilience"}
         _check_fields(at, model, MODEL_FIELDS, required=True)
         for name in ("requests", "failures", "latency_sum_ms"):
-            _check_number(f"{at}.{name}", model[name], non_negative=True)
+            if not _passes(model[name], _NUM, non_negative=True):
+                _check_number(f"{at}.{name}", model[name], non_negative=True)
         if model["failures"] > model["requests"]:
             raise MessageRejected(f"{at}: failures {model['failures']} > requests {model['requests']}")
         buckets = model["latency_buckets_ms"]
-        unknown = set(buckets) - set(BUCKET_KEYS)
+        unknown = buckets.keys() - _BUCKET_KEY_SET
         if unknown:
             raise MessageRejected(f"{at}.latency_buckets_ms: keys {sorted(unknown)[:4]} are not the fixed bucket"
                                   f" edges {', '.join(BUCKET_KEYS)}")
@@ -335,7 +377,8 @@ def _check_telemetry(msg: Mapping[str, Any], where: str) -> None:
             if isinstance(count, bool) or not isinstance(count, int):
                 raise MessageRejected(f"{at}.latency_buckets_ms[{key!r}] has type {type(count).__name__};"
                                       " expected int")
-            _check_number(f"{at}.latency_buckets_ms[{key!r}]", count, non_negative=True)
+            if not 0 <= count <= MAX_INT:
+                _check_number(f"{at}.latency_buckets_ms[{key!r}]", count, non_negative=True)
 
 
 def _check_resilience(at: str, row: Any) -> None:

@@ -300,7 +300,7 @@ def _run_simulation(*, devices: int, fail_fraction: float, waves: list[float] | 
     from edgeml.fleet.broker import Broker, free_port
     from edgeml.fleet.manager import ManagerConfig
     from edgeml.fleet.service import ManagerService
-    from edgeml.fleet.simulator_procs import SimulatorProcesses, default_processes, proc_cpu_s
+    from edgeml.fleet.simulator_procs import SimulatorProcesses, cleaning_up, default_processes, proc_cpu_s
     from edgeml.fleet.testing import make_artifact, wait_until
     from edgeml.runtime.signing import generate_keypair
 
@@ -362,12 +362,13 @@ def _run_simulation(*, devices: int, fail_fraction: float, waves: list[float] | 
         out["final_versions"] = sim.versions()
         echo(f"final: {out['final_versions']}")
     finally:
-        if sim is not None:
-            sim.stop()
-        if svc is not None:
-            svc.stop()
-        if broker is not None:
-            broker.stop()
+        with cleaning_up():     # a SIGTERM now waits until every child is stopped
+            if sim is not None:
+                sim.stop()
+            if svc is not None:
+                svc.stop()
+            if broker is not None:
+                broker.stop()
     return out
 
 

@@ -20,6 +20,7 @@ leaving processes behind.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import select
@@ -30,7 +31,7 @@ import threading
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from edgeml.errors import FleetError
 
@@ -43,27 +44,65 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+class _Guard:
+    def __init__(self) -> None:
+        self.raised = False
+        self.holding = False
+        self.deferred: int | None = None
+
+    def handler(self, signum: int, _frame: Any) -> None:
+        if self.raised or self.deferred is not None:
+            return                      # already unwinding: let the cleanup finish
+        if self.holding:
+            self.deferred = signum      # raised when the cleanup is done (stop_on_signals' exit)
+            return
+        self.raised = True
+        raise Terminated(signum)
+
+
+_guards: list[_Guard] = []
+
+
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     """SIGTERM and SIGINT raise ``Terminated`` in the main thread for the duration; the first one only: later
-    ones are ignored while the ``finally`` blocks stop child processes. Elsewhere than the main thread: no-op."""
+    ones are ignored while the ``finally`` blocks stop child processes. A signal that arrives inside
+    ``cleaning_up()`` waits until the block is done and is raised on leaving this context. Elsewhere than the
+    main thread: no-op."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    fired = []
-
-    def handler(signum: int, _frame: Any) -> None:
-        if fired:
-            return
-        fired.append(signum)
-        raise Terminated(signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    guard = _Guard()
+    previous = {s: signal.signal(s, guard.handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    _guards.append(guard)
     try:
         yield
     finally:
+        _guards.remove(guard)
         for s, h in previous.items():
             signal.signal(s, h)
+    if guard.deferred is not None:
+        raise Terminated(guard.deferred)
+
+
+@contextlib.contextmanager
+def cleaning_up() -> Iterator[None]:
+    """Wrap a ``finally`` block that stops processes: a signal arriving inside it no longer interrupts it
+    (it is raised once ``stop_on_signals`` ends). No-op outside ``stop_on_signals`` or the main thread."""
+    guard = _guards[-1] if _guards and threading.current_thread() is threading.main_thread() else None
+    if guard is not None:
+        guard.holding = True
+    yield
+
+
+def stops_children_on_signals(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn`` inside ``stop_on_signals()`` (the demos: their ``finally`` stops broker and agents)."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with stop_on_signals():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def proc_cpu_s(pid: int | None) -> float:
@@ -229,8 +268,9 @@ def _child(conf_path: str) -> int:
         except Terminated:
             pass
         finally:
-            if sim is not None:
-                sim.stop()
+            with cleaning_up():
+                if sim is not None:
+                    sim.stop()
     return 0
 
 

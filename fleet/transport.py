@@ -313,8 +313,11 @@ class MqttTransport:
                     attempt += 1
                 continue
             started = time.monotonic()
+            buffered = _BufferedSocket.wrap(client)
             while not self._stop.is_set():
                 rc = client.loop(timeout=0.2)
+                while rc == mqtt.MQTT_ERR_SUCCESS and buffered is not None and buffered.pending():
+                    rc = client.loop_read()      # the packets already read, without a select() each
                 if rc != mqtt.MQTT_ERR_SUCCESS:
                     break
                 if self._sub_retry:
@@ -357,6 +360,48 @@ class MqttTransport:
 
     def _sleep(self, seconds: float) -> None:
         self._stop.wait(seconds)
+
+
+class _BufferedSocket:
+    """paho reads each packet with three or more ``recv`` calls (1 byte, the length bytes, the body) and one
+    ``select`` per packet: for the manager's connection, which receives the whole fleet's messages, those
+    system calls were a third of the manager's CPU (profile in docs/scale.md). This wrapper reads up to 64 KiB
+    at a time and serves paho's small reads from that buffer; ``pending()`` (which paho asks of TLS sockets
+    too) tells its loop that bytes are waiting. Plain TCP only: TLS sockets are left as they are."""
+
+    __slots__ = ("_sock", "_buf", "_pos")
+
+    def __init__(self, sock):
+        self._sock = sock
+        self._buf = b""
+        self._pos = 0
+
+    @classmethod
+    def wrap(cls, client) -> "_BufferedSocket | None":
+        import socket
+        import ssl
+
+        sock = getattr(client, "_sock", None)
+        if type(sock) is not socket.socket or isinstance(sock, ssl.SSLSocket):
+            return None
+        client._sock = wrapped = cls(sock)
+        return wrapped
+
+    def recv(self, n: int) -> bytes:
+        if self._pos >= len(self._buf):
+            data = self._sock.recv(max(n, 65536))     # BlockingIOError / OSError reach paho as before
+            if len(data) <= n:
+                return data
+            self._buf, self._pos = data, 0
+        out = self._buf[self._pos:self._pos + n]
+        self._pos += len(out)
+        return out
+
+    def pending(self) -> int:
+        return len(self._buf) - self._pos
+
+    def __getattr__(self, name: str):
+        return getattr(self._sock, name)
 
 
 def connect_or_fail(transport: MqttTransport, timeout: float) -> None:

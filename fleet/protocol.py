@@ -19,8 +19,10 @@ its ``sig`` field.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -456,10 +458,40 @@ def signed_bytes(msg: Mapping[str, Any]) -> bytes:
                       allow_nan=False).encode("utf-8")
 
 
+_SIGNING_KEYS: dict[tuple[str, int, int, int], tuple[Any, str]] = {}
+
+
+def _signing_key(path: Path) -> tuple[Any, str] | None:
+    """(private key, key id) of ``path``, parsed once per file version (path, inode, size, mtime): the manager
+    signs one desired message per device per wave, and re-reading + parsing the PEM file each time was a tenth
+    of a wave start. None when the file cannot be stat'ed (the caller's load reports it)."""
+    from edgeml.runtime.signing import key_id_of, load_private_key
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    ident = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    found = _SIGNING_KEYS.get(ident)
+    if found is None:
+        key = load_private_key(path)
+        found = (key, key_id_of(key.public_key()))
+        if len(_SIGNING_KEYS) >= 8:
+            _SIGNING_KEYS.clear()
+        _SIGNING_KEYS[ident] = found
+    return found
+
+
 def sign(msg: dict[str, Any], private_key: Path) -> dict[str, Any]:
     from edgeml.runtime.signing import sign_bytes
 
-    msg["sig"] = sign_bytes(signed_bytes(msg), private_key)
+    cached = _signing_key(Path(private_key))
+    if cached is None:
+        msg["sig"] = sign_bytes(signed_bytes(msg), private_key)     # raises the SignatureError naming the file
+        return msg
+    key, key_id = cached
+    msg["sig"] = {"algorithm": "ed25519", "key_id": key_id,        # the dict sign_bytes writes
+                  "signature": base64.b64encode(key.sign(signed_bytes(msg))).decode("ascii")}
     return msg
 
 

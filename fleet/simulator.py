@@ -27,7 +27,6 @@ events, heartbeats, telemetry). What differs from a real agent:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -36,6 +35,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import orjson
 
 from edgeml.fleet import protocol as P
 from edgeml.fleet.agent import AgentConfig, AgentCore
@@ -107,14 +108,14 @@ class SharedDownloader:
 
 
 class SimJournal(Journal):
-    """A simulated device's journal: the same records at the same steps, written as compact JSON (C encoder)
+    """A simulated device's journal: the same records at the same steps, written as compact JSON (orjson)
     and renamed into place without fsync -- the simulated state lives in tmpfs (/dev/shm) and dies with the run.
     Why: the pretty-printed, fsynced journal was a third of the simulator's CPU (8 writes per install; profile
     in docs/scale.md). The real agent keeps ``Journal`` (temp + fsync + rename + fsync of the folder)."""
 
     def save(self) -> None:
         tmp = self.path.with_name(f".journal.{threading.get_ident()}.tmp")
-        tmp.write_bytes(json.dumps(self.data, sort_keys=True, separators=(",", ":")).encode())
+        tmp.write_bytes(orjson.dumps(self.data, option=orjson.OPT_SORT_KEYS))
         os.replace(tmp, self.path)
 
 

@@ -50,7 +50,7 @@ def _run_and_stop(cmd: list[str], workdir: Path, ready, sig: signal.Signals) -> 
     """Start ``cmd``; once ``ready(children)`` holds, send ``sig``; return (exit code, the children seen, output)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        seen = wait_until(lambda: (kids := _descendants(proc.pid)) if ready(kids) else None, 120,
+        seen = wait_until(lambda: kids if ready(kids := _descendants(proc.pid)) else None, 120,
                           f"the children of {' '.join(cmd[3:5])}")
         time.sleep(0.5)        # mid-run: children up and talking
         proc.send_signal(sig)

@@ -256,6 +256,33 @@ class PortType(click.ParamType):
         return port
 
 
+class DurationType(click.ParamType):
+    """One duration syntax for every option: 250ms, 10s, 5m, 1h; a bare number is in the option's own unit
+    (``unit``: "ms" or "s", what its name ends in), so old command lines keep working. Returns that unit."""
+
+    name = "DURATION"
+    UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+    def __init__(self, unit: str = "s"):
+        self.unit = unit
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        text = str(value).strip().lower()
+        for suffix in ("ms", "s", "m", "h"):
+            if text.endswith(suffix):
+                try:
+                    return float(text[: -len(suffix)]) * self.UNITS[suffix] / self.UNITS[self.unit]
+                except ValueError:
+                    break
+        try:
+            return float(text)
+        except ValueError:
+            self.fail(f"{value} is not a duration: write e.g. 250ms, 10s, 5m or 1h (a bare number is {self.unit})",
+                      param, ctx)
+
+
 def port_option(*names: str, default: int | None, help: str, off: str | None = None,
                 hidden_aliases: tuple[str, ...] = (), dest: str | None = None) -> Callable:
     """The one port option: ``--port`` (old spellings kept as hidden aliases), range-checked by PortType."""
@@ -285,6 +312,7 @@ ENV_VARS = (
     ("EDGEML_TRUSTED_KEYS", "public keys (path-separated list) artifacts must be signed with"),
     ("EDGEML_ADMIN_TOKEN", "bearer token of the model server's repository API (--admin-token)"),
     ("EDGEML_LOG_LEVEL", "debug|info|warning|error for every command (--log-level; -v/-q set it)"),
+    ("EDGEML_LOG_FORMAT", "json: agent and manager logs as JSON lines (default: text, as edgeml serve)"),
     ("NO_COLOR", "set: no colour in any output"),
 )
 

@@ -34,8 +34,16 @@ MIN_INTERVAL_S = 0.5     # heartbeat / telemetry: faster would flood the broker 
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """One log format for every edgeml process: the model server's (``HH:MM:SS level message key=value``);
+    JSON lines with EDGEML_LOG_FORMAT=json."""
+    import sys
+
+    from edgeml.runtime.server.logs import JsonFormatter, TextFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if os.environ.get("EDGEML_LOG_FORMAT", "").lower() == "json"
+                         else TextFormatter())
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 def broker_options(func):

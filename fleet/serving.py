@@ -315,6 +315,7 @@ def server_config(*, admin_token: str | None, **kw: Any) -> Any:
     user gave the agent ``--admin-token``: a local client must not be able to unload the device's model."""
     from edgeml.runtime.server import ServerConfig
 
+    kw.setdefault("log_json", False)   # the agent's stderr: one human format (its own logs are text too)
     return ServerConfig(admin_token=admin_token, **kw)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from edgeml.cli import PortType, emit, examples, handle_errors, json_option, port_in_use
+from edgeml.cli import DurationType, PortType, emit, examples, handle_errors, json_option, port_in_use
 
 
 def _finite(lo: float, hi: float, *, low_open: bool = False):
@@ -26,6 +26,7 @@ def _finite(lo: float, hi: float, *, low_open: bool = False):
     return check
 
 
+_MS, _S = DurationType("ms"), DurationType("s")   # 2ms / 0.5s / 1m everywhere; bare numbers keep the option's unit
 _PORT = PortType()      # one range check and message for every port option (edgeml/cli.py)
 
 
@@ -41,18 +42,20 @@ _PORT = PortType()      # one range check and message for every port option (edg
               help="Also serve the v2 gRPC protocol on this port (0 picks a free one; needs edgeml[serve]).")
 @click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1, 65536),
               help="Rows per backend run (dynamic batching).")
-@click.option("--max-delay-ms", default=2.0, show_default=True, type=float, callback=_finite(0, 60_000),
-              help="Longest a request waits for its batch to fill.")
+@click.option("--max-delay-ms", default=2.0, show_default=True, type=_MS, callback=_finite(0, 60_000),
+              help="Longest a request waits for its batch to fill (2ms, 0.5s; a bare number is ms).")
 @click.option("--max-body-mb", default=16.0, show_default=True, type=float, callback=_finite(0, 4096, low_open=True),
               help="Largest request body accepted (413 past it).")
 @click.option("--max-request-rows", type=click.IntRange(1, 1 << 24), default=None,
               help="Most rows one request may carry (413 past it; default: --max-batch).")
 @click.option("--max-connections", default=1024, show_default=True, type=click.IntRange(1, 1 << 20),
               help="Open HTTP connections; more are answered 503 and closed.")
-@click.option("--header-timeout", "header_timeout_s", default=10.0, show_default=True, type=float,
-              callback=_finite(0, 86_400, low_open=True), help="Seconds a client has to send a request's headers.")
-@click.option("--body-timeout", "body_timeout_s", default=60.0, show_default=True, type=float,
-              callback=_finite(0, 86_400, low_open=True), help="Seconds a client has to send a request's body.")
+@click.option("--header-timeout", "header_timeout_s", default=10.0, show_default=True, type=_S,
+              callback=_finite(0, 86_400, low_open=True),
+              help="How long a client has to send a request's headers (10s, 500ms; a bare number is seconds).")
+@click.option("--body-timeout", "body_timeout_s", default=60.0, show_default=True, type=_S,
+              callback=_finite(0, 86_400, low_open=True),
+              help="How long a client has to send a request's body (60s, 2m; a bare number is seconds).")
 @click.option("--threads", type=click.IntRange(1, 4096), default=None,
               help="Backend intra-op threads (default: the artifact's choice).")
 @click.option("--batch-mode", type=click.Choice(["auto", "inline", "thread"]), default="auto", show_default=True,
@@ -68,14 +71,16 @@ _PORT = PortType()      # one range check and message for every port option (edg
 @click.option("--access-log", is_flag=True, help="Log every request (errors are always logged).")
 @click.option("--max-inflight", type=click.IntRange(1, 1 << 20), default=None,
               help="Per model: requests admitted and not yet answered; more get 429 + Retry-After at once.")
-@click.option("--max-queue-ms", type=float, default=None, callback=_finite(0, 3_600_000, low_open=True),
-              help="Per model: longest a request may wait for its batch to start; past it 503 + Retry-After.")
+@click.option("--max-queue-ms", type=_MS, default=None, callback=_finite(0, 3_600_000, low_open=True),
+              help="Per model: longest a request may wait for its batch to start; past it 503 + Retry-After"
+                   " (250ms, 1s; a bare number is ms).")
 @click.option("--cache-mb", type=float, default=None, callback=_finite(0, 65536),
               help="Response cache per model, in MiB (0 = off; default: the artifact's runtime.cache_mb).")
 @click.option("--breaker-failures", type=click.IntRange(0, 1 << 20), default=5, show_default=True,
               help="Consecutive backend failures that open a model's circuit breaker (0 = no breaker).")
-@click.option("--breaker-open-s", type=float, default=5.0, show_default=True, callback=_finite(0, 86_400, low_open=True),
-              help="Seconds the breaker stays open before a probe (doubles at each re-open, up to 300).")
+@click.option("--breaker-open-s", type=_S, default=5.0, show_default=True, callback=_finite(0, 86_400, low_open=True),
+              help="How long the breaker stays open before a probe, doubling at each re-open up to 300s"
+                   " (5s, 500ms; a bare number is seconds).")
 @click.option("--fallback", "fallbacks", multiple=True, metavar="ART=FALLBACK",
               help="Serve FALLBACK (an .edgepkg of the same model) when ART fails to load or its breaker is open.")
 @json_option

@@ -31,7 +31,8 @@ class JsonFormatter(logging.Formatter):
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        extra = " ".join(f"{k}={v}" for k, v in record.__dict__.items() if k not in _STD and not k.startswith("_"))
+        extra = " ".join(f"{k}={f'{v:.4g}' if isinstance(v, float) else v}" for k, v in record.__dict__.items()
+                         if k not in _STD and not k.startswith("_"))    # figures for people: 0.1908, not 0.19083400002273265
         return f"{time.strftime('%H:%M:%S')} {record.levelname.lower():7} {record.getMessage()} {extra}".rstrip()
 
 

@@ -54,10 +54,11 @@ ROWS = [
     # row 2: a broker URL typo or a closed port: a WARNING with the reason, --connect-timeout exits 10
     ("agent-broker-typo", ["agent", "--broker", "mqtt://locahost:1883", "--device-id", "d1", "--state-dir", "TMP/a",
                            "--allow-unsigned", "--port", "-1", "--connect-timeout", "2s"], 10,
-     ["WARNING", "cannot connect to locahost:1883", "error: cannot reach the MQTT broker locahost:1883 within 2s"]),
+     ["warning cannot connect to locahost:1883", "error: cannot reach the MQTT broker locahost:1883 within 2s"]),
     ("manager-broker-closed", ["fleet", "manager", "--broker", "mqtt://127.0.0.1:CLOSED", "--db", "TMP/f.db",
                                "--port", "0", "--connect-timeout", "2s"], 10,
-     ["WARNING", "Connection refused", "error: cannot reach the MQTT broker 127.0.0.1:CLOSED"]),
+     ["warning cannot connect to 127.0.0.1:CLOSED", "Connection refused",
+      "error: cannot reach the MQTT broker 127.0.0.1:CLOSED"]),
     # row 3: every port option range-checked with one message; a taken port names the option and the port
     ("manager-port-range", ["fleet", "manager", "--db", "TMP/f.db", "--port", "70000"], 2,
      ["error: --port: 70000 is not a port: give 1-65535, or 0 to pick a free one"]),
@@ -158,6 +159,23 @@ def test_readme_exit_code_table_matches_help():
         assert f"| {code} |" in readme, f"README's exit-code table lacks {code}"
 
 
+def test_log_format_json_and_durations_in_one_syntax(tmp_path, closed_port, art):
+    res = edgeml("agent", "--broker", f"mqtt://127.0.0.1:{closed_port}", "--device-id", "d1", "--state-dir",
+                 tmp_path / "a", "--allow-unsigned", "--port", "-1", "--connect-timeout", "500ms",
+                 env={"EDGEML_LOG_FORMAT": "json"})
+    assert res.returncode == 10
+    first = json.loads(res.stderr.splitlines()[0])
+    assert first["level"] == "warning" and "cannot connect" in first["event"]
+    bad = edgeml("serve", art, "--max-delay-ms", "2x")
+    assert bad.returncode == 2 and "--max-delay-ms: 2x is not a duration: write e.g. 250ms, 10s" in bad.stderr
+    from edgeml.cli import DurationType
+
+    assert DurationType("ms").convert("0.5s", None, None) == 500.0
+    assert DurationType("ms").convert("3", None, None) == 3.0          # a bare number keeps the option's unit
+    assert DurationType("s").convert("2m", None, None) == 120.0
+    assert DurationType("s").convert("250ms", None, None) == 0.25
+
+
 def test_version_lists_backends():
     text = edgeml("--version").stdout
     for name in ("edgeml", "onnxruntime", "openvino", "apache-tvm", "python"):
@@ -171,8 +189,8 @@ def test_verbose_flag_sets_the_log_level_of_every_command(tmp_path, closed_port)
     quiet = edgeml("-q", *base)
     verbose = edgeml("-v", *base)
     assert quiet.returncode == verbose.returncode == 10
-    assert " INFO " not in quiet.stderr and "WARNING" in quiet.stderr
-    assert " DEBUG " in verbose.stderr
+    assert " info " not in quiet.stderr and " warning cannot connect" in quiet.stderr
+    assert " debug " in verbose.stderr
 
 
 def _walk(cmd, path):

@@ -82,6 +82,12 @@ class CircuitBreaker:
     def record(self, ok: bool) -> None:
         """The result of a request that ``allow()`` let through."""
         now = self.clock()
+        if ok and self.state == CLOSED:      # the every-request case: one counter (pruning runs once a second)
+            b = self._buckets
+            if b and b[-1][0] == int(now):
+                b[-1][1] += 1
+                self.consecutive = 0
+                return
         self._count(now, ok)
         if ok:
             self.consecutive = 0

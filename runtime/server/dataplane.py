@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 from edgeml.errors import EdgemlError
 from edgeml.runtime.server.admission import Overloaded
 from edgeml.runtime.server.breaker import CLOSED
-from edgeml.runtime.server.logs import LOGGER
+from edgeml.runtime.server.logs import LOGGER, AccessLog
 from edgeml.runtime.server.protocol import InferRequest, RequestError, json_dumps
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,6 +65,7 @@ class DataPlane:
         self.s = server
         self.clock = server.clock
         self.inflight = 0
+        self._access: AccessLog | None = None
         self._decoder = concurrent.futures.ThreadPoolExecutor(max_workers=DECODE_WORKERS,
                                                               thread_name_prefix="edgeml-decode")
 
@@ -90,7 +91,9 @@ class DataPlane:
             fields["error"] = error
             log.log(logging.ERROR if status >= 500 else logging.WARNING, "request failed", extra=fields)
         else:
-            log.info("request", extra=fields)
+            if self._access is None:
+                self._access = AccessLog(self.s.loop)
+            self._access.request(fields)
 
     @staticmethod
     def error_of(exc: BaseException, call: Call) -> tuple[int, str]:
@@ -269,3 +272,5 @@ class DataPlane:
 
     def close(self) -> None:
         self._decoder.shutdown(wait=False)
+        if self._access is not None:
+            self._access.flush()

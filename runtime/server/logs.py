@@ -2,21 +2,51 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
 import time
+from typing import Any
 
 LOGGER = "edgeml.serve"
 _STD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+try:  # orjson: a base dependency; ~10x json.dumps on a log line
+    import orjson
+
+    def _dumps(doc: dict[str, Any]) -> str:
+        return orjson.dumps(doc, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+except ImportError:  # pragma: no cover - only without orjson
+    def _dumps(doc: dict[str, Any]) -> str:
+        return json.dumps(doc, default=str, separators=(",", ":"))
+
+
+class _Clock:
+    """``ts`` text of a log line; the date part is formatted once per second."""
+
+    __slots__ = ("sec", "prefix")
+
+    def __init__(self) -> None:
+        self.sec, self.prefix = -1, ""
+
+    def ts(self, created: float) -> str:
+        sec = int(created)
+        if sec != self.sec:
+            self.sec, self.prefix = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return f"{self.prefix}.{int((created - sec) * 1000):03d}Z"
 
 
 class JsonFormatter(logging.Formatter):
     """``{"ts", "level", "logger", "event", ...extra fields}``."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._clock = _Clock()
+
     def format(self, record: logging.LogRecord) -> str:
         doc = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": self._clock.ts(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "event": record.getMessage(),
@@ -26,7 +56,7 @@ class JsonFormatter(logging.Formatter):
                 doc[key] = value
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str)
+        return _dumps(doc)
 
 
 class TextFormatter(logging.Formatter):
@@ -49,3 +79,54 @@ def configure_logging(json_lines: bool = True, level: int = logging.INFO, stream
     logger.setLevel(level)
     logger.propagate = False
     return logger
+
+
+class AccessLog:
+    """The per-request access log (``--access-log``) without the logging machinery on the hot path.
+
+    The same JSON line JsonFormatter writes for ``log.info("request", extra=fields)``, built directly and
+    written to the server's own log handler once per event-loop pass (one write for every request the pass
+    answered) instead of a LogRecord, a format and a flushed write per request. Used only while that handler
+    is the logger's only one and INFO is enabled; otherwise (a test's or an application's own handlers)
+    requests go through ``logging`` as before. Loop thread only.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lines: list[str] = []
+        self._clock = _Clock()
+        self._handler: logging.Handler | None = None
+        self._checked = -1.0
+
+    def _direct(self) -> logging.StreamHandler | None:
+        """The server's own JSON handler when it is the only way out for INFO lines (rechecked each second)."""
+        now = time.monotonic()
+        if now - self._checked > 1.0:
+            self._checked = now
+            logger = logging.getLogger(LOGGER)
+            hs = logger.handlers
+            ok = (len(hs) == 1 and getattr(hs[0], "_edgeml", False) and isinstance(hs[0].formatter, JsonFormatter)
+                  and not logger.propagate and logger.isEnabledFor(logging.INFO) and hs[0].level <= logging.INFO)
+            self._handler = hs[0] if ok else None
+        return self._handler  # type: ignore[return-value]
+
+    def request(self, fields: dict[str, Any]) -> None:
+        if self._direct() is None:
+            logging.getLogger(LOGGER).info("request", extra=fields)
+            return
+        self._lines.append(_dumps({"ts": self._clock.ts(time.time()), "level": "info", "logger": LOGGER,
+                                   "event": "request", **fields}))
+        if len(self._lines) == 1:
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        lines, self._lines = self._lines, []
+        h = self._handler
+        if not lines or h is None:
+            return
+        with h.lock:  # type: ignore[union-attr]
+            try:
+                h.stream.write("\n".join(lines) + "\n")  # type: ignore[attr-defined]
+                h.flush()
+            except (OSError, ValueError):    # a closed or broken log stream must not stop serving
+                pass

@@ -120,3 +120,61 @@ def test_direct_infer_route_and_general_route_answer_alike(make_mlp_artifact, ar
         assert status == 404 and b"error" in data
     finally:
         srv.stop()
+
+
+def test_access_log_lines_are_the_json_lines_logging_would_write(make_mlp_artifact, artifact_cache):
+    """Direct lane (the server's own handler) and the logging lane (any other handler) log the same fields."""
+    import io
+    import logging
+
+    from edgeml.runtime.server.logs import LOGGER, configure_logging
+
+    stream = io.StringIO()
+    logger = logging.getLogger(LOGGER)
+    saved = list(logger.handlers)          # the test suite's own capture handlers would select the logging lane
+    for h in saved:
+        logger.removeHandler(h)
+    configure_logging(stream=stream)
+    srv = ModelServer(ServerConfig(port=0, cache_dir=artifact_cache, access_log=True, configure_logs=False))
+    srv.load(make_mlp_artifact(name="mlp"))
+    srv.start()
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 30], "datatype": "FP32", "data": [0.5] * 30}]})
+    try:
+        for _ in range(3):
+            assert _post(srv, "/v2/models/mlp/infer", body.encode())[0] == 200
+        assert _post(srv, "/v2/models/mlp/infer", b"{")[0] == 400
+        assert srv.plane._access is not None and srv.plane._access._handler is not None   # the direct lane
+    finally:
+        srv.stop()
+        for h in saved:
+            logger.addHandler(h)
+    docs = [json.loads(line) for line in stream.getvalue().splitlines()]
+    requests = [d for d in docs if d["event"] == "request"]
+    assert len(requests) == 3
+    for d in requests:
+        assert d["level"] == "info" and d["logger"] == LOGGER and d["status"] == 200 and d["model"] == "mlp"
+        assert d["path"] == "/v2/models/mlp/infer" and d["method"] == "POST" and d["request_id"]
+        assert d["ts"].endswith("Z") and isinstance(d["latency_ms"], float)
+    assert [d["status"] for d in docs if d["event"] == "request failed"] == [400]
+
+    # another handler on the logger: requests go through logging (that handler sees them)
+    class Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    keep = Keep()
+    logger.addHandler(keep)
+    srv = ModelServer(ServerConfig(port=0, cache_dir=artifact_cache, access_log=True, configure_logs=False))
+    srv.load(make_mlp_artifact(name="mlp"))
+    srv.start()
+    try:
+        assert _post(srv, "/v2/models/mlp/infer", body.encode())[0] == 200
+    finally:
+        srv.stop()
+        logger.removeHandler(keep)
+    seen = [r for r in keep.records if r.getMessage() == "request"]
+    assert len(seen) == 1 and seen[0].status == 200 and seen[0].model == "mlp"

@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--features", action="store_true", help="serve: add head with each optional feature on")
     p.add_argument("--model", default="mlp", help="compile: the reference model (benchmarks/models.py)")
     p.add_argument("--floor", default=None, help="override floors, e.g. serve=1.0,ingest=0.8")
+    p.add_argument("--remove-base", action="store_true",
+                   help="delete BASE_REF's checkout afterwards (default: kept in the temp folder for the next run)")
     p.add_argument("--json", dest="as_json", action="store_true", help="print the whole result as JSON at the end")
     a = p.parse_args(argv)
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
@@ -220,8 +222,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(a: argparse.Namespace, say) -> int:
-    from edgeml.benchmarks import regress_serve
-    from edgeml.benchmarks.regress_sides import base_side, head_side
+    from edgeml.benchmarks.regress_sides import base_side, remove_base
     from edgeml.errors import UsageError
 
     only = [c for c in a.only.split(",") if c]
@@ -238,6 +239,18 @@ def _run(a: argparse.Namespace, say) -> int:
     except ValueError:
         raise UsageError(f"--levels {a.levels!r}: expected comma-separated integers like 1,32") from None
     base = base_side(a.base_ref)
+    try:
+        return _compare(a, say, base, only, floors, rounds, duration, levels)
+    finally:
+        if a.remove_base:
+            remove_base(base)
+
+
+def _compare(a: argparse.Namespace, say, base, only: list[str], floors: dict[str, float], rounds: int,
+             duration: float, levels: tuple[int, ...]) -> int:
+    from edgeml.benchmarks import regress_serve
+    from edgeml.benchmarks.regress_sides import head_side
+
     t0 = time.perf_counter()
     out: dict[str, Any] = {"base": {"ref": a.base_ref, "commit": base.commit}, "floors": floors,
                            "host": _host(), "ratios": []}

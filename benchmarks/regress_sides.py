@@ -86,6 +86,11 @@ def head_side(work: Path) -> Side:
     return Side("head", "working tree", commit, REPO, root, _env(root))
 
 
+def remove_base(side: Side) -> None:
+    """Unregister and delete BASE_REF's checkout (``--remove-base``); later runs check it out again."""
+    subprocess.run(["git", "worktree", "remove", "--force", str(side.tree)], cwd=REPO, capture_output=True)
+
+
 def base_side(ref: str) -> Side:
     """BASE_REF checked out beside the working tree (a detached git worktree in the temp folder, reused)."""
     try:

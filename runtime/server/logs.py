@@ -1,4 +1,4 @@
-"""Structured JSON logs for the server (one object per line, with request ids)."""
+"""The server's logs: JSON lines (one object per line, with request ids) or text lines for people."""
 
 from __future__ import annotations
 
@@ -58,12 +58,30 @@ class JsonFormatter(logging.Formatter):
             doc["exception"] = self.formatException(record.exc_info)
         return _dumps(doc)
 
+    def line(self, created: float, event: str, fields: dict[str, Any]) -> str:
+        """What ``format`` writes for an INFO record of ``event`` with ``fields`` as its extras."""
+        return _dumps({"ts": self._clock.ts(created), "level": "info", "logger": LOGGER, "event": event, **fields})
+
 
 class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._sec, self._hms = -1, ""
+
     def format(self, record: logging.LogRecord) -> str:
-        extra = " ".join(f"{k}={f'{v:.4g}' if isinstance(v, float) else v}" for k, v in record.__dict__.items()
-                         if k not in _STD and not k.startswith("_"))    # figures for people: 0.1908, not 0.19083400002273265
-        return f"{time.strftime('%H:%M:%S')} {record.levelname.lower():7} {record.getMessage()} {extra}".rstrip()
+        extra = {k: v for k, v in record.__dict__.items() if k not in _STD and not k.startswith("_")}
+        return self._text(record.created, record.levelname.lower(), record.getMessage(), extra)
+
+    def line(self, created: float, event: str, fields: dict[str, Any]) -> str:
+        """What ``format`` writes for an INFO record of ``event`` with ``fields`` as its extras."""
+        return self._text(created, "info", event, fields)
+
+    def _text(self, created: float, level: str, event: str, fields: dict[str, Any]) -> str:
+        sec = int(created)
+        if sec != self._sec:            # the clock text changes once a second: format it once
+            self._sec, self._hms = sec, time.strftime("%H:%M:%S", time.localtime(sec))
+        extra = " ".join(f"{k}={f'{v:.4g}' if isinstance(v, float) else v}" for k, v in fields.items())
+        return f"{self._hms} {level:7} {event} {extra}".rstrip()   # figures for people: 0.1908, not 0.190834000022
 
 
 def configure_logging(json_lines: bool = True, level: int = logging.INFO, stream=None) -> logging.Logger:
@@ -84,7 +102,8 @@ def configure_logging(json_lines: bool = True, level: int = logging.INFO, stream
 class AccessLog:
     """The per-request access log (``--access-log``) without the logging machinery on the hot path.
 
-    The same JSON line JsonFormatter writes for ``log.info("request", extra=fields)``, built directly and
+    The same line the server's formatter (JSON or text) writes for ``log.info("request", extra=fields)``, built
+    directly and
     written to the server's own log handler once per event-loop pass (one write for every request the pass
     answered) instead of a LogRecord, a format and a flushed write per request. Used only while that handler
     is the logger's only one and INFO is enabled; otherwise (a test's or an application's own handlers)
@@ -94,7 +113,6 @@ class AccessLog:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._lines: list[str] = []
-        self._clock = _Clock()
         self._handler: logging.Handler | None = None
         self._checked = -1.0
 
@@ -105,17 +123,18 @@ class AccessLog:
             self._checked = now
             logger = logging.getLogger(LOGGER)
             hs = logger.handlers
-            ok = (len(hs) == 1 and getattr(hs[0], "_edgeml", False) and isinstance(hs[0].formatter, JsonFormatter)
+            ok = (len(hs) == 1 and getattr(hs[0], "_edgeml", False)
+                  and isinstance(hs[0].formatter, (JsonFormatter, TextFormatter))
                   and not logger.propagate and logger.isEnabledFor(logging.INFO) and hs[0].level <= logging.INFO)
             self._handler = hs[0] if ok else None
         return self._handler  # type: ignore[return-value]
 
     def request(self, fields: dict[str, Any]) -> None:
-        if self._direct() is None:
+        h = self._direct()
+        if h is None:
             logging.getLogger(LOGGER).info("request", extra=fields)
             return
-        self._lines.append(_dumps({"ts": self._clock.ts(time.time()), "level": "info", "logger": LOGGER,
-                                   "event": "request", **fields}))
+        self._lines.append(h.formatter.line(time.time(), "request", fields))  # type: ignore[union-attr]
         if len(self._lines) == 1:
             self._loop.call_soon(self.flush)
 

@@ -178,3 +178,17 @@ def test_access_log_lines_are_the_json_lines_logging_would_write(make_mlp_artifa
         logger.removeHandler(keep)
     seen = [r for r in keep.records if r.getMessage() == "request"]
     assert len(seen) == 1 and seen[0].status == 200 and seen[0].model == "mlp"
+
+
+@pytest.mark.parametrize("formatter", ["json", "text"])
+def test_access_line_is_what_the_formatter_writes_for_the_record(formatter):
+    import logging
+
+    from edgeml.runtime.server.logs import LOGGER, JsonFormatter, TextFormatter
+
+    fmt = JsonFormatter() if formatter == "json" else TextFormatter()
+    fields = {"request_id": "a-1", "method": "POST", "path": "/v2/models/m/infer", "status": 200,
+              "latency_ms": 0.123456, "model": "m", "version": "1"}
+    record = logging.getLogger(LOGGER).makeRecord(LOGGER, logging.INFO, __file__, 1, "request", None, None,
+                                                  extra=fields)
+    assert fmt.line(record.created, "request", fields) == fmt.format(record)

@@ -145,6 +145,17 @@ def _os_error_text(exc: OSError) -> str:
     return f"cannot access {exc.filename}: {exc.strerror or exc}"
 
 
+def check_trusted_keys(paths: "tuple[Path, ...] | list[Path]") -> None:
+    """Read every --trusted-key before any work: a missing or malformed key is the same error (exit 7) in every
+    command, not a confusing 'unsigned' later."""
+    if not paths:
+        return
+    from edgeml.runtime.signing import load_public_key
+
+    for key in paths:
+        load_public_key(Path(key))
+
+
 def check_output_file(path: str | Path, option: str, *, overwrite: bool = True) -> Path:
     """Refuse an output path that cannot take a new regular file, before any work is done.
 

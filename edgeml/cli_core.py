@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from edgeml.cli import check_output_file, emit, examples, handle_errors, json_option
+from edgeml.cli import check_output_file, check_trusted_keys, emit, examples, handle_errors, json_option
 from edgeml.errors import UsageError
 
 
@@ -66,6 +66,7 @@ def inspect_cmd(artifact: Path, verify: bool, trusted_keys: tuple[Path, ...], as
     """Show an artifact's manifest (--json prints it whole)."""
     from edgeml.runtime.artifact import read_manifest, verify_zip
 
+    check_trusted_keys(trusted_keys)
     if verify:
         manifest, _, signer, _ = verify_zip(artifact, trusted_keys=list(trusted_keys))
     else:
@@ -137,6 +138,7 @@ def run_cmd(artifact: Path, input_text: str | None, output_text: str | None, mqt
             trusted_keys: tuple[Path, ...], as_json: bool) -> None:
     """Run ARTIFACT on one .npz (--input X.npz [--output Y.npz]), a batch of items (--input DIR|GLOB|- --output
     DIR: resumable, one .npz per item), or an MQTT stream (--mqtt-in/--mqtt-out/--broker)."""
+    check_trusted_keys(trusted_keys)
     stream = (mqtt_in, mqtt_out, broker)
     if any(v is not None for v in stream):
         if not all(stream) or input_text is not None:

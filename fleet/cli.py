@@ -21,7 +21,7 @@ import click
 from edgeml.errors import EdgemlError
 from edgeml.fleet.profiles import apply_profile, profile_option
 
-from edgeml.cli import (AliasedOption, emit, examples, handle_errors, json_option, log_level_option, port_in_use,
+from edgeml.cli import (AliasedOption, check_trusted_keys, emit, examples, handle_errors, json_option, log_level_option, port_in_use,
                         port_option)
 from edgeml.fleet.monitor_cli import Monitoring, manager_options, register as register_monitoring
 
@@ -309,6 +309,7 @@ def publish_cmd(artifact, db, store_dir, trusted_keys, as_json):
     from edgeml.fleet.service import default_actor
     from edgeml.fleet.store import ArtifactStore
 
+    check_trusted_keys(trusted_keys)
     config = ManagerConfig(db=_db_path(db), store_dir=store_dir)
     check_database(config.db)     # a wrong --db is refused before the artifact is copied anywhere
     rec = ArtifactStore(config.store_path()).publish(artifact, trusted_keys=list(trusted_keys))

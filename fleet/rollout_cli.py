@@ -163,7 +163,7 @@ def cannot_run(target: str | None, host_target: str | None) -> str | None:
     return None
 
 
-def preflight(db_path: Any, spec: str, selector: dict[str, str], force: bool) -> list[str]:
+def preflight(db_path: Any, spec: str, selector: dict[str, str], force: bool, waves: list | None = None) -> list[str]:
     """Refuse a rollout no selected device can run (FleetError; --force: a warning); warn about the devices
     that cannot. Devices whose agent did not report its host target are not judged."""
     import json
@@ -180,9 +180,10 @@ def preflight(db_path: Any, spec: str, selector: dict[str, str], force: bool) ->
         fdb.close()
     target = art["target"] if art else None
     chosen = {d: lab for d, lab in devices.items() if selector_matches(selector, lab)}
+    notes = _empty_waves(chosen, waves) if waves else []
     bad = {d: why for d, lab in chosen.items() if (why := cannot_run(target, lab.get(HOST_TARGET_LABEL)))}
     if not bad:
-        return []
+        return notes
     listing = "; ".join(f"{d}: {why}" for d, why in sorted(bad.items())[:5]) + (
         f" and {len(bad) - 5} more" if len(bad) > 5 else "")
     if len(bad) == len(chosen):
@@ -190,9 +191,23 @@ def preflight(db_path: Any, spec: str, selector: dict[str, str], force: bool) ->
                          hint="compile for a target they run (edgeml targets), or pass --force to roll out anyway")
         if not force:
             raise err
-        return [f"warning: --force: {err.message}"]
-    return [f"warning: {len(bad)} of {len(chosen)} selected devices cannot run {spec} (target {target}) and will"
+        return notes + [f"warning: --force: {err.message}"]
+    return notes + [f"warning: {len(bad)} of {len(chosen)} selected devices cannot run {spec} (target {target}) and will"
             f" fail their install (counted by --max-failure-rate): {listing}"]
+
+
+def _empty_waves(chosen: dict[str, dict[str, str]], waves: list) -> list[str]:
+    """A note when some waves get no device (e.g. 1 device and 5%,25%,100%): they are passed at once."""
+    from edgeml.fleet.waves import assign_waves, wave_label
+
+    if not chosen:
+        return []
+    sizes = [len(w) for w in assign_waves("preflight", sorted(chosen), waves, chosen)]
+    empty = [f"{i + 1} ({wave_label(w)})" for i, (w, n) in enumerate(zip(waves, sizes)) if n == 0]
+    if not empty:
+        return []
+    return [f"note: {len(chosen)} device(s) selected: wave(s) {', '.join(empty)} get none and pass at once"
+            f" (waves per device: {', '.join(str(n) for n in sizes)}; fewer waves, e.g. --waves 100%, say the same)"]
 
 
 def register(fleet_group: click.Group) -> None:
@@ -265,7 +280,7 @@ def register(fleet_group: click.Group) -> None:
         timeout_s = parse_duration(timeout)
         path = _db_path(db)
         check_published(path, target)
-        for line in preflight(path, target, args["selector"], force):
+        for line in preflight(path, target, args["selector"], force, args["waves"]):
             click.echo(line, err=True)
         s = CommandClient(path).submit("rollout.start", args)
         if not wait:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from edgeml.cli import DurationType, PortType, emit, examples, handle_errors, json_option, port_in_use
+from edgeml.cli import DurationType, PortType, check_trusted_keys, emit, examples, handle_errors, json_option, port_in_use
 
 
 def _finite(lo: float, hi: float, *, low_open: bool = False):
@@ -99,6 +99,7 @@ def serve_cmd(artifacts, host, port, grpc_port, max_batch, max_delay_ms, max_bod
     from edgeml.runtime.server import ModelServer, ServerConfig
     from edgeml.runtime.server.breaker import BreakerConfig
 
+    check_trusted_keys(trusted_keys)
     fallback_of = _fallback_map(fallbacks, artifacts)
 
     config = ServerConfig(

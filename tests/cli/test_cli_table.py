@@ -90,6 +90,15 @@ ROWS = [
     ("serve-missing", ["serve", "TMP/nope.edgepkg"], 7, ["artifact TMP/nope.edgepkg does not exist"]),
     ("bench-missing", ["bench", "TMP/nope.edgepkg"], 7, ["artifact TMP/nope.edgepkg does not exist"]),
     ("publish-onnx", ["fleet", "publish", ONNX, "--db", "TMP/f.db"], 7, ["is an ONNX model"]),
+    # a --trusted-key that is not there: the same message and code whatever the command
+    ("inspect-key-missing", ["inspect", "ART", "--trusted-key", "TMP/nope.pub"], 7, ["cannot read public key"]),
+    ("serve-key-missing", ["serve", "ART", "--trusted-key", "TMP/nope.pub"], 7, ["cannot read public key"]),
+    ("run-key-missing", ["run", "ART", "--input", SAMPLE, "--trusted-key", "TMP/nope.pub"], 7,
+     ["cannot read public key"]),
+    ("publish-key-missing", ["fleet", "publish", "ART", "--db", "TMP/f.db", "--trusted-key", "TMP/nope.pub"], 7,
+     ["cannot read public key"]),
+    ("agent-key-missing", ["agent", "--device-id", "d1", "--state-dir", "TMP/a", "--trusted-key", "TMP/nope.pub"], 7,
+     ["cannot read public key"]),
     # row 10: --log-level is a fixed choice; click's own errors in edgeml's format
     ("log-level-choice", ["agent", "--device-id", "d1", "--state-dir", "TMP/a", "--log-level", "verbose"], 2,
      ["error: --log-level: 'verbose' is not one of", "hint: see 'edgeml agent --help'"]),

@@ -61,6 +61,9 @@ def test_preflight_refuses_then_force_warns(db_with_devices):
     mixed = preflight(db_with_devices, "tiny@1.0.0", {}, False)     # pc-1 can: a warning naming the others
     assert mixed and "2 of 3 selected devices cannot run" in mixed[0]
     assert preflight(db_with_devices, "tiny@1.0.0", {"site": "b"}, False) == []
+    one = preflight(db_with_devices, "tiny@1.0.0", {"site": "b"}, False, [0.05, 0.25, 1.0])
+    assert one == ["note: 1 device(s) selected: wave(s) 2 (25%), 3 (100%) get none and pass at once (waves per"
+                   " device: 1, 0, 0; fewer waves, e.g. --waves 100%, say the same)"]
 
 
 def test_artifacts_lists_published(db_with_devices):

@@ -31,6 +31,10 @@ class Backend:
     errors: str                      # ErrorTable
     auto: bool = True                # tried by ``--backend auto`` when the target lists it
     any_target: bool = False         # usable for every target when asked for by name (test doubles)
+    # True when the built members are run by a library that picks its kernels for the CPU it runs on
+    # (ONNX Runtime, OpenVINO): such a candidate may be run, as an indication, on a host that lacks some
+    # of the target's features. False (TVM's native code): it is never executed on such a host.
+    portable_code: bool = False
 
     def compiler(self) -> Any:
         """A new CompilerBackend instance."""

@@ -77,6 +77,9 @@ class CompileOptions:
     progress: Callable[[str], None] | None = None
     eval_budget_s: float = EVAL_BUDGET_S
     keep_fallback: bool = False                 # also write <out-stem>.fallback.edgepkg (compiler/fallback.py)
+    isolation: str = "process"                  # process: candidates run in worker processes (compiler/worker.py)
+    candidate_timeout_s: float = 120.0          # wall clock per worker step (load, golden run, timing request)
+    candidate_memory_mb: int | None = None      # a worker's RSS limit; None: half of this machine's memory
     prune: Any = ()                             # channel ratios to prune (compiler/prune.py); () = none
     train: Path | None = None                   # training .npz for the pruned models' fine-tune
     fine_tune_epochs: int = 5
@@ -127,6 +130,7 @@ class CompileOptions:
         if not isinstance(self.input_shape, dict) or any(not isinstance(v, tuple) for v in self.input_shape.values()):
             self.input_shape = parse_input_shapes(self.input_shape)
         self._validate_pruning()
+        self._validate_isolation()
         for attr in ("calib", "eval", "sign_key", "cache_dir", "train"):
             value = getattr(self, attr)
             if value is not None:
@@ -145,6 +149,22 @@ class CompileOptions:
             self.fine_tune_epochs = int(self.fine_tune_epochs)
         except (TypeError, ValueError):
             raise UsageError(f"fine_tune_epochs {self.fine_tune_epochs!r} is not an integer") from None
+
+    def _validate_isolation(self) -> None:
+        if self.isolation not in ("process", "none"):
+            raise UsageError(f"isolation {self.isolation!r} is not process or none",
+                             hint="process (the default) runs each candidate in a worker; none only for measuring it")
+        try:
+            self.candidate_timeout_s = float(self.candidate_timeout_s)
+            if self.candidate_memory_mb is not None:
+                self.candidate_memory_mb = int(self.candidate_memory_mb)
+        except (TypeError, ValueError):
+            raise UsageError(f"candidate_timeout_s {self.candidate_timeout_s!r} / candidate_memory_mb "
+                             f"{self.candidate_memory_mb!r} must be numbers") from None
+        if not 1.0 <= self.candidate_timeout_s <= 86400.0:
+            raise UsageError(f"candidate_timeout_s must be between 1 and 86400 seconds, got {self.candidate_timeout_s:g}")
+        if self.candidate_memory_mb is not None and not 64 <= self.candidate_memory_mb <= 1 << 22:
+            raise UsageError(f"candidate_memory_mb must be between 64 and 4194304, got {self.candidate_memory_mb}")
 
     def _validate_metric(self) -> None:
         from edgeml.compiler.evaluate import METRIC_ALIASES, METRICS, metric_name
@@ -178,7 +198,8 @@ class CompileOptions:
         """The options that affect the artifact's bytes (for the cache key and provenance)."""
         d = asdict(self)
         for k in ("model", "output", "calib", "eval", "sign_key", "cache_dir", "use_cache", "progress", "target",
-                  "typed_options", "prune", "train", "fine_tune_epochs", "train_loss"):
+                  "typed_options", "prune", "train", "fine_tune_epochs", "train_loss",
+                  "isolation", "candidate_timeout_s", "candidate_memory_mb"):
             d.pop(k, None)
         if self.prune:  # only a pruning compile records it (the keys of earlier compiles stay)
             from edgeml.compiler.prune import digest

@@ -29,8 +29,9 @@ from edgeml.compiler.profile import build_profile
 from edgeml.compiler.prune import check_options as check_pruning, pruned_models
 from edgeml.compiler.select import benchmark as run_benchmark, select
 from edgeml.compiler.session import Candidate, CompileResult, CompileSession, Reference
-from edgeml.errors import (AccuracyError, ArtifactError, CompileError, DataError, EdgemlError, MissingDependency,
-                           RegistryError, UnsupportedOp, UsageError)
+from edgeml.compiler.worker import CandidateHandle
+from edgeml.errors import (AccuracyError, ArtifactError, CandidateFailed, CompileError, DataError, EdgemlError,
+                           MissingDependency, RegistryError, UnsupportedOp, UsageError)
 from edgeml.runtime.artifact import (SCHEMA_VERSION, SELFTEST_FILE, canonical_json, golden_npz_bytes,
                                      verify_zip, write_artifact)
 
@@ -251,13 +252,13 @@ def _build_context(s: CompileSession) -> BuildContext:
     ctx.workdir.mkdir()
 
     def evaluate_files(files_dir: Path, fragment: dict[str, Any]) -> float:
-        """The pipeline's own measurement, for backends that search (accuracy-aware int8)."""
+        """The pipeline's own measurement, for backends that search (accuracy-aware int8), in a worker."""
         manifest = _provisional_manifest(s, fragment["backend"], fragment.get("precision", "int8"))
-        rt = open_backend(fragment["backend"]["name"], Path(files_dir), manifest, threads=s.threads)
+        handle = s.pool.open(fragment["backend"]["name"], Path(files_dir), manifest, s.threads)
         try:
-            return ref.score_of(ev.run_batched(rt.run, ref.eval_set.inputs, ref.batch)).value
+            return ref.score_of(handle.evaluate(ref.eval_set.inputs, ref.batch, None)).value
         finally:
-            rt.close()
+            handle.close()
 
     ctx.evaluate = evaluate_files
     return ctx
@@ -324,11 +325,20 @@ def _lay_out(s: CompileSession, c: Candidate) -> Path:
 
 def _run_on_eval(s: CompileSession, c: Candidate, folder: Path,
                  manifest: dict[str, Any]) -> dict[str, np.ndarray] | None:
-    """Load through the runtime side and run the eval split; None when it cannot (failed / unverified)."""
+    """Load in a worker and run the eval split; None when it cannot or may not run here (failed / unverified)."""
     ref = s.reference
+    plan, missing = execution_plan(s.target, c.spec.backend)
+    c.verification = _verification(plan, missing, s.opts.isolation)
+    if plan == "none":
+        c.status, c.reason = "unverified", f"not run on this host: {_why_not_run(s.target, c.spec.backend, missing)}"
+        s.say(f"  {c.spec.label}: unverified ({c.reason})")
+        return None
     try:
-        c.runtime = open_backend(c.spec.backend, folder, manifest, threads=s.threads)
-        return ev.run_batched(c.runtime.run, ref.eval_set.inputs, ref.batch, budget_s=s.opts.eval_budget_s)
+        c.runtime = s.pool.open(c.spec.backend, folder, manifest, s.threads)
+        return c.runtime.evaluate(ref.eval_set.inputs, ref.batch, s.opts.eval_budget_s)
+    except CandidateFailed as exc:  # its worker crashed, hung or ran out of memory: this candidate only
+        c.status, c.reason = "failed", f"worker {exc.message}{_sigill_note(exc, s.target)}"
+        s.say(f"  {c.spec.label}: failed ({c.reason})")
     except Exception as exc:  # EdgemlError or a backend's own
         message = getattr(exc, "message", None) or f"{type(exc).__name__}: {str(exc)[:300]}"
         if not s.target.runs_on_host():
@@ -336,8 +346,63 @@ def _run_on_eval(s: CompileSession, c: Candidate, folder: Path,
         else:
             c.status, c.reason = "failed", f"runtime check failed: {message}"
             c.error = exc if isinstance(exc, EdgemlError) else None
-        c.close_runtime()
-        return None
+    _note_memory(c)
+    c.close_runtime()
+    return None
+
+
+def execution_plan(target: Any, backend: str) -> tuple[str, list[str]]:
+    """How a candidate may run here: ``full`` (the target's code on a host that has every feature it needs),
+    ``host-kernels`` (a portable runtime on a CPU host lacking some target features: an indication only), or
+    ``none`` (another arch, a device this host lacks, or native code built for features this host lacks)."""
+    missing = target.missing_features()
+    if not missing:
+        return "full", []
+    if target.device != "cpu" or any(m.startswith("arch:") for m in missing):
+        return "none", missing
+    return ("host-kernels" if get_backend(backend).portable_code else "none"), missing
+
+
+def _verification(plan: str, missing: list[str], isolation: str) -> dict[str, Any]:
+    from edgeml.targets import host_isa, masked_features
+
+    record: dict[str, Any] = {"where": None if plan == "none" else "compile host",
+                              "kernels": {"full": "the target's", "host-kernels": "this host's",
+                                          "none": None}[plan],
+                              "host_isa": host_isa(), "target_features_missing_here": missing,
+                              "complete": plan == "full"}
+    if plan != "none":
+        record["isolation"] = "worker process" if isolation == "process" else "in process"
+    masked = masked_features()
+    if masked:
+        record["host_features_masked"] = masked
+    return record
+
+
+def _why_not_run(target: Any, backend: str, missing: list[str]) -> str:
+    from edgeml.targets import host_arch
+
+    arch = [m for m in missing if m.startswith("arch:")]
+    if arch:
+        return f"the target is {target.arch}, this host is {host_arch()}"
+    if target.device != "cpu":
+        return f"the target runs on a {target.device} device ({', '.join(missing)}), which this host lacks"
+    return (f"{backend} built native code for {', '.join(missing)}, which this host lacks "
+            "(running it would execute illegal instructions)")
+
+
+def _sigill_note(exc: CandidateFailed, target: Any) -> str:
+    if exc.signal != "SIGILL":
+        return ""
+    from edgeml.targets import host_isa
+
+    return f" (target {target.name} needs {', '.join(target.required_features)}; this host runs {host_isa()})"
+
+
+def _note_memory(c: Candidate) -> None:
+    peak = c.runtime.peak_rss_mb() if isinstance(c.runtime, CandidateHandle) else None
+    if peak is not None:
+        c.peak_rss_mb = max(c.peak_rss_mb or 0.0, peak)
 
 
 def _judge(s: CompileSession, c: Candidate, out: dict[str, np.ndarray]) -> None:
@@ -353,13 +418,29 @@ def _judge(s: CompileSession, c: Candidate, out: dict[str, np.ndarray]) -> None:
                              f"(eval budget {s.opts.eval_budget_s:g} s; option eval_budget_s)")
         fp32_score = ref.score_of({k: v[:done] for k, v in ref.outputs.items()})
     c.drop = fp32_score.value - c.score.value
+    _note_memory(c)
     if c.drop > tolerance + 1e-9:
         c.status = "rejected"
         c.reason = f"{ref.metric} drops {c.drop:.2f} points (> {tolerance:g} allowed)"
         c.close_runtime()
     else:
         c.status = "passed"
+    if c.verification is not None and not c.verification["complete"]:
+        _indicative_only(s, c, fp32_score.value)
     s.say(f"  {c.spec.label}: {ref.metric} {c.score.value:.2f} (FP32 {fp32_score.value:.2f}) -> {c.status}")
+
+
+def _indicative_only(s: CompileSession, c: Candidate, fp32_value: float) -> None:
+    """Measured with this host's kernels, not the target's: an indication, recorded as ``unverified``."""
+    assert c.verification is not None and c.score is not None and c.drop is not None
+    c.host_check = c.status
+    missing = ", ".join(c.verification["target_features_missing_here"])
+    verdict = "within" if c.status == "passed" else "over"
+    c.status = "unverified"
+    c.reason = (f"measured on this host with its own {c.verification['host_isa']} kernels, not the target's "
+                f"(this host lacks {missing}): {s.reference.metric} {c.score.value:.2f} vs FP32 {fp32_value:.2f}, "
+                f"drop {c.drop:.2f} points, {verdict} the {s.opts.max_accuracy_drop:g} allowed; indicative only")
+    c.close_runtime()
 
 
 # ------------------------------------------------------------------ selection
@@ -379,17 +460,36 @@ def _passing_candidates(s: CompileSession) -> list[Candidate]:
 
 
 def _benchmark(s: CompileSession, passing: list[Candidate]) -> bool:
-    """Time the passing candidates when this host runs the target; True when it did."""
+    """Time the passing candidates when this host runs the target; True when it did.
+
+    A candidate whose worker dies while timed is marked failed and the others are timed again.
+    """
     if not (s.target.runs_on_host() and s.opts.benchmark):
         return False
     ref = s.reference
-    feeds = {k: v[: (ref.batch or 1)] for k, v in ref.eval_set.inputs.items()}
     s.say(f"benchmarking {len(passing)} candidate(s) at batch {ref.batch or 1} (~{s.opts.benchmark_seconds:g} s)")
-    runners = {str(c.index): (lambda rt=c.runtime: rt.run(feeds)) for c in passing}
-    timings = run_benchmark(runners, seconds=s.opts.benchmark_seconds)
-    for c in passing:
-        c.latency = timings[str(c.index)]
-    return True
+    while passing:
+        try:
+            for c in passing:
+                c.runtime.set_bench_feeds(ref.eval_set.inputs, ref.batch or 1)
+            timings = run_benchmark({str(c.index): c.runtime for c in passing}, seconds=s.opts.benchmark_seconds)
+        except CandidateFailed as exc:
+            dead = [c for c in passing if _worker_dead(c)] or passing[:1]
+            for c in dead:
+                c.status, c.reason = "failed", f"worker {exc.message} (while benchmarking)"
+                c.close_runtime()
+                passing.remove(c)
+            continue
+        for c in passing:
+            c.latency = timings[str(c.index)]
+            _note_memory(c)
+        return True
+    raise _no_candidate_error(s.candidates, s.skipped, s.opts.max_accuracy_drop)
+
+
+def _worker_dead(c: Candidate) -> bool:
+    proc = getattr(c.runtime, "proc", None)
+    return proc is None or bool(getattr(proc, "dead", False))
 
 
 def _no_candidate_error(cands: list[Candidate], skipped: list[dict[str, Any]], tolerance: float) -> EdgemlError:

@@ -34,10 +34,37 @@ UNVERIFIED_ORDER = ("precision: fp16 = bf16 > fp32 > int8 (int8 needs a measured
                     "backend order; untuned TVM builds last")
 
 
-def benchmark(runners: dict[str, Callable[[], Any]], seconds: float = 3.0, warmup: int = 3,
+class _CallableTimer:
+    """Times a zero-argument callable in this process (the benchmark's own runners and tests)."""
+
+    def __init__(self, fn: Callable[[], Any], clock: Callable[[], float]):
+        self.fn, self.clock = fn, clock
+
+    def _once(self) -> float:
+        t0 = self.clock()
+        self.fn()
+        return self.clock() - t0
+
+    def warmup(self, count: int, max_s: float) -> list[float]:
+        self.fn()
+        times: list[float] = []
+        while len(times) < count and sum(times) < max_s:
+            times.append(self._once())
+        return times
+
+    def timed(self, reps: int) -> list[float]:
+        # Untimed settle call: the previous candidate's runtime may still hold the cores
+        # (ONNX Runtime's worker threads spin after a run), which would bias against whoever runs next.
+        self.fn()
+        return [self._once() for _ in range(reps)]
+
+
+def benchmark(runners: dict[str, Any], seconds: float = 3.0, warmup: int = 3,
               min_rounds: int = 5, max_runs: int = 2000, screen_factor: float = SCREEN_FACTOR,
               clock: Callable[[], float] = time.perf_counter) -> dict[str, dict[str, Any]]:
-    """``runners`` maps label -> zero-argument callable running one inference.
+    """``runners`` maps label -> a zero-argument callable running one inference, or a timer with
+    ``warmup(count, max_s)`` and ``timed(reps)`` (a candidate in a worker process times itself there,
+    so the pipe to it is never in a timed interval).
 
     Each candidate runs once untimed (cold), then up to ``warmup`` timed warm-up
     runs (at most ~1 s). A candidate whose warm-up median is over
@@ -47,16 +74,9 @@ def benchmark(runners: dict[str, Callable[[], Any]], seconds: float = 3.0, warmu
     """
     if not runners:
         return {}
-    warm: dict[str, list[float]] = {}
-    for label, fn in runners.items():
-        fn()
-        times: list[float] = []
-        while len(times) < warmup and sum(times) < 1.0:
-            t0 = clock()
-            fn()
-            times.append(clock() - t0)
-        warm[label] = times
-    per_run = {label: max(float(np.median(t)), 1e-7) for label, t in warm.items()}
+    timers = {label: r if hasattr(r, "timed") else _CallableTimer(r, clock) for label, r in runners.items()}
+    warm = {label: list(timer.warmup(warmup, 1.0)) for label, timer in timers.items()}
+    per_run = {label: max(float(np.median(t)), 1e-7) if t else 1e-7 for label, t in warm.items()}
     fastest = min(per_run.values())
     contenders = [label for label in runners if per_run[label] <= screen_factor * fastest]
     # Rounds of ~50 ms per candidate, at least one run each.
@@ -67,14 +87,7 @@ def benchmark(runners: dict[str, Callable[[], Any]], seconds: float = 3.0, warmu
     while True:
         shift = rounds % len(contenders)
         for label in contenders[shift:] + contenders[:shift]:
-            fn = runners[label]
-            # Untimed settle call: the previous candidate's runtime may still hold the cores
-            # (ONNX Runtime's worker threads spin after a run), which would bias against whoever runs next.
-            fn()
-            for _ in range(reps[label]):
-                t0 = clock()
-                fn()
-                samples[label].append(clock() - t0)
+            samples[label].extend(timers[label].timed(reps[label]))
         rounds += 1
         elapsed = clock() - start
         if rounds >= min_rounds and (elapsed >= seconds or all(len(s) >= max_runs for s in samples.values())):
@@ -112,9 +125,12 @@ def select(passing: list[Any], *, measured: bool, backend_order: list[str],
         return best, {"method": "fastest-measured",
                       "reason": f"lowest p50 latency among {len(passing)} candidates within the accuracy tolerance"}
     if not verified:
-        best = min(passing, key=lambda c: static_rank(c, backend_order, UNVERIFIED_PRECISION_RANK))
+        # A candidate whose indicative check on this host's own kernels lost too much accuracy goes last.
+        best = min(passing, key=lambda c: (1 if getattr(c, "host_check", None) == "rejected" else 0,
+                                           *static_rank(c, backend_order, UNVERIFIED_PRECISION_RANK)))
         return best, {"method": "static-order-unverified", "order": UNVERIFIED_ORDER,
-                      "reason": "no candidate can run on this host, so neither accuracy nor speed was measured"}
+                      "reason": "no candidate could be verified with the target's own code on this host, so "
+                                "accuracy and speed on the target were not measured"}
     best = min(passing, key=lambda c: static_rank(c, backend_order))
     return best, {"method": "static-order", "order": STATIC_ORDER,
                   "reason": "this host cannot execute the target, so candidates were not timed"

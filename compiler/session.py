@@ -20,6 +20,7 @@ from edgeml.compiler import evaluate as ev
 from edgeml.compiler.importers import ImportedModel
 from edgeml.compiler.options import CompileOptions
 from edgeml.compiler.prune import PruneRecipe
+from edgeml.compiler.worker import CandidateHandle, Limits, WorkerPool
 from edgeml.errors import EdgemlError
 
 
@@ -51,7 +52,7 @@ class Candidate:
     status: str = "pending"       # selected | passed | rejected | failed | unverified | skipped
     reason: str | None = None
     built: BuiltCandidate | None = None
-    runtime: RuntimeBackend | None = None
+    runtime: CandidateHandle | RuntimeBackend | None = None   # loaded in a worker (compiler/worker.py)
     backend_version: str = ""
     score: ev.Score | None = None
     drop: float | None = None
@@ -60,6 +61,9 @@ class Candidate:
     eval_samples: int | None = None  # set when evaluated on fewer than all eval samples
     context: BuildContext | None = None   # the build context of its source model (dense or pruned)
     pruning: PruneRecipe | None = None    # set for a candidate built from a pruned model
+    verification: dict[str, Any] | None = None   # where and with which kernels it was run (or why not)
+    host_check: str | None = None         # passed | rejected: an indicative run with this host's kernels
+    peak_rss_mb: float | None = None      # its worker's peak RSS (load + eval + benchmark)
 
     def close_runtime(self) -> None:
         if self.runtime is not None:
@@ -96,6 +100,8 @@ class Candidate:
             "latency_ms": None if reproducible else self.latency,
             "build_seconds": None if (reproducible or not self.built) else round(self.built.build_seconds, 3),
             "notes": list(self.built.notes) if self.built else [],
+            "verification": self.verification,
+            "peak_rss_mb": None if reproducible else self.peak_rss_mb,
         }
 
 
@@ -138,6 +144,16 @@ class CompileSession:
     ref: Reference | None = None
     candidates: list[Candidate] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    _pool: WorkerPool | None = None
+
+    @property
+    def pool(self) -> WorkerPool:
+        """The candidates' worker processes (started on first use, stopped by close)."""
+        if self._pool is None:
+            limits = Limits(timeout_s=self.opts.candidate_timeout_s,
+                            **({"memory_mb": self.opts.candidate_memory_mb} if self.opts.candidate_memory_mb else {}))
+            self._pool = WorkerPool(self.workdir / "workers", limits, self.opts.isolation)
+        return self._pool
 
     @property
     def threads(self) -> int | None:
@@ -159,4 +175,6 @@ class CompileSession:
     def close(self) -> None:
         for c in self.candidates:
             c.close_runtime()
+        if self._pool is not None:
+            self._pool.close()
         shutil.rmtree(self.workdir, ignore_errors=True)

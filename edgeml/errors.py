@@ -13,7 +13,8 @@ message (never a traceback) and exits with its ``exit_code``.
     │   └── UnsupportedOp            exit 5   an op a backend cannot compile (names op + backend)
     ├── DataError                    exit 5   calibration / eval / input ``.npz`` problems
     ├── CompileError                 exit 6   no candidate could be built or passed the gates
-    │   └── AccuracyError            exit 6   every candidate dropped more accuracy than allowed
+    │   ├── AccuracyError            exit 6   every candidate dropped more accuracy than allowed
+    │   └── CandidateFailed          exit 6   a candidate's worker crashed, hung or passed its memory limit
     ├── ArtifactError                exit 7   malformed, truncated, tampered or unsafe ``.edgepkg``
     │   └── SignatureError           exit 7   unsigned when required, wrong key, bad signature
     ├── BackendError                 exit 8   a backend failed at load or run time
@@ -84,6 +85,19 @@ class CompileError(EdgemlError):
 
 class AccuracyError(CompileError):
     exit_code = 6
+
+
+class CandidateFailed(CompileError):
+    """A candidate's isolated worker died (``signal`` names the signal), hung or passed its memory limit.
+
+    The compile records it on that candidate and goes on; it reaches the user only when no candidate is left.
+    """
+
+    exit_code = 6
+
+    def __init__(self, message: str, *, hint: str | None = None, signal: str | None = None):
+        super().__init__(message, hint=hint)
+        self.signal = signal
 
 
 class ArtifactError(EdgemlError):

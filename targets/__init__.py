@@ -4,11 +4,21 @@ A target says what an artifact is built for: the CPU architecture and
 features it needs, the backends and precisions that can serve it, the TVM
 target dict and the cross compiler. ``host_features()`` reads this machine's
 CPU flags so ``edgeml targets --host`` can tell which targets run here.
+
+``EDGEML_HOST_FEATURES`` masks features, for tests and for proving the paths a
+smaller CPU takes on a bigger one: ``-avx512*,-amx*`` removes every flag matching
+a pattern; a list without ``-`` keeps only the flags it names. It can only take
+features away, never claim one the CPU lacks (that would execute illegal
+instructions). ``masked_features()`` says what was hidden; ``isolation_env()``
+gives a worker process the same mask plus the matching oneDNN ISA cap.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import os
 import platform
+import re
 import tomllib
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -149,8 +159,77 @@ def _cpuinfo_flags(text: str) -> set[str]:
     return flags
 
 
+HOST_FEATURES_ENV = "EDGEML_HOST_FEATURES"
+
+
 @lru_cache(maxsize=1)
 def host_features() -> frozenset[str]:
+    """CPU flags of this machine, less those masked by ``EDGEML_HOST_FEATURES``."""
+    real = real_host_features()
+    return frozenset(real - _masked(real, os.environ.get(HOST_FEATURES_ENV, "")))
+
+
+def masked_features() -> list[str]:
+    """The real features ``EDGEML_HOST_FEATURES`` hides (empty when nothing is masked)."""
+    return sorted(real_host_features() - host_features())
+
+
+def parse_feature_mask(text: str) -> tuple[list[str], list[str]]:
+    """(patterns to remove, flags to keep) from ``-avx512*,-amx*`` or ``sse4_2,avx2,fma``."""
+    tokens = [t for t in re.split(r"[,\s]+", text.strip()) if t]
+    remove = [t[1:] for t in tokens if t.startswith("-") and len(t) > 1]
+    keep = [t for t in tokens if not t.startswith("-")]
+    return remove, keep
+
+
+def _masked(real: frozenset[str], text: str) -> set[str]:
+    remove, keep = parse_feature_mask(text)
+    hidden = {f for f in real if any(fnmatch.fnmatchcase(f, pattern) for pattern in remove)}
+    if keep:
+        hidden |= {f for f in real if f not in keep and f not in ("x86_64", "cuda", "intel_gpu")}
+    return hidden
+
+
+def isolation_env() -> dict[str, str]:
+    """Environment for a process that must see the same (masked) CPU: the mask and oneDNN's ISA cap."""
+    env = {}
+    mask = os.environ.get(HOST_FEATURES_ENV)
+    if mask:
+        env[HOST_FEATURES_ENV] = mask
+        isa = onednn_isa_cap(host_features())
+        if isa and "ONEDNN_MAX_CPU_ISA" not in os.environ:
+            env["ONEDNN_MAX_CPU_ISA"] = isa
+    return env
+
+
+def onednn_isa_cap(features: frozenset[str]) -> str | None:
+    """The highest oneDNN ISA these x86 features allow (its ``ONEDNN_MAX_CPU_ISA`` names)."""
+    if host_arch() != "x86_64":
+        return None
+    if {"amx_tile", "amx_int8", "amx_bf16"} <= features:
+        return "AVX512_CORE_AMX"
+    if {"avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"} <= features:
+        return "AVX512_CORE_BF16"
+    if {"avx512f", "avx512bw", "avx512_vnni"} <= features:
+        return "AVX512_CORE_VNNI"
+    if {"avx512f", "avx512bw"} <= features:
+        return "AVX512_CORE"
+    if {"avx2", "avx_vnni"} <= features:
+        return "AVX2_VNNI"
+    if "avx2" in features:
+        return "AVX2"
+    if "avx" in features:
+        return "AVX"
+    return "SSE41"
+
+
+def host_isa() -> str:
+    """A short name for the widest vector ISA this host (as masked) executes: what its kernels used."""
+    return (onednn_isa_cap(host_features()) or host_arch()).lower()
+
+
+@lru_cache(maxsize=1)
+def real_host_features() -> frozenset[str]:
     """CPU flags of this machine (``/proc/cpuinfo``), plus accelerators we can see."""
     try:
         flags = _cpuinfo_flags(Path("/proc/cpuinfo").read_text())

@@ -12,6 +12,13 @@ Its candidates come from the ``null_candidates`` option, ``{name: knobs}``:
     error          fraction 0..1 of samples whose outputs are rotated by one class (default 0)
     build_fails    the build raises CompileError
     verify_fails   loading raises BackendError (failed on a host target, unverified elsewhere)
+    crash          "segv" | "ill" | "abort" | "bus": running it kills its process with that signal
+    crash_after    with crash: the first that many runs succeed (default 0)
+    hang           running it never returns
+    allocate_mb    running it allocates and touches that many MiB (and keeps them)
+
+The last three only make sense in a compile worker process (the default isolation): they exist
+to prove that a candidate's crash, hang or runaway allocation costs only that candidate.
 
 The function: every output is the first input, flattened per sample and tiled
 to the output's shape, so an ONNX ``Identity`` model's FP32 reference is matched
@@ -28,8 +35,10 @@ from edgeml.backends.entry import Backend
 from edgeml.backends.options import option
 from edgeml.errors import UsageError
 
-KNOBS: dict[str, type | tuple[type, ...]] = {"precision": str, "latency_ms": (int, float), "error": (int, float), "build_fails": bool,
-         "verify_fails": bool}
+KNOBS: dict[str, type | tuple[type, ...]] = {"precision": str, "latency_ms": (int, float), "error": (int, float),
+                                              "build_fails": bool, "verify_fails": bool, "crash": str, "crash_after": int,
+                                              "hang": bool, "allocate_mb": int}
+CRASH_SIGNALS = ("segv", "ill", "abort", "bus")
 
 
 def check_candidates(value: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -45,6 +54,8 @@ def check_candidates(value: dict[str, Any]) -> dict[str, dict[str, Any]]:
                                  hint=f"knobs: {', '.join(KNOBS)}")
             if not isinstance(val, kind) or (kind is not bool and isinstance(val, bool)):
                 raise UsageError(f"null_candidates[{name!r}].{key} = {val!r} has the wrong type")
+        if knobs.get("crash", "segv") not in CRASH_SIGNALS:
+            raise UsageError(f"null_candidates[{name!r}].crash must be one of {', '.join(CRASH_SIGNALS)}")
         if not 0.0 <= float(knobs.get("error", 0.0)) <= 1.0:
             raise UsageError(f"null_candidates[{name!r}].error must be between 0 and 1")
         out[str(name)] = dict(knobs)
@@ -54,7 +65,8 @@ def check_candidates(value: dict[str, Any]) -> dict[str, dict[str, Any]]:
 @dataclass(frozen=True)
 class Options:
     null_candidates: dict[str, Any] | None = option(
-        None, "the test double's candidates, {name: {precision, latency_ms, error, build_fails, verify_fails}}",
+        None, "the test double's candidates, {name: {precision, latency_ms, error, build_fails, verify_fails, crash, "
+        "crash_after, hang, allocate_mb}}",
         check=check_candidates)
 
 
@@ -65,6 +77,7 @@ BACKEND = Backend(
     build="edgeml.backends.null.build:NullCompiler",
     run="edgeml.backends.null.run:NullBackend",
     errors="edgeml.backends.null.errors:TABLE",
+    portable_code=True,
     auto=False,
     any_target=True,
 )

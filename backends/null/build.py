@@ -44,7 +44,8 @@ class NullCompiler(CompilerBackend):
         out = ctx.workdir / "null" / str(spec.recipe.get("null", "candidate"))
         out.mkdir(parents=True, exist_ok=True)
         config = {k: spec.recipe.get(k, default) for k, default in
-                  (("latency_ms", 0.0), ("error", 0.0), ("verify_fails", False))}
+                  (("latency_ms", 0.0), ("error", 0.0), ("verify_fails", False), ("crash", None), ("crash_after", 0), ("hang", False),
+                   ("allocate_mb", 0))}
         path = out / "null.json"
         path.write_text(json.dumps(config, sort_keys=True))
         return BuiltCandidate(spec=spec, files={ENTRY: path}, entrypoint=ENTRY, backend_options={},

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 import zlib
 from pathlib import Path
@@ -28,6 +30,9 @@ class NullBackend(RuntimeBackend):
             raise BackendError("null backend: load failure requested (verify_fails)")
         self.latency_s = float(config.get("latency_ms", 0.0)) / 1000.0
         self.error = float(config.get("error", 0.0))
+        self.faults = {k: config.get(k) for k in ("crash", "hang", "allocate_mb") if config.get(k)}
+        self.runs_before_crash = int(config.get("crash_after") or 0)
+        self._hoard: list[np.ndarray] = []
         self.outputs = [(o["name"], o.get("shape") or [None], o.get("dtype", "float32")) for o in manifest["outputs"]]
 
     @staticmethod
@@ -35,6 +40,8 @@ class NullBackend(RuntimeBackend):
         return "1.0"
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.faults:
+            self._fault()
         if self.latency_s:
             time.sleep(self.latency_s)
         first = np.asarray(next(iter(feeds.values())))
@@ -57,3 +64,16 @@ class NullBackend(RuntimeBackend):
         out = out.copy()
         out[picked] = np.roll(out[picked], 1, axis=-1)
         return out
+
+    def _fault(self) -> None:
+        """The test double's requested misbehaviour (compile workers only: see the package docstring)."""
+        if self.faults.get("allocate_mb"):
+            for _ in range(int(self.faults["allocate_mb"]) // 64):
+                self._hoard.append(np.ones(64 << 17, dtype=np.float64))   # 64 MiB, every page touched
+        crash = self.faults.get("crash")
+        self.runs_before_crash -= 1
+        if crash and self.runs_before_crash < 0:
+            os.kill(os.getpid(), {"segv": signal.SIGSEGV, "ill": signal.SIGILL, "abort": signal.SIGABRT,
+                                  "bus": signal.SIGBUS}[crash])
+        while self.faults.get("hang"):
+            time.sleep(3600)

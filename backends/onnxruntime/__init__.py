@@ -25,4 +25,5 @@ BACKEND = Backend(
     build="edgeml.backends.onnxruntime.build:OnnxRuntimeCompiler",
     run="edgeml.backends.onnxruntime.run:OnnxRuntimeBackend",
     errors="edgeml.backends.onnxruntime.errors:TABLE",
+    portable_code=True,
 )

@@ -27,4 +27,5 @@ BACKEND = Backend(
     build="edgeml.backends.openvino.build:OpenVinoCompiler",
     run="edgeml.backends.openvino.run:OpenVinoBackend",
     errors="edgeml.backends.openvino.errors:TABLE",
+    portable_code=True,
 )

@@ -87,12 +87,16 @@ def test_unverified_candidates_ship_by_static_order_when_the_host_cannot_run_the
     assert m["selection"]["method"] == "static-order-unverified" and m["selection"]["host_runs_target"] is False
 
 
-def test_verified_candidates_beat_unverified_ones_on_a_cross_target(identity_model, eval_data, tmp_path):
+def test_nothing_runs_here_for_a_cross_arch_target_even_a_portable_candidate(identity_model, eval_data, tmp_path):
+    # Before isolation the null candidate "b" ran on this x86 host and counted as verified for an aarch64
+    # target; a run here says nothing about the target's kernels, so both are unverified up front.
     result = compile_null(identity_model, eval_data, tmp_path, {"a": {"verify_fails": True}, "b": {}},
                           target="aarch64-a72")
     cands = by_label(result)
-    assert cands["null/fp32/a"]["status"] == "unverified" and cands["null/fp32/b"]["status"] == "selected"
-    assert result.manifest["selection"]["method"] == "static-order"
+    assert cands["null/fp32/b"]["status"] == "unverified" and cands["null/fp32/a"]["status"] == "selected"
+    assert "not run on this host: the target is aarch64" in cands["null/fp32/b"]["reason"]
+    assert cands["null/fp32/b"]["verification"]["where"] is None
+    assert result.manifest["selection"]["method"] == "static-order-unverified"
 
 
 def test_the_fastest_passing_candidate_is_selected_when_measured(identity_model, eval_data, tmp_path):

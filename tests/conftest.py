@@ -2,8 +2,9 @@
 
 - ``host_target``: the most specific CPU target this host executes (what ``edgeml targets --host`` marks
   with ``*``); compile for it instead of naming an AVX-512 or AMX target.
-- ``@pytest.mark.needs_cpu("avx512f", ...)``: the test needs these CPU features (or ``arch:aarch64``, or
-  ``tool:NAME`` for a program on PATH); it is skipped naming what is missing.
+- ``@pytest.mark.needs_cpu("avx512f", ...)``: the test needs these CPU features (or ``arch:aarch64``,
+  ``target:NAME`` for everything a shipped target requires, or ``tool:NAME`` for a program on PATH); it is
+  skipped naming what is missing.
 - ``mask_host_features("-avx512*,-amx*")``: hide features for one test (``EDGEML_HOST_FEATURES``), so the
   paths a smaller CPU takes are exercised on any machine; undone after the test.
 
@@ -34,6 +35,10 @@ def missing_requirements(required: tuple[str, ...]) -> list[str]:
         if need.startswith("arch:"):
             if host_arch() != need[5:]:
                 missing.append(f"{need} (this host is {host_arch()})")
+        elif need.startswith("target:"):
+            from edgeml.targets import get_target
+
+            missing += [f"{m} (target {need[7:]})" for m in get_target(need[7:]).missing_features()]
         elif need.startswith("tool:"):
             if shutil.which(need[5:]) is None:
                 missing.append(f"{need[5:]} on PATH")

@@ -196,6 +196,7 @@ def test_ignored_scope_is_applied_and_checked(tmp_path, example):
     print("user sees:", err.value)
 
 
+@pytest.mark.needs_cpu("target:x86_64-avx512-vnni")   # built for that target, then run here
 def test_accuracy_control_recovers_a_model_that_plain_int8_breaks(tmp_path):
     """Feature 0 spans +-2000 but carries nothing; the class is the argmax of features 1-3 (+-1).
     Per-tensor int8 on the input crushes the small features; accuracy control must revert it."""

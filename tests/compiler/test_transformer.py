@@ -39,8 +39,11 @@ def test_the_export_has_int64_token_inputs_and_a_dynamic_sequence_axis(bert):
     assert graph.input[0].type.tensor_type.shape.dim[1].dim_param == "sequence"
 
 
-def test_the_encoder_compiles_with_cosine_int8_candidates_and_serves_any_sequence_length(bert, tmp_path):
-    result = compile_with_report(bert["model"], target="x86_64-avx512-vnni", output=tmp_path / "bert.edgepkg",
+def test_the_encoder_compiles_with_cosine_int8_candidates_and_serves_any_sequence_length(bert, tmp_path, host_target):
+    from edgeml.backends.onnxruntime.build import TRANSFORMER_INT8_RECIPES, int8_saturation_hazard
+
+    dynamic_name, static_name = TRANSFORMER_INT8_RECIPES[int8_saturation_hazard(host_target)]
+    result = compile_with_report(bert["model"], target=host_target.name, output=tmp_path / "bert.edgepkg",
                                  calib=bert["calib"], eval=bert["eval"], cache_dir=False, benchmark_seconds=0.3,
                                  backend="onnxruntime")
     m = result.manifest
@@ -49,8 +52,8 @@ def test_the_encoder_compiles_with_cosine_int8_candidates_and_serves_any_sequenc
     cands = {c["label"]: c for c in result.candidates}
     fused = cands["onnxruntime/fp32/transformer-fusion"]
     assert fused["status"] in ("passed", "selected") and fused["recipe"]["fused_operators"]["Attention"] == 2
-    dynamic = cands["onnxruntime/int8/dynamic-matmul-only"]
-    static = cands["onnxruntime/int8/s8s8-matmul-only"]
+    dynamic = cands[f"onnxruntime/int8/{dynamic_name}"]
+    static = cands[f"onnxruntime/int8/{static_name}"]
     for c in (dynamic, static):   # int8 keeps cosine agreement: within 1 point of 100
         assert c["status"] in ("passed", "selected") and c["accuracy"] >= 99.0, c
     assert dynamic["recipe"]["method"] == "dynamic" and "MatMul" in dynamic["recipe"]["quantized_op_types"]
@@ -62,31 +65,31 @@ def test_the_encoder_compiles_with_cosine_int8_candidates_and_serves_any_sequenc
     assert model.selftest().passed
 
 
-def test_openvino_quantizes_the_encoder_as_a_transformer(bert, tmp_path):
+def test_openvino_quantizes_the_encoder_as_a_transformer(bert, tmp_path, host_target):
     pytest.importorskip("openvino", reason="OpenVINO is not installed")
-    result = compile_with_report(bert["model"], target="x86_64-avx512-vnni", output=tmp_path / "ov.edgepkg",
+    result = compile_with_report(bert["model"], target=host_target.name, output=tmp_path / "ov.edgepkg",
                                  calib=bert["calib"], eval=bert["eval"], cache_dir=False, benchmark=False,
                                  backend="openvino", ov_accuracy_control=False)
     int8 = {c["label"]: c for c in result.candidates}["openvino/int8/nncf"]
     assert int8["recipe"]["model_type"] == "transformer" and int8["accuracy"] >= 99.0
 
 
-def test_tvm_refuses_a_dynamic_sequence_cleanly_naming_the_fix(bert, tmp_path):
+def test_tvm_refuses_a_dynamic_sequence_cleanly_naming_the_fix(bert, tmp_path, host_target):
     pytest.importorskip("tvm", reason="TVM is not installed")
     from edgeml.errors import CompileError
 
     with pytest.raises(CompileError) as info:
-        compile_with_report(bert["model"], target="x86_64-avx512-vnni", output=tmp_path / "t.edgepkg",
+        compile_with_report(bert["model"], target=host_target.name, output=tmp_path / "t.edgepkg",
                             eval=bert["eval"], cache_dir=False, benchmark=False, backend="tvm", precision="fp32")
     assert "TVM needs static shapes" in info.value.message and "--input-shape input_ids=1,128" in info.value.message
     assert not (tmp_path / "t.edgepkg").exists()
 
 
-def test_tvm_builds_the_encoder_at_a_fixed_sequence_length_after_folding_shapes(bert, tmp_path):
+def test_tvm_builds_the_encoder_at_a_fixed_sequence_length_after_folding_shapes(bert, tmp_path, host_target):
     """TVM's importer fails on the export's Gather over shape_of; with static shapes the folded graph imports."""
     pytest.importorskip("tvm", reason="TVM is not installed")
     shapes = {"input_ids": (1, 16), "attention_mask": (1, 16)}
-    result = compile_with_report(bert["model"], target="x86_64-avx512-vnni", output=tmp_path / "t.edgepkg",
+    result = compile_with_report(bert["model"], target=host_target.name, output=tmp_path / "t.edgepkg",
                                  input_shape=shapes, cache_dir=False, benchmark=False, backend="tvm",
                                  precision="fp32")
     tvm = result.selected

@@ -7,7 +7,8 @@ alike. Reports p50/p90 (nearest rank, edgeml.stats.percentile) and mean in ms ov
 than the fastest after warm-up are screened out of the rounds.
 
 Selection: where this host executes the target, the fastest passing candidate
-by p50. Otherwise (cross targets) the documented static order ``STATIC_ORDER``:
+by p50; when others are within ``FINALIST_MARGIN`` of it, those finalists are timed
+again, interleaved, for twice as long, and that second measurement decides. Otherwise (cross targets) the documented static order ``STATIC_ORDER``:
 precision int8 > fp16 = bf16 > fp32, then the order of backends in the target file,
 and an untuned TVM build (recipe ``tuned`` false) after every other backend.
 When no candidate runs on this host at all (an OpenCL / Intel GPU target), none
@@ -98,12 +99,31 @@ def benchmark(runners: dict[str, Any], seconds: float = 3.0, warmup: int = 3,
     for label in runners:
         screened = label not in samples
         ms = np.asarray(warm[label] if screened else samples[label]) * 1000.0
-        result[label] = {"p50": round(percentile(ms, 50), 4), "p90": round(percentile(ms, 90), 4),
+        p50 = percentile(ms, 50)
+        result[label] = {"p50": round(p50, 4), "p90": round(percentile(ms, 90), 4),
                          "mean": round(float(ms.mean()), 4), "runs": int(ms.size),
-                         "rounds": 0 if screened else rounds}
+                         "rounds": 0 if screened else rounds,
+                         # the interquartile range relative to the median: how far apart two figures must be
+                         # before they say more than this run's noise
+                         "spread_pct": round(100.0 * (percentile(ms, 75) - percentile(ms, 25)) / max(p50, 1e-9), 1)}
         if screened:
             result[label]["screened"] = True
     return result
+
+
+FINALIST_MARGIN = 0.10   # candidates within 10 % of the fastest p50 are timed again, longer, before one wins
+MAX_FINALISTS = 3
+
+
+def finalists(timings: dict[str, dict[str, Any]], margin: float = FINALIST_MARGIN,
+              most: int = MAX_FINALISTS) -> list[str]:
+    """Labels whose p50 is within ``margin`` of the fastest (at most ``most``, fastest first); one or none
+    means the first measurement already separated the winner beyond the margin."""
+    ranked = sorted((t["p50"], label) for label, t in timings.items() if not t.get("screened"))
+    if not ranked:
+        return []
+    best = ranked[0][0]
+    return [label for p50, label in ranked if p50 <= best * (1.0 + margin)][:most]
 
 
 def static_rank(candidate: Any, backend_order: list[str], ranks: dict[str, int] = PRECISION_RANK) -> tuple:

@@ -64,6 +64,7 @@ class Candidate:
     verification: dict[str, Any] | None = None   # where and with which kernels it was run (or why not)
     host_check: str | None = None         # passed | rejected: an indicative run with this host's kernels
     peak_rss_mb: float | None = None      # its worker's peak RSS (load + eval + benchmark)
+    threads: int | None = None            # runtime threads it was measured with (None: the target's default)
 
     def close_runtime(self) -> None:
         if self.runtime is not None:
@@ -101,6 +102,7 @@ class Candidate:
             "build_seconds": None if (reproducible or not self.built) else round(self.built.build_seconds, 3),
             "notes": list(self.built.notes) if self.built else [],
             "verification": self.verification,
+            "threads": self.threads,
             "peak_rss_mb": None if reproducible else self.peak_rss_mb,
         }
 

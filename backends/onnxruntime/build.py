@@ -63,6 +63,15 @@ INT8_RECIPES.update({
     "u8s8-matmul-only-reduce-range": {"activation_type": "QUInt8", "weight_type": "QInt8", "per_channel": True,
                                       "reduce_range": True, "op_types": MATMUL_ONLY},
 })
+# ONNX Runtime's own defaults, as Olive's OnnxDynamicQuantization / OnnxStaticQuantization passes use them
+# (per-tensor, every op type the quantizer knows): always candidates, so `auto` cannot lose to that peer.
+INT8_RECIPES.update({
+    "dynamic-default": {"dynamic": True, "activation_type": "QUInt8", "weight_type": "QInt8", "per_channel": False,
+                        "reduce_range": False, "op_types": "all"},
+    "s8s8-per-tensor": {"activation_type": "QInt8", "weight_type": "QInt8", "per_channel": False,
+                        "reduce_range": False},
+})
+PEER_DEFAULT_RECIPES = ["dynamic-default", "s8s8-per-tensor"]
 TRANSFORMER_INT8_RECIPES = {False: ["dynamic-matmul-only", "s8s8-matmul-only"],
                             True: ["dynamic-matmul-only-reduce-range", "u8s8-matmul-only-reduce-range"]}
 EXCLUDE_SUFFIX = "-exclude-ends"
@@ -78,11 +87,13 @@ def int8_saturation_hazard(target) -> bool:
 
 
 def default_int8_recipes(target, transformer: bool = False) -> list[str]:
+    """edgeml's recipes for the target, then ONNX Runtime's defaults (the accuracy check keeps them honest)."""
     if transformer:
-        return list(TRANSFORMER_INT8_RECIPES[int8_saturation_hazard(target)])
+        return [*TRANSFORMER_INT8_RECIPES[int8_saturation_hazard(target)], "dynamic-default"]
     if int8_saturation_hazard(target):
-        return ["u8s8-per-channel-reduce-range", "u8u8", "u8s8-per-channel-reduce-range" + EXCLUDE_SUFFIX]
-    return ["s8s8-per-channel", "u8s8-per-channel", "s8s8-per-channel" + EXCLUDE_SUFFIX]
+        return ["u8s8-per-channel-reduce-range", "u8u8", "u8s8-per-channel-reduce-range" + EXCLUDE_SUFFIX,
+                *PEER_DEFAULT_RECIPES]
+    return ["s8s8-per-channel", "u8s8-per-channel", "s8s8-per-channel" + EXCLUDE_SUFFIX, *PEER_DEFAULT_RECIPES]
 
 
 def _ort():
@@ -269,18 +280,22 @@ class OnnxRuntimeCompiler(CompilerBackend):
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
+        from edgeml.compiler.importers import is_transformer
+
         fused = ctx.workdir / "ort-transformer-fused.onnx"
         src = ctx.onnx_path
-        try:
-            if not fused.exists():
-                self._fuse_transformer(ctx, fused)
-            src = fused
-            recipe["fused_first"] = True
-        except (CompileError, CandidateSkipped) as exc:
-            notes.append(f"quantized the unfused graph: {exc}")
-            recipe["fused_first"] = False
-        op_types = list(recipe.get("op_types") or MATMUL_ONLY)
-        if recipe["fused_first"]:
+        recipe["fused_first"] = False
+        if is_transformer(ctx.onnx_path):
+            try:
+                if not fused.exists():
+                    self._fuse_transformer(ctx, fused)
+                src = fused
+                recipe["fused_first"] = True
+            except (CompileError, CandidateSkipped) as exc:
+                notes.append(f"quantized the unfused graph: {exc}")
+        every_type = recipe.get("op_types") == "all"   # the quantizer's own default list
+        op_types = None if every_type else list(recipe.get("op_types") or MATMUL_ONLY)
+        if op_types is not None and recipe["fused_first"]:
             op_types.append("Attention")
         try:
             quantize_dynamic(str(src), str(out), weight_type=getattr(QuantType, recipe["weight_type"]),
@@ -288,7 +303,7 @@ class OnnxRuntimeCompiler(CompilerBackend):
                              op_types_to_quantize=op_types)
         except Exception as exc:
             raise ort_error(exc, f"quantize the model to int8 ({recipe['name']})") from exc
-        recipe["quantized_op_types"] = op_types
+        recipe["quantized_op_types"] = sorted(_quantized_types(out)) if every_type else op_types
         out.write_bytes(onnx.load(str(out)).SerializeToString(deterministic=True))
         self._hazard_note(recipe, notes)
         return recipe
@@ -451,3 +466,12 @@ class _ReaderBase:
 
     def rewind(self):
         self.set_range(0, len(self._feeds))
+
+
+def _quantized_types(path: Path) -> set[str]:
+    """The integer op types a dynamic quantization left in the graph (what it actually quantized)."""
+    import onnx
+
+    return {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node
+            if n.op_type in ("DynamicQuantizeMatMul", "MatMulInteger", "ConvInteger", "QAttention",
+                             "DynamicQuantizeLinear", "QGemm", "DynamicQuantizeLSTM")}

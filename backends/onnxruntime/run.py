@@ -37,6 +37,8 @@ def session_options(threads: int | None, options: dict[str, Any] | None = None):
     }[level]
     if threads:
         so.intra_op_num_threads = int(threads)
+    if (options or {}).get("allow_spinning") is False:   # a measured choice of the compiler (tiny models)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     return so

@@ -136,3 +136,16 @@ def test_auto_never_picks_the_null_backend(identity_model, eval_data, tmp_path):
                                  cache_dir=False, precision="fp32", benchmark=False)
     assert result.manifest["backend"]["name"] != "null"
     assert all(c.get("backend") != "null" for c in result.candidates)
+
+
+def test_candidates_within_the_margin_are_timed_again_and_the_second_measurement_decides(
+        identity_model, eval_data, tmp_path):
+    # Two equal candidates cannot be told apart by one short run: both are finalists, timed again.
+    result = compile_null(identity_model, eval_data, tmp_path, {"a": {}, "b": {}, "slow": {"latency_ms": 5}},
+                          benchmark=True, benchmark_seconds=0.1, eval_budget_s=1000.0)
+    cands = by_label(result)
+    a, b, slow = (cands[f"null/fp32/{n}"]["latency_ms"] for n in ("a", "b", "slow"))
+    assert a["remeasured"] and b["remeasured"] and "first_p50" in a and not slow.get("remeasured")
+    assert a["spread_pct"] >= 0 and slow["p50"] > 4.0
+    winner = min((a, b), key=lambda t: t["p50"])
+    assert cands["null/fp32/a" if winner is a else "null/fp32/b"]["status"] == "selected"

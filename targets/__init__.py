@@ -196,8 +196,8 @@ def isolation_env() -> dict[str, str]:
     mask = os.environ.get(HOST_FEATURES_ENV)
     if mask:
         env[HOST_FEATURES_ENV] = mask
-        isa = onednn_isa_cap(host_features())
-        if isa and "ONEDNN_MAX_CPU_ISA" not in os.environ:
+        isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or onednn_isa_cap(host_features())   # an explicit cap wins
+        if isa:
             env["ONEDNN_MAX_CPU_ISA"] = isa
     return env
 

@@ -70,8 +70,15 @@ INT8_RECIPES.update({
                         "reduce_range": False, "op_types": "all"},
     "s8s8-per-tensor": {"activation_type": "QInt8", "weight_type": "QInt8", "per_channel": False,
                         "reduce_range": False},
+    # the same on targets that may lack VNNI: 7-bit weights, so the u8s8 kernels cannot saturate there (a host
+    # with VNNI would not see the saturation in its measurement)
+    "dynamic-default-reduce-range": {"dynamic": True, "activation_type": "QUInt8", "weight_type": "QInt8",
+                                     "per_channel": False, "reduce_range": True, "op_types": "all"},
+    "u8s8-per-tensor-reduce-range": {"activation_type": "QUInt8", "weight_type": "QInt8", "per_channel": False,
+                                     "reduce_range": True},
 })
-PEER_DEFAULT_RECIPES = ["dynamic-default", "s8s8-per-tensor"]
+PEER_DEFAULT_RECIPES = {False: ["dynamic-default", "s8s8-per-tensor"],
+                        True: ["dynamic-default-reduce-range", "u8s8-per-tensor-reduce-range"]}
 TRANSFORMER_INT8_RECIPES = {False: ["dynamic-matmul-only", "s8s8-matmul-only"],
                             True: ["dynamic-matmul-only-reduce-range", "u8s8-matmul-only-reduce-range"]}
 EXCLUDE_SUFFIX = "-exclude-ends"
@@ -88,12 +95,13 @@ def int8_saturation_hazard(target) -> bool:
 
 def default_int8_recipes(target, transformer: bool = False) -> list[str]:
     """edgeml's recipes for the target, then ONNX Runtime's defaults (the accuracy check keeps them honest)."""
+    hazard = int8_saturation_hazard(target)
+    peers = PEER_DEFAULT_RECIPES[hazard]
     if transformer:
-        return [*TRANSFORMER_INT8_RECIPES[int8_saturation_hazard(target)], "dynamic-default"]
-    if int8_saturation_hazard(target):
-        return ["u8s8-per-channel-reduce-range", "u8u8", "u8s8-per-channel-reduce-range" + EXCLUDE_SUFFIX,
-                *PEER_DEFAULT_RECIPES]
-    return ["s8s8-per-channel", "u8s8-per-channel", "s8s8-per-channel" + EXCLUDE_SUFFIX, *PEER_DEFAULT_RECIPES]
+        return [*TRANSFORMER_INT8_RECIPES[hazard], peers[0]]
+    if hazard:
+        return ["u8s8-per-channel-reduce-range", "u8u8", "u8s8-per-channel-reduce-range" + EXCLUDE_SUFFIX, *peers]
+    return ["s8s8-per-channel", "u8s8-per-channel", "s8s8-per-channel" + EXCLUDE_SUFFIX, *peers]
 
 
 def _ort():

@@ -74,9 +74,9 @@ def _parse_backend_option(values: tuple[str, ...]) -> dict:
 @click.option("-t", "--target", required=True, shell_complete=complete_target,
               help="Target name (edgeml targets; shell completion lists them).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Artifact to write (.edgepkg).")
-@click.option("--precision", default="auto", type=click.Choice(["auto", "fp32", "fp16", "bf16", "int8"]), show_default=True,
+@click.option("--precision", default="auto", type=click.Choice(["auto", "fp32", "fp16", "bf16", "int8", "int4"]), show_default=True,
               help="auto: every precision the target allows (int8 needs --calib); the fastest within the accuracy"
-                   " tolerance wins.")
+                   " tolerance wins. int4: --task text-generation only (INT4 weight compression).")
 @click.option("--backend", default="auto", type=click.Choice(["auto", *backend_names()]), show_default=True,
               help="auto: every backend the target lists (the null test double only by name).")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration .npz keyed by input name.")
@@ -108,17 +108,33 @@ def _parse_backend_option(values: tuple[str, ...]) -> dict:
 @click.option("--tune-budget", help="TVM tuning budget, e.g. 10m (TVM backend only).")
 @click.option("--option", "backend_option", multiple=True, help="Backend option KEY=VALUE (JSON values allowed).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
+@click.option("--task", type=click.Choice(["text-generation"]),
+              help="text-generation: MODEL is a Hugging Face decoder folder (docs/generation.md).")
+@click.option("--max-perplexity-increase", default=5.0, type=float, show_default=True,
+              help="--task text-generation: allowed held-out perplexity increase over FP32, in percent.")
+@click.option("--kv-budget-mb", type=float, help="--task text-generation: KV-cache budget (default: 4 full contexts).")
 @json_option
 @handle_errors
 def compile_cmd(model: str, target: str, output: Path, precision: str, backend: str, calib: Path | None,
                 eval_path: Path | None, max_accuracy_drop: float, metric: str, input_shape: tuple[str, ...], name: str | None,
                 version: str, sign_key: Path | None, cache_dir: Path | None, no_cache: bool, no_benchmark: bool,
                 benchmark_seconds: float, keep_fallback: bool, prune: str, train: Path | None,
-                fine_tune_epochs: int, tune_budget: str | None, backend_option: tuple[str, ...], quiet: bool, as_json: bool) -> None:
+                fine_tune_epochs: int, tune_budget: str | None, backend_option: tuple[str, ...], quiet: bool,
+                task: str | None, max_perplexity_increase: float, kv_budget_mb: float | None, as_json: bool) -> None:
     """Compile MODEL (.onnx, .pt2, or pkg.module:factory) into a verified artifact for TARGET."""
     from edgeml.compiler import compile_with_report
 
     output = check_output_file(output, "--output")  # refuse a bad path (missing folder, /proc) before compiling
+    if task == "text-generation":
+        from edgeml.compiler import textgen
+
+        with _stdout_to_stderr():
+            tg = textgen.compile_text_generation(
+                model, target=target, output=output, precision=precision, eval=eval_path, name=name, version=version,
+                max_perplexity_increase=max_perplexity_increase, kv_budget_mb=kv_budget_mb, sign_key=sign_key,
+                benchmark=not no_benchmark, progress=_Progress(quiet), backend=None if backend in ("auto", "openvino") else backend,
+                calib=calib, prune=prune, tune_budget=tune_budget, keep_fallback=keep_fallback)
+        return emit(tg.to_dict(), as_json, textgen.render)
     extra = _parse_backend_option(backend_option)
     if tune_budget:
         extra["tune_budget"] = tune_budget

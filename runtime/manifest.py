@@ -27,7 +27,7 @@ from edgeml.errors import ArtifactError
 from edgeml.runtime.dtypes import DTYPE_NAMES
 
 SCHEMA_VERSION = 1
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")   # int4: weight-compressed decoders (text generation)
 RESERVED_MEMBERS = frozenset({"manifest.json", "manifest.sig"})
 MEMBER_OPTION_KEYS = ("params",)       # backend options whose value is a member name (TVM params)
 MAX_JSON_DEPTH = 64                    # nesting of any JSON value in the manifest

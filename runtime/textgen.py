@@ -136,8 +136,9 @@ class Event:
 class Job:
     """One sequence being generated. ``emit`` is called on the generator's thread."""
 
-    def __init__(self, prompt: list[int], params: SamplingParams, emit: Callable[[Event], None], reserve: int):
-        self.prompt, self.params, self.emit, self.reserve = prompt, params, emit, reserve
+    def __init__(self, prompt: list[int], params: SamplingParams, emit: Callable[[Event], None], reserve: int,
+                 gone: Callable[[], bool] | None = None):
+        self.prompt, self.params, self.emit, self.reserve, self.gone = prompt, params, emit, reserve, gone
         self.cancelled = False
         self.ids: list[int] = []
         self.keys: np.ndarray | None = None
@@ -150,6 +151,12 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    def dead(self) -> bool:
+        """Cancelled, or its client went away (checked before every step)."""
+        if not self.cancelled and self.gone is not None and self.gone():
+            self.cancelled = True
+        return self.cancelled
 
 
 class Generator:
@@ -170,7 +177,8 @@ class Generator:
         self.thread.start()
 
     # -- admission ------------------------------------------------------------
-    def submit(self, prompt: list[int], params: SamplingParams, emit: Callable[[Event], None]) -> Job:
+    def submit(self, prompt: list[int], params: SamplingParams, emit: Callable[[Event], None],
+               gone: Callable[[], bool] | None = None) -> Job:
         if not prompt:
             raise UsageError("the prompt is empty; give at least one character")
         if len(prompt) + params.max_tokens > self.context:
@@ -180,7 +188,7 @@ class Generator:
         if reserve > self.kv_budget_bytes:
             raise UsageError(f"this request needs {reserve >> 10} KiB of KV cache, over the model's budget of "
                              f"{self.kv_budget_bytes >> 10} KiB; lower max_tokens or shorten the prompt")
-        job = Job(prompt, params, emit, reserve)
+        job = Job(prompt, params, emit, reserve, gone)
         with self.cond:
             if self.closed:
                 raise ServeError("the model is being unloaded; retry")
@@ -208,9 +216,12 @@ class Generator:
 
     # -- the loop ---------------------------------------------------------------
     def _admit(self) -> None:
-        while self.waiting and (self.waiting[0].cancelled or self.reserved + self.waiting[0].reserve <= self.kv_budget_bytes):
+        for job in [j for j in self.waiting if j.dead()]:         # gone while waiting: free their places
+            self.waiting.remove(job)
+            self._finish(job, FINISH_CANCELLED)
+        while self.waiting and self.reserved + self.waiting[0].reserve <= self.kv_budget_bytes:
             job = self.waiting.popleft()
-            if job.cancelled:
+            if job.dead():
                 self._finish(job, FINISH_CANCELLED)
                 continue
             self.reserved += job.reserve
@@ -221,7 +232,7 @@ class Generator:
             with self.cond:
                 self._admit()
                 while not self.active and not self.closed:
-                    self.cond.wait()
+                    self.cond.wait(0.5)          # wake to notice waiting clients that went away
                     self._admit()
                 if self.closed and not self.active:
                     for job in self.waiting:
@@ -231,7 +242,7 @@ class Generator:
                 turn = list(self.active)
             for job in turn:            # one step each: fair interleaving
                 try:
-                    finish = FINISH_CANCELLED if job.cancelled else self._step(job)
+                    finish = FINISH_CANCELLED if job.dead() else self._step(job)
                 except Exception as exc:  # noqa: BLE001 - one failing sequence must not stop the others
                     job.emit(Event("", FINISH_ERROR, len(job.prompt), len(job.ids), f"{type(exc).__name__}: {exc}"))
                     finish = FINISH_ERROR

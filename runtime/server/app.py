@@ -28,6 +28,7 @@ from edgeml.runtime.server.breaker import BreakerConfig, CircuitBreaker
 from edgeml.runtime.server.cache import cache_for
 from edgeml.runtime.server.dataplane import DataPlane
 from edgeml.runtime.server.fallback import PrimaryRetry, check_compatible, declared_fallback, stand_in_reason
+from edgeml.runtime.server.generate import close_all as close_text_generation, load_text_generation
 from edgeml.runtime.server.http import HttpConnection
 from edgeml.runtime.server.logs import LOGGER, configure_logging
 from edgeml.runtime.server.repository import LoadedModel, Repository
@@ -255,6 +256,7 @@ class ModelServer:
                 conn.transport.abort()
 
     def _close_models(self) -> None:
+        close_text_generation(self)
         for lm, _ in self.repo.all():
             _close(lm)
 
@@ -321,6 +323,9 @@ class ModelServer:
         path = Path(artifact)
         with self._api_lock:
             t0 = time.perf_counter()
+            textgen = load_text_generation(self, path, name, version)    # a decoder: served by generate.py
+            if textgen is not None:
+                return textgen
             try:
                 model = self._open(path)
             except EdgemlError as exc:

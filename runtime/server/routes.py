@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from edgeml.errors import EdgemlError
+from edgeml.runtime.server import generate
 from edgeml.runtime.server.http import CT_JSON, CT_OCTET, CT_TEXT, build_response
 from edgeml.runtime.server.logs import LOGGER
 from edgeml.runtime.server.metrics import render_prometheus, render_resilience
@@ -110,6 +111,8 @@ class Router:
     def _route(self, conn, slot, call: Call, method: bytes, parts: list[str], headers: dict, body: bytes) -> None:
         path = call.path
         n = len(parts)
+        if parts[0] in ("v1", "v2") and generate.handles(parts):     # text generation (runtime/server/generate.py)
+            return generate.dispatch(self, conn, slot, call, method, parts, body)
         if parts[0] == "v2":
             if n >= 3 and parts[1] == "models":
                 return self._models(conn, slot, call, method, parts[2], parts[3:], headers, body)
@@ -132,7 +135,7 @@ class Router:
             loaded = [lm for lm, _ in s.repo.all()]
             models = [(lm.name, lm.version, lm.ready, lm.stats) for lm in loaded]
             text = render_prometheus(models, s.http_codes, s.inflight) + render_resilience(
-                [(lm.name, lm.version, lm.resilience()) for lm in loaded])
+                [(lm.name, lm.version, lm.resilience()) for lm in loaded]) + generate.metrics_text(s)
             return self._send(conn, slot, call, 200, text, CT_TEXT)
         raise NotFound(f"no such endpoint {path}")
 

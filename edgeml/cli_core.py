@@ -59,7 +59,8 @@ def keygen_cmd(key: str, force: bool, as_json: bool) -> None:
     "edgeml inspect digits.edgepkg --json      # the whole manifest"))
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--verify/--no-verify", default=True, help="Check every file hash (default) or only read the manifest.")
-@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path), help="Check the signature against this public key.")
+@click.option("--trusted-key", "trusted_keys", multiple=True, envvar="EDGEML_TRUSTED_KEYS", show_envvar=True,
+              type=click.Path(path_type=Path), help="Check the signature against this public key.")
 @json_option
 @handle_errors
 def inspect_cmd(artifact: Path, verify: bool, trusted_keys: tuple[Path, ...], as_json: bool) -> None:
@@ -129,7 +130,8 @@ def _describe(m: dict, signer: str | None) -> str:
               help="Stream job: stop after this many messages (default: until SIGINT/SIGTERM).")
 @click.option("--idle-timeout", "idle_timeout_s", type=click.FloatRange(0.001, 86_400 * 365), default=None,
               help="Stream job: stop after this many seconds without a message.")
-@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path),
+@click.option("--trusted-key", "trusted_keys", multiple=True, envvar="EDGEML_TRUSTED_KEYS", show_envvar=True,
+              type=click.Path(path_type=Path),
               help="Refuse the artifact unless signed by this public key (repeatable).")
 @json_option
 @handle_errors

@@ -127,7 +127,8 @@ def _wait_for_signal() -> None:
 @click.option("--labels", default="", help="k=v,k2=v2 labels the manager selects on (host-target=<this host's best"
                                            " CPU target> is added unless given: rollouts check artifacts against it).")
 @click.option("--state-dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Journal + slots.")
-@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--trusted-key", "trusted_keys", multiple=True, envvar="EDGEML_TRUSTED_KEYS", show_envvar=True,
+              type=click.Path(dir_okay=False, path_type=Path),
               help="Public key artifacts (and manager messages) must be signed with; repeatable.")
 @click.option("--allow-unsigned", is_flag=True, help="Accept unsigned artifacts and messages (development only).")
 @click.option("--host", "--http-host", "http_host", cls=AliasedOption, hidden_aliases=("--http-host",),
@@ -298,7 +299,8 @@ def manager_cmd(db, store_dir, http_host, http_port, connect_timeout, public_url
 @click.option("--db", type=DB_TYPE, help=DB_HELP)
 @click.option("--store", "store_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Artifact store folder (default: beside the db; the manager's --store).")
-@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--trusted-key", "trusted_keys", multiple=True, envvar="EDGEML_TRUSTED_KEYS", show_envvar=True,
+              type=click.Path(dir_okay=False, path_type=Path),
               help="Refuse the artifact unless signed by one of these keys.")
 @json_option
 @handle_errors

@@ -60,7 +60,8 @@ _PORT = PortType()      # one range check and message for every port option (edg
               help="Backend intra-op threads (default: the artifact's choice).")
 @click.option("--batch-mode", type=click.Choice(["auto", "inline", "thread"]), default="auto", show_default=True,
               help="Run batches on the event loop (inline) or a worker thread; auto picks by model speed.")
-@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path),
+@click.option("--trusted-key", "trusted_keys", multiple=True, envvar="EDGEML_TRUSTED_KEYS", show_envvar=True,
+              type=click.Path(path_type=Path),
               help="Public key whose signature artifacts must carry (repeatable).")
 @click.option("--allow-unsigned", is_flag=True, help="With --trusted-key: still accept unsigned artifacts.")
 @click.option("--repository", "repository_dir", type=click.Path(file_okay=False, path_type=Path),

@@ -185,6 +185,17 @@ def test_log_format_json_and_durations_in_one_syntax(tmp_path, closed_port, art)
     assert DurationType("s").convert("250ms", None, None) == 0.25
 
 
+def test_trusted_keys_from_the_environment(tmp_path, art):
+    """$EDGEML_TRUSTED_KEYS stands for --trusted-key (path-separated) in every command that takes one."""
+    res = edgeml("inspect", art, env={"EDGEML_TRUSTED_KEYS": str(tmp_path / "nope.pub")})
+    assert res.returncode == 7 and f"cannot read public key {tmp_path / 'nope.pub'}" in res.stderr
+    from edgeml.runtime.signing import generate_keypair
+
+    _, pub = generate_keypair(tmp_path / "k")
+    res = edgeml("inspect", art, env={"EDGEML_TRUSTED_KEYS": str(pub)})
+    assert res.returncode == 7 and "unsigned" in res.stderr      # the tiny artifact carries no signature
+
+
 def test_version_lists_backends():
     text = edgeml("--version").stdout
     for name in ("edgeml", "onnxruntime", "openvino", "apache-tvm", "python"):

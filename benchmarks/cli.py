@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from edgeml.cli import emit, examples, handle_errors, json_option
+from edgeml.cli import check_trusted_keys, emit, examples, handle_errors, json_option
 
 
 class BenchGroup(click.Group):
@@ -73,8 +73,10 @@ def _duration(ctx, param, value):
               help="Size the dynamic axes of an input (repeatable), e.g. input_ids=1,128; axis 0 is the batch.")
 @click.option("--data", "data", type=click.Path(dir_okay=False, path_type=Path),
               help="Real inputs: an .npz with one array per input name, axis 0 = samples.")
-@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path), help="Check the artifact's signature.")
-@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), help="Write result.json, report.md, report.html here.")
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path), envvar="EDGEML_TRUSTED_KEYS",
+              show_envvar=True, help="Check the artifact's signature.")
+@click.option("-o", "--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write result.json, report.md, report.html and the PNG plots into this folder (each one listed).")
 @json_option
 @handle_errors
 def run_cmd(model: Path, scenario: str, duration: float, min_queries: int, max_duration: float | None, batch: int,
@@ -86,6 +88,7 @@ def run_cmd(model: Path, scenario: str, duration: float, min_queries: int, max_d
     from edgeml.benchmarks.report import write_report
     from edgeml.compiler.options import parse_input_shapes
 
+    check_trusted_keys(trusted_keys)
     settings = BenchSettings(
         scenario=scenario, duration_s=duration, min_queries=min_queries, max_duration_s=max_duration, batch=batch,
         threads=threads, repeats=repeats, warmup_s=warmup, samples_per_query=samples_per_query, concurrency=concurrency,

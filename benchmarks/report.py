@@ -350,7 +350,7 @@ def write_report(result: dict, directory: str | Path) -> dict[str, str]:
     atomic_write_bytes(paths["json"], dumps(result).encode())
     atomic_write_bytes(paths["markdown"], to_markdown(result, files).encode())
     atomic_write_bytes(paths["html"], to_html(result, pngs).encode())
-    return {k: str(v) for k, v in paths.items()}
+    return {**{k: str(v) for k, v in paths.items()}, **{name: str(directory / f) for name, f in files.items()}}
 
 
 # ----------------------------------------------------------------------------- compare

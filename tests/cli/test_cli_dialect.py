@@ -110,3 +110,15 @@ def test_agent_banner_names_no_model_instead_of_none(tmp_path):
     finally:
         broker.stop()
     assert "serving no model yet (waiting for a rollout)" in line and "None" not in line
+
+
+def test_bench_report_lists_every_file_it_writes(tmp_path):
+    from edgeml.fleet.testing import make_artifact
+
+    art = make_artifact(tmp_path / "tiny.edgepkg", "tiny", "1.0.0")
+    res = CliRunner().invoke(main, ["bench", str(art), "--duration", "200ms", "--repeats", "1", "--warmup", "0s",
+                                    "--min-queries", "8", "--no-sweep", "-o", str(tmp_path / "rep")])
+    assert res.exit_code == 0, res.output
+    written = {line.split("wrote ", 1)[1].strip() for line in res.output.splitlines() if "  wrote " in line}
+    on_disk = {str(p) for p in (tmp_path / "rep").iterdir()}
+    assert on_disk == written and any(p.endswith(".png") for p in written)

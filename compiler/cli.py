@@ -107,6 +107,14 @@ def _parse_backend_option(values: tuple[str, ...]) -> dict:
 @click.option("--fine-tune-epochs", default=5, type=int, show_default=True, help="Epochs of --prune's fine-tune.")
 @click.option("--tune-budget", help="TVM tuning budget, e.g. 10m (TVM backend only).")
 @click.option("--option", "backend_option", multiple=True, help="Backend option KEY=VALUE (JSON values allowed).")
+@click.option("--max-memory-mb", type=float, default=None,
+              help="Budget: reject a candidate whose serving process peaks above this resident memory (measured in "
+                   "a fresh worker at batch 1).")
+@click.option("--max-size-mb", type=float, default=None, help="Budget: reject a candidate whose model files weigh more.")
+@click.option("--candidate-timeout", "candidate_timeout_s", type=float, default=120.0, show_default=True,
+              help="Seconds a candidate's worker may take per step (load, timing); evaluation adds its eval budget.")
+@click.option("--candidate-memory-mb", type=int, default=None,
+              help="Resident memory a candidate's worker may reach before it is killed (default: half of RAM).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 @click.option("--task", type=click.Choice(["text-generation"]),
               help="text-generation: MODEL is a Hugging Face decoder folder (docs/generation.md).")
@@ -119,7 +127,9 @@ def compile_cmd(model: str, target: str, output: Path, precision: str, backend: 
                 eval_path: Path | None, max_accuracy_drop: float, metric: str, input_shape: tuple[str, ...], name: str | None,
                 version: str, sign_key: Path | None, cache_dir: Path | None, no_cache: bool, no_benchmark: bool,
                 benchmark_seconds: float, keep_fallback: bool, prune: str, train: Path | None,
-                fine_tune_epochs: int, tune_budget: str | None, backend_option: tuple[str, ...], quiet: bool,
+                fine_tune_epochs: int, tune_budget: str | None, backend_option: tuple[str, ...],
+                max_memory_mb: float | None, max_size_mb: float | None, candidate_timeout_s: float,
+                candidate_memory_mb: int | None, quiet: bool,
                 task: str | None, max_perplexity_increase: float, kv_budget_mb: float | None, as_json: bool) -> None:
     """Compile MODEL (.onnx, .pt2, or pkg.module:factory) into a verified artifact for TARGET."""
     from edgeml.compiler import compile_with_report
@@ -145,7 +155,9 @@ def compile_cmd(model: str, target: str, output: Path, precision: str, backend: 
             eval=eval_path, max_accuracy_drop=max_accuracy_drop, metric=metric, input_shape=list(input_shape) or None, name=name,
             version=version, sign_key=sign_key, cache_dir=cache_dir, use_cache=not no_cache,
             benchmark=not no_benchmark, benchmark_seconds=benchmark_seconds, progress=_Progress(quiet),
-            keep_fallback=keep_fallback, prune=prune, train=train, fine_tune_epochs=fine_tune_epochs, **extra)
+            keep_fallback=keep_fallback, prune=prune, train=train, fine_tune_epochs=fine_tune_epochs,
+            max_memory_mb=max_memory_mb, max_size_mb=max_size_mb, candidate_timeout_s=candidate_timeout_s,
+            candidate_memory_mb=candidate_memory_mb, **extra)
     emit(result.to_dict(), as_json, render)
 
 

@@ -80,6 +80,8 @@ class CompileOptions:
     isolation: str = "process"                  # process: candidates run in worker processes (compiler/worker.py)
     candidate_timeout_s: float = 120.0          # wall clock per worker step (load, golden run, timing request)
     candidate_memory_mb: int | None = None      # a worker's RSS limit; None: half of this machine's memory
+    max_memory_mb: float | None = None          # budget: a candidate whose serving process peaks above is rejected
+    max_size_mb: float | None = None            # budget: a candidate whose artifact members weigh more is rejected
     prune: Any = ()                             # channel ratios to prune (compiler/prune.py); () = none
     train: Path | None = None                   # training .npz for the pruned models' fine-tune
     fine_tune_epochs: int = 5
@@ -165,6 +167,18 @@ class CompileOptions:
             raise UsageError(f"candidate_timeout_s must be between 1 and 86400 seconds, got {self.candidate_timeout_s:g}")
         if self.candidate_memory_mb is not None and not 64 <= self.candidate_memory_mb <= 1 << 22:
             raise UsageError(f"candidate_memory_mb must be between 64 and 4194304, got {self.candidate_memory_mb}")
+        for name in ("max_memory_mb", "max_size_mb"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise UsageError(f"{name} {value!r} is not a number of MB") from None
+            if not 0.0 < value <= 1e7:
+                raise UsageError(f"{name} must be a positive number of MB, got {value:g}",
+                                 hint=f"e.g. --{name.replace('_', '-')} 512")
+            setattr(self, name, value)
 
     def _validate_metric(self) -> None:
         from edgeml.compiler.evaluate import METRIC_ALIASES, METRICS, metric_name
@@ -215,6 +229,9 @@ class CompileOptions:
             d.pop("metric")
         if not self.keep_fallback:  # the same: only a compile that keeps a fallback records it
             d.pop("keep_fallback")
+        for budget in ("max_memory_mb", "max_size_mb"):   # the same: only a budgeted compile records them
+            if d.get(budget) is None:
+                d.pop(budget, None)
         d["input_shape"] = {k: list(v) for k, v in sorted(self.input_shape.items())}
         d["backend_options"] = {k: _jsonable(v) for k, v in sorted(d["backend_options"].items())}
         return d

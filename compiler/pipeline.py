@@ -282,6 +282,12 @@ def _build_and_check(s: CompileSession, c: Candidate, ctx: BuildContext) -> None
         return
     assert c.built is not None
     folder = _lay_out(s, c)
+    size_mb = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
+    c.size_mb = round(size_mb, 6)
+    if s.opts.max_size_mb is not None and size_mb > s.opts.max_size_mb:
+        c.status, c.reason = "rejected", f"its files take {c.size_mb:g} MB (> {s.opts.max_size_mb:g} MB allowed: max_size_mb)"
+        s.say(f"  {c.spec.label}: {c.reason}")
+        return
     backend = {"name": c.spec.backend, "version": c.backend_version, "entrypoint": c.built.entrypoint,
                "options": c.built.backend_options}
     manifest = _provisional_manifest(s, backend, c.spec.precision)
@@ -289,6 +295,30 @@ def _build_and_check(s: CompileSession, c: Candidate, ctx: BuildContext) -> None
     outputs = _run_on_eval(s, c, folder, manifest)
     if outputs is not None:
         _judge(s, c, outputs)
+        if s.opts.max_memory_mb is not None and (c.status == "passed" or c.host_check is not None):
+            _check_memory(s, c, folder, manifest)   # measured here (with this host's kernels for host checks)
+    elif s.opts.max_memory_mb is not None and c.status == "unverified":
+        c.reason = f"{c.reason}; its memory could not be measured here either (max_memory_mb not checked)"
+
+
+def _check_memory(s: CompileSession, c: Candidate, folder: Path, manifest: dict[str, Any]) -> None:
+    """Budget: the candidate's serving process, measured in a fresh worker at batch 1, must fit."""
+    budget = s.opts.max_memory_mb
+    assert budget is not None
+    try:
+        c.memory = s.pool.memory_profile(c.spec.backend, folder, manifest, s.threads, s.reference.eval_set.inputs,
+                                         s.reference.batch or 1)
+    except EdgemlError as exc:
+        c.status, c.reason = "failed", f"memory measurement failed: {exc.message}"
+        c.close_runtime()
+        return
+    peak = (c.memory or {}).get("run_peak_mb")
+    if peak is not None and peak > budget:
+        c.status = "rejected"
+        c.reason = (f"its serving process peaks at {peak:g} MB resident (> {budget:g} MB allowed: max_memory_mb; "
+                    f"{c.memory['baseline_mb'] if c.memory else 0:g} MB of it is the Python runtime itself)")
+        c.close_runtime()
+        s.say(f"  {c.spec.label}: {c.reason}")
 
 
 def _build(s: CompileSession, c: Candidate, ctx: BuildContext) -> bool:
@@ -558,6 +588,10 @@ def _no_candidate_error(cands: list[Candidate], skipped: list[dict[str, Any]], t
         first = unsupported[0]
         return UnsupportedOp(first.message + (f" (all candidates failed: {detail})" if len(cands) > 1 else ""),
                              hint=first.hint)
+    budget = [c for c in cands if c.status == "rejected" and "allowed: max_" in (c.reason or "")]
+    if budget and all(c.status in ("rejected", "failed", "skipped") for c in cands):
+        return CompileError(f"no candidate fits the budgets: {detail}",
+                            hint="raise --max-memory-mb / --max-size-mb, or try --precision int8 for a smaller model")
     if any(c.status == "rejected" for c in cands):
         return AccuracyError(f"no candidate kept accuracy within {tolerance:g} points: {detail}",
                              hint="raise --max-accuracy-drop, give more --calib data, or use --precision fp32")

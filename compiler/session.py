@@ -65,6 +65,8 @@ class Candidate:
     host_check: str | None = None         # passed | rejected: an indicative run with this host's kernels
     peak_rss_mb: float | None = None      # its worker's peak RSS (load + eval + benchmark)
     threads: int | None = None            # runtime threads it was measured with (None: the target's default)
+    size_mb: float | None = None          # its artifact members' total size
+    memory: dict[str, float] | None = None   # fresh-worker RSS: baseline, after load, after batch-1 runs
 
     def close_runtime(self) -> None:
         if self.runtime is not None:
@@ -103,6 +105,8 @@ class Candidate:
             "notes": list(self.built.notes) if self.built else [],
             "verification": self.verification,
             "threads": self.threads,
+            "size_mb": self.size_mb,
+            "memory": None if reproducible else self.memory,
             "peak_rss_mb": None if reproducible else self.peak_rss_mb,
         }
 

@@ -360,6 +360,27 @@ class WorkerPool:
             raise
         return handle
 
+    def memory_profile(self, backend: str, folder: Path, manifest: dict[str, Any], threads: int | None,
+                       inputs: dict[str, np.ndarray], rows: int) -> dict[str, float] | None:
+        """Resident memory of a fresh worker: before loading (the interpreter), after loading, and after
+        single-stream runs at ``rows`` (what a device serving this candidate holds); None in process."""
+        if self.isolation == "none":
+            return None
+        proc = _Process(self.scratch / f"worker-{len(self._all)}.log", self._env(), self.limits)
+        self._all.append(proc)
+        proc.request({"op": "ping"}, "starting", self.limits.timeout_s)
+        baseline = proc.rss_mb() or 0.0
+        handle = ProcessHandle(self, proc)
+        handle._call({"op": "load", "backend": backend, "folder": str(folder), "manifest": manifest,
+                      "threads": threads}, "loading")
+        loaded = proc.rss_mb("VmHWM") or 0.0
+        handle.set_bench_feeds(inputs, rows)
+        handle.warmup(3, 30.0)   # one cold run + three warm ones: buffers and arenas reach their steady size
+        running = proc.rss_mb("VmHWM") or 0.0
+        handle.close()
+        return {"baseline_mb": round(baseline, 1), "load_peak_mb": round(loaded, 1),
+                "run_peak_mb": round(max(running, loaded), 1)}
+
     def close(self) -> None:
         for proc in self._all:
             proc.stop()

@@ -280,7 +280,12 @@ def manager_cmd(db, store_dir, http_host, http_port, connect_timeout, public_url
         raise port_in_use(exc, "--port", http_port) or exc from None
     if connect_timeout_s is not None:
         _connected_or_exit(svc.transport, connect_timeout_s, svc.stop)
-    monitoring = Monitoring(config.db, config.store_path(), kw)   # /metrics + alert webhook (fleet/monitor_cli.py)
+    metrics_port = kw.get("metrics_port")
+    try:
+        monitoring = Monitoring(config.db, config.store_path(), kw)   # /metrics + alert webhook (fleet/monitor_cli.py)
+    except (OSError, EdgemlError) as exc:
+        svc.stop()
+        raise (port_in_use(exc, "--metrics-port", metrics_port) if metrics_port is not None else None) or exc from None
     emit({"db": str(config.db), "artifacts": svc.server.base_url, "broker": svc.broker.url, "pid": os.getpid(),
           "metrics": monitoring.metrics_url}, as_json,
          lambda i: f"manager (pid {i['pid']}): db {i['db']}, artifacts at {i['artifacts']}, broker {i['broker']}"

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from edgeml.cli import emit, examples, handle_errors, json_option
+from edgeml.cli import PortType, emit, examples, handle_errors, json_option
 
 
 def _human(reports: list[dict[str, Any]]) -> str:
@@ -73,7 +73,7 @@ def _default_store(db: Any) -> Path | None:
 
 # ----------------------------------------------------------------------------- manager options
 MANAGER_OPTIONS = [
-    click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+    click.option("--metrics-port", type=PortType(), default=None,
                  help="Serve Prometheus /metrics for the fleet on this port (0: a free one). Default: off."),
     click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address of /metrics."),
     click.option("--alert-webhook", default=None, callback=lambda ctx, param, value: _webhook(value),

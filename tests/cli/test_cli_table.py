@@ -67,9 +67,14 @@ ROWS = [
     ("agent-port-range", ["agent", "--device-id", "d1", "--state-dir", "TMP/a", "--allow-unsigned", "--port", "70000"],
      2, ["error: --port: 70000 is not a port"]),
     ("serve-port-range", ["serve", "ART", "--port", "70000"], 2, ["error: --port: 70000 is not a port"]),
+    ("manager-metrics-port-range", ["fleet", "manager", "--db", "TMP/f.db", "--metrics-port", "65536"], 2,
+     ["error: --metrics-port: 65536 is not a port"]),
     ("serve-grpc-port-range", ["serve", "ART", "--grpc-port", "-3"], 2, ["error: --grpc-port: -3 is not a port"]),
     ("manager-port-taken", ["fleet", "manager", "--db", "TMP/f.db", "--port", "BUSY", "--broker",
                             "mqtt://127.0.0.1:CLOSED"], 2, ["error: --port BUSY: the port is already in use"]),
+    ("manager-metrics-port-taken", ["fleet", "manager", "--db", "TMP/f.db", "--port", "0", "--metrics-port", "BUSY",
+                                    "--broker", "mqtt://127.0.0.1:CLOSED"], 2,
+     ["error: --metrics-port BUSY: the port is already in use"]),
     ("serve-port-taken", ["serve", "ART", "--port", "BUSY"], 2, ["error: --port BUSY: the port is already in use"]),
     ("agent-port-taken", ["agent", "--device-id", "d1", "--state-dir", "TMP/a", "--allow-unsigned", "--port", "BUSY",
                           "--broker", "mqtt://127.0.0.1:CLOSED"], 2,
@@ -194,6 +199,13 @@ def test_trusted_keys_from_the_environment(tmp_path, art):
     _, pub = generate_keypair(tmp_path / "k")
     res = edgeml("inspect", art, env={"EDGEML_TRUSTED_KEYS": str(pub)})
     assert res.returncode == 7 and "unsigned" in res.stderr      # the tiny artifact carries no signature
+
+
+def test_no_color_and_no_escape_codes_anywhere():
+    for env in ({}, {"NO_COLOR": "1"}):
+        for args in (["--help"], ["fleet", "rollout", "start", "--help"], ["doctor"]):
+            res = edgeml(*args, env=env)
+            assert "\x1b[" not in res.stdout + res.stderr
 
 
 def test_version_lists_backends():

@@ -135,7 +135,8 @@ def summary_text(result: dict) -> str:
 @click.option("--label", "labels", multiple=True, help="A name for each result, in order (default: model [backend/precision]).")
 @click.option("--noise-floor", type=float, default=0.05, show_default=True,
               help="With a single repeat, relative differences under this are called noise.")
-@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), help="Write compare.json/.md/.html here.")
+@click.option("-o", "--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write compare.json/.md/.html here.")
 @json_option
 @handle_errors
 def compare_cmd(results: tuple[Path, ...], labels: tuple[str, ...], noise_floor: float, report_dir: Path | None, as_json: bool) -> None:

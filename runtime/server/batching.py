@@ -98,14 +98,16 @@ class Batcher:
 
         For a batchable model the row count is read from the request's own arrays (``rows`` is only
         used for models that run one request at a time)."""
-        if self.batchable:
-            rows = next(iter(feeds.values())).shape[0]
         sig = None
         if len(feeds) == 1:
             for a in feeds.values():
                 sig = a.shape[1:]
+                if self.batchable:
+                    rows = a.shape[0]
         else:
             sig = tuple(a.shape[1:] for a in feeds.values())
+            if self.batchable:
+                rows = next(iter(feeds.values())).shape[0]
         self._queue.append(_Item(feeds, rows, sig, callback, self._clock()))
         self._queued_rows += rows
         if not self._busy and not self._scheduled:

@@ -109,7 +109,7 @@ def shape_text(shape: Sequence[int | None]) -> str:
     return "[" + ", ".join("-1" if s is None else str(s) for s in shape) + "]"
 
 
-@dataclass
+@dataclass(slots=True)
 class InferRequest:
     """A decoded, validated inference request."""
 
@@ -207,10 +207,16 @@ def _checked_header(i: int, tensor: Any, specs: dict[str, Any], seen: dict[str, 
             raise BadRequest(f"input {name!r} has unknown datatype {datatype!r}; the model expects {want_dt}")
         raise BadRequest(f"input {name!r} has datatype {datatype}; the model expects {want_dt}")
     shape = tensor.get("shape")
+    want = spec.shape
+    if type(shape) is list and len(shape) == len(want):     # one pass for the usual request
+        for s, w in zip(shape, want):
+            if type(s) is not int or s < 0 or s >= _MAX_DIM or (w is not None and s != w):
+                break
+        else:
+            return name, shape
     if not isinstance(shape, list) or not all(type(s) is int and 0 <= s < _MAX_DIM for s in shape):
         raise BadRequest(f"input {name!r}: 'shape' must be a list of non-negative integers below 2^63, "
                          f"got {_kind(shape)}")
-    want = spec.shape
     if len(shape) != len(want) or any(w is not None and s != w for s, w in zip(shape, want)):
         raise BadRequest(f"input {name!r} has shape {shape_text(shape)}; the model expects {shape_text(want)}")
     return name, shape

@@ -177,7 +177,8 @@ class Router:
 
         # what decoding costs: the JSON part (binary tensors are read in place) or the whole compressed body
         cost = hl if hl is not None and enc is None else len(body)
-        call.key = _clean_id(headers.get(b"x-experiment-key"))
+        if self.s.experiments is not None:     # the sticky A/B key matters only while an experiment runs
+            call.key = _clean_id(headers.get(b"x-experiment-key"))
         self.plane.infer(call, name, version, decode, _HttpReply(self, conn, slot), cost)
 
     def _decompress(self, enc: bytes, body: bytes) -> bytes:

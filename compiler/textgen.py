@@ -161,11 +161,9 @@ def measure_in_subprocess(cand: Candidate, shape: Any, prompt: list[int], new_to
 
 
 def _measure_main(job: dict[str, Any]) -> dict[str, float]:
-    import resource
-
     import numpy as np
 
-    from edgeml.runtime.textgen import DecoderEngine
+    from edgeml.runtime.textgen import DecoderEngine, peak_rss_mb
 
     t0 = time.perf_counter()
     engine = DecoderEngine(Path(job["xml"]), job["layers"], job["kv_heads"], job["head_dim"], job["precision"],
@@ -183,7 +181,7 @@ def _measure_main(job: dict[str, Any]) -> dict[str, float]:
         token, pos = int(np.argmax(logits[-1])), pos + 1
     decode = time.perf_counter() - t2
     return {"decode_tokens_per_s": job["new_tokens"] / decode, "ttft_ms": ttft * 1000, "load_s": load_s,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def _golden(xml: Path, precision: str, shape: Any, prompt: list[int], n: int) -> list[int]:

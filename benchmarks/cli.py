@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from edgeml.cli import check_trusted_keys, emit, examples, handle_errors, json_option
+from edgeml.cli import DurationType, check_trusted_keys, emit, examples, handle_errors, json_option
 
 
 class BenchGroup(click.Group):
@@ -65,7 +65,7 @@ def _duration(ctx, param, value):
 @click.option("--samples-per-query", type=int, default=8, show_default=True, help="multi-stream: samples in each query.")
 @click.option("--concurrency", type=int, default=1, show_default=True, help="offline/server: concurrent workers.")
 @click.option("--target-qps", type=float, default=None, help="server: Poisson arrival rate.")
-@click.option("--latency-bound-ms", type=float, default=None, help="server: p99 bound (default 100 ms).")
+@click.option("--latency-bound-ms", type=DurationType("ms"), default=None, help="server: p99 bound (100ms, 0.2s; a bare number is ms; default 100ms).")
 @click.option("--find-peak", is_flag=True, help="server: search the highest QPS whose p99 holds the bound.")
 @click.option("--sweep/--no-sweep", default=True, show_default=True, help="Also measure throughput against concurrency.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the input data and the Poisson schedule.")

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from edgeml.backends import backend_names
-from edgeml.cli import check_output_file, complete_target, emit, examples, handle_errors, json_option
+from edgeml.cli import DurationType, check_output_file, complete_target, emit, examples, handle_errors, json_option
 
 
 class _Progress:
@@ -94,8 +94,8 @@ def _parse_backend_option(values: tuple[str, ...]) -> dict:
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Compile cache folder (default ~/.cache/edgeml/compile).")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the compile cache.")
 @click.option("--no-benchmark", is_flag=True, help="Do not time candidates (select by the static order).")
-@click.option("--benchmark-seconds", default=3.0, type=float, show_default=True,
-              help="Time budget of the interleaved candidate benchmark.")
+@click.option("--benchmark-seconds", default=3.0, type=DurationType("s"), show_default=True,
+              help="Time budget of the interleaved candidate benchmark (3s, 500ms; a bare number is seconds).")
 @click.option("--keep-fallback", is_flag=True,
               help="Also write OUTPUT-stem.fallback.edgepkg: the best passing candidate of another backend (else "
                    "FP32), served when the primary fails (named by the primary's runtime.fallback).")
@@ -111,8 +111,9 @@ def _parse_backend_option(values: tuple[str, ...]) -> dict:
               help="Budget: reject a candidate whose serving process peaks above this resident memory (measured in "
                    "a fresh worker at batch 1).")
 @click.option("--max-size-mb", type=float, default=None, help="Budget: reject a candidate whose model files weigh more.")
-@click.option("--candidate-timeout", "candidate_timeout_s", type=float, default=120.0, show_default=True,
-              help="Seconds a candidate's worker may take per step (load, timing); evaluation adds its eval budget.")
+@click.option("--candidate-timeout", "candidate_timeout_s", type=DurationType("s"), default=120.0, show_default=True,
+              help="How long a candidate's worker may take per step (load, timing; 2m, 90s; a bare number is"
+                   " seconds); evaluation adds its eval budget.")
 @click.option("--candidate-memory-mb", type=int, default=None,
               help="Resident memory a candidate's worker may reach before it is killed (default: half of RAM).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")

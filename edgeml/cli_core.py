@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from edgeml.cli import check_output_file, check_trusted_keys, emit, examples, handle_errors, json_option
+from edgeml.cli import DurationType, check_output_file, check_trusted_keys, emit, examples, handle_errors, json_option
 from edgeml.errors import UsageError
 
 
@@ -128,8 +128,8 @@ def _describe(m: dict, signer: str | None) -> str:
 @click.option("--broker", type=str, help="Stream job: the MQTT broker, mqtt://HOST[:PORT].")
 @click.option("--max-messages", type=click.IntRange(1, 1 << 40), default=None,
               help="Stream job: stop after this many messages (default: until SIGINT/SIGTERM).")
-@click.option("--idle-timeout", "idle_timeout_s", type=click.FloatRange(0.001, 86_400 * 365), default=None,
-              help="Stream job: stop after this many seconds without a message.")
+@click.option("--idle-timeout", "idle_timeout_s", type=DurationType("s"), default=None,
+              help="Stream job: stop after this long without a message (30s, 5m; a bare number is seconds).")
 @click.option("--trusted-key", "trusted_keys", multiple=True, envvar="EDGEML_TRUSTED_KEYS", show_envvar=True,
               type=click.Path(path_type=Path),
               help="Refuse the artifact unless signed by this public key (repeatable).")
@@ -141,6 +141,8 @@ def run_cmd(artifact: Path, input_text: str | None, output_text: str | None, mqt
     """Run ARTIFACT on one .npz (--input X.npz [--output Y.npz]), a batch of items (--input DIR|GLOB|- --output
     DIR: resumable, one .npz per item), or an MQTT stream (--mqtt-in/--mqtt-out/--broker)."""
     check_trusted_keys(trusted_keys)
+    if idle_timeout_s is not None and not 0.001 <= idle_timeout_s <= 86_400 * 365:
+        raise UsageError(f"--idle-timeout {idle_timeout_s:g}s is outside 1ms..365 days")
     stream = (mqtt_in, mqtt_out, broker)
     if any(v is not None for v in stream):
         if not all(stream) or input_text is not None:

@@ -92,7 +92,7 @@ def test_the_manager_replicas_commands_run(pg_schemas, broker, keys, tmp_path): 
             cmd = list(svc["command"])
             http, metrics_port = free_port(), free_port()
             swap = {"--db": url, "--store": str(tmp_path / "store"), "--broker": broker.url,
-                    "--http-host": "127.0.0.1", "--http-port": str(http), "--public-url": f"http://127.0.0.1:{http}",
+                    "--host": "127.0.0.1", "--port": str(http), "--public-url": f"http://127.0.0.1:{http}",
                     "--sign-key": str(keys["key"]), "--metrics-host": "127.0.0.1",
                     "--metrics-port": str(metrics_port)}
             for flag, value in swap.items():

@@ -51,7 +51,7 @@ def _duration(ctx, param, value):
     "edgeml bench digits.edgepkg --scenario server --duration 20s --report out/   # + HTML, plots",
     "edgeml bench examples/digits/digits.onnx --scenario offline --batch 32"))
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--scenario", type=click.Choice(["single-stream", "multi-stream", "offline", "server"]),
+@click.option("--scenario", type=click.Choice(["single-stream", "multi-stream", "offline", "server", "generate"]),
               default="single-stream", show_default=True,
               help="MLPerf scenario: one query at a time (latency), N streams, all at once (throughput), or"
                    " Poisson arrivals at a target rate.")
@@ -77,13 +77,25 @@ def _duration(ctx, param, value):
               show_envvar=True, help="Check the artifact's signature.")
 @click.option("-o", "--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write result.json, report.md, report.html and the PNG plots into this folder (each one listed).")
+@click.option("--prompt-tokens", type=int, default=64, show_default=True, help="generate: prompt length in tokens.")
+@click.option("--new-tokens", type=int, default=64, show_default=True, help="generate: tokens generated per sequence.")
 @json_option
 @handle_errors
 def run_cmd(model: Path, scenario: str, duration: float, min_queries: int, max_duration: float | None, batch: int,
             threads: int | None, repeats: int, warmup: float, samples_per_query: int, concurrency: int,
             target_qps: float | None, latency_bound_ms: float | None, find_peak: bool, sweep: bool, seed: int,
-            input_shapes: tuple[str, ...], data: Path | None, trusted_keys: tuple[Path, ...], report_dir: Path | None, as_json: bool) -> None:
+            input_shapes: tuple[str, ...], data: Path | None, trusted_keys: tuple[Path, ...], report_dir: Path | None,
+            prompt_tokens: int, new_tokens: int, as_json: bool) -> None:
     """Benchmark MODEL (.edgepkg, or .onnx on ONNX Runtime defaults)."""
+    if scenario == "generate":    # a text-generation artifact (docs/generation.md)
+        from edgeml.benchmarks.generate import bench_artifact, render_bench
+
+        check_trusted_keys(trusted_keys)
+        gen = bench_artifact(model, prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats, seed=seed,
+                             threads=threads, trusted_keys=list(trusted_keys) or None,
+                             concurrency=tuple(sorted({1, concurrency if concurrency > 1 else 4})),
+                             progress=lambda m: click.echo(f"[bench] {m}", err=True))
+        return emit(gen, as_json, render_bench)
     from edgeml.benchmarks.loadgen import BenchSettings, run_benchmark
     from edgeml.benchmarks.report import write_report
     from edgeml.compiler.options import parse_input_shapes

@@ -147,6 +147,92 @@ def run_child(job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def bench_artifact(path: Path, *, prompt_tokens: int = 64, new_tokens: int = 64, concurrency: tuple[int, ...] = (1, 4),
+                   repeats: int = 3, threads: int | None = None, seed: int = 0, trusted_keys: list[Path] | None = None,
+                   progress: Any = None) -> dict[str, Any]:
+    """``edgeml bench ARTIFACT --scenario generate``: TTFT and inter-token p50/p99, tokens/s at each concurrency,
+    peak RSS; random prompt ids (seeded), greedy, EOS ignored so every sequence has ``new_tokens`` tokens."""
+    import numpy as np
+
+    from edgeml.errors import UsageError
+    from edgeml.runtime.textgen import SamplingParams, TextGenModel, is_text_generation, peak_rss_mb
+
+    if not is_text_generation(path):
+        raise UsageError(f"{path} is not a text-generation artifact; --scenario generate needs one "
+                         "(edgeml compile MODEL_DIR --task text-generation)")
+    for name, v in (("--prompt-tokens", prompt_tokens), ("--new-tokens", new_tokens), ("--repeats", repeats)):
+        if v < 1:
+            raise UsageError(f"{name} must be at least 1, got {v}")
+    t0 = time.perf_counter()
+    model = TextGenModel.open(path, trusted_keys=trusted_keys, threads=threads)
+    load_s = time.perf_counter() - t0
+    say = progress or (lambda m: None)
+    try:
+        if prompt_tokens + new_tokens > model.context:
+            raise UsageError(f"--prompt-tokens + --new-tokens = {prompt_tokens + new_tokens} is over the model's "
+                             f"context of {model.context}")
+        gen = model.generator
+        gen.eos = None
+        need = max(concurrency) * (prompt_tokens + new_tokens) * gen.kv_bytes_per_token
+        if need > gen.kv_budget_bytes:      # the bench runs its sequences at once, not queued
+            gen.kv_budget_bytes = need
+        rng = np.random.default_rng(seed)
+        vocab = int(model.generation["shape"]["vocab_size"])
+        out: dict[str, Any] = {}
+        for c in concurrency:
+            ttft: list[float] = []
+            itl: list[float] = []
+            rates: list[float] = []
+            for r in range(repeats):
+                import threading
+
+                done = threading.Semaphore(0)
+
+                def emit(ev: Any, done: threading.Semaphore = done) -> None:
+                    if ev.finish is not None:
+                        done.release()
+
+                start = time.perf_counter()
+                jobs = [gen.submit(rng.integers(5, min(vocab, 1000), size=prompt_tokens).tolist(),
+                                   SamplingParams(max_tokens=new_tokens), emit) for _ in range(c)]
+                for _ in jobs:
+                    done.acquire()
+                wall = time.perf_counter() - start
+                for j in jobs:
+                    ttft.append((j.first_token_s or 0.0) * 1000)
+                    itl += [(b - a) * 1000 for a, b in zip(j.token_times, j.token_times[1:])]
+                rates.append(sum(len(j.token_times) for j in jobs) / wall)
+                say(f"concurrency {c}, repeat {r + 1}/{repeats}: {rates[-1]:.1f} tokens/s")
+            out[str(c)] = {"ttft_ms": _pcts(ttft), "inter_token_ms": _pcts(itl),
+                           "tokens_per_s": float(np.median(rates)), "tokens_per_s_runs": [round(x, 2) for x in rates]}
+        return {"scenario": "generate", "model": {"name": model.name, "version": model.version,
+                                                 "precision": model.precision, "path": str(path)},
+                "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats, "load_s": load_s,
+                "concurrency": out, "peak_rss_mb": round(peak_rss_mb(), 1), "cpu": cpu_line()}
+    finally:
+        model.close()
+
+
+def _pcts(values: list[float]) -> dict[str, float | None]:
+    import numpy as np
+
+    if not values:
+        return {"p50": None, "p99": None}
+    return {"p50": round(float(np.percentile(values, 50)), 3), "p99": round(float(np.percentile(values, 99)), 3)}
+
+
+def render_bench(result: dict[str, Any]) -> str:
+    m = result["model"]
+    lines = [f"{m['name']} [{m['precision']}] generate: prompt {result['prompt_tokens']}, {result['new_tokens']} new "
+             f"tokens, greedy, median of {result['repeats']} repeats; {result['cpu']}"]
+    for c, r in result["concurrency"].items():
+        lines.append(f"  concurrency {c}: {r['tokens_per_s']:.1f} tokens/s; TTFT p50 {r['ttft_ms']['p50']} ms "
+                     f"p99 {r['ttft_ms']['p99']} ms; inter-token p50 {r['inter_token_ms']['p50']} ms "
+                     f"p99 {r['inter_token_ms']['p99']} ms")
+    lines.append(f"  peak RSS {result['peak_rss_mb']} MiB; load {result['load_s']:.2f} s")
+    return "\n".join(lines)
+
+
 def cpu_line() -> str:
     try:
         text = Path("/proc/cpuinfo").read_text()

@@ -161,6 +161,7 @@ class Job:
         self.rng = np.random.default_rng(params.seed)
         self.created = time.monotonic()
         self.first_token_s: float | None = None
+        self.token_times: list[float] = []     # monotonic time of each generated token (TTFT, inter-token)
         self.stop_hit = False
 
     def cancel(self) -> None:
@@ -280,8 +281,10 @@ class Generator:
             logits, job.keys, job.values = self.engine.step(
                 np.asarray(job.ids[-1:], np.int64), len(job.prompt) + len(job.ids) - 1, job.keys, job.values)
         token = choose(logits[-1], job.params, job.rng)
+        now = time.monotonic()
+        job.token_times.append(now)
         if job.first_token_s is None:
-            job.first_token_s = time.monotonic() - job.created
+            job.first_token_s = now - job.created
         self.stats["tokens"] += 1
         if token == self.eos:
             return FINISH_STOP

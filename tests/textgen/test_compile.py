@@ -118,3 +118,24 @@ def test_cli_refusal_is_one_line_without_traceback(tmp_path: Path):
     assert "Traceback" not in proc.stderr
     assert "tokenizer.json" in proc.stderr or "model_type 'bert'" in proc.stderr
     assert not (tmp_path / "o.edgepkg").exists()
+
+
+def test_bench_generate_scenario_reports_ttft_itl_and_tokens_per_s_at_1_and_4(compiled):
+    path, _ = compiled
+    proc = subprocess.run([sys.executable, "-m", "edgeml.cli", "bench", str(path), "--scenario", "generate",
+                           "--repeats", "1", "--prompt-tokens", "8", "--new-tokens", "6", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert set(result["concurrency"]) == {"1", "4"}
+    for row in result["concurrency"].values():
+        assert row["tokens_per_s"] > 0 and row["ttft_ms"]["p50"] > 0 and row["inter_token_ms"]["p99"] > 0
+    assert result["peak_rss_mb"] > 0 and result["new_tokens"] == 6
+
+
+def test_bench_generate_refuses_an_ordinary_artifact(tmp_path: Path):
+    from edgeml.benchmarks.generate import bench_artifact
+
+    (tmp_path / "x.edgepkg").write_bytes(b"not a zip")
+    with pytest.raises(UsageError, match="not a text-generation artifact"):
+        bench_artifact(tmp_path / "x.edgepkg")

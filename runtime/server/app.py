@@ -305,6 +305,11 @@ class ModelServer:
     def loop(self) -> asyncio.AbstractEventLoop:
         return self._loop
 
+    def _peer_count(self) -> int:
+        """Clients that could still add a request to a forming batch: the open HTTP connections (gRPC
+        callers are not counted, so with gRPC on the batcher always waits its one loop pass)."""
+        return len(self.connections) if self._grpc is None else 1 << 30
+
     def next_request_id(self) -> str:
         return self._id_prefix + format(next(self._ids), "x")
 
@@ -408,7 +413,7 @@ class ModelServer:
                                  max_delay_ms=cfg.max_delay_ms, batchable=lm.batchable,
                                  mode=mode, clock=self.clock, name=f"{lm.name}:{lm.version}",
                                  max_queue_ms=cfg.max_queue_ms, expired=adm.expired if adm else None,
-                                 on_compute=adm.observe_batch if adm else None)
+                                 on_compute=adm.observe_batch if adm else None, peers=self._peer_count)
         except EdgemlError:
             model.close()
             raise

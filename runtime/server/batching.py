@@ -7,6 +7,8 @@ the model is free and one of these holds:
 * the event loop has read all that was waiting on the sockets and no new
   request for this model arrived in the last loop pass (waiting would gain
   nothing: a lone request on an idle server is never held back);
+* every client that could still add a request (``peers()``: the server's open
+  connections) already has one queued here: no loop pass is spent waiting;
 * the oldest queued request has waited ``max_delay_ms``.
 
 Requests that arrive while the model is busy simply queue, and go together in
@@ -63,6 +65,7 @@ class Batcher:
         max_queue_ms: float | None = None,
         expired: Callable[[], BaseException] | None = None,
         on_compute: Callable[[float], None] | None = None,
+        peers: Callable[[], int] | None = None,
     ):
         if mode not in ("inline", "thread"):
             raise ValueError(f"batch mode must be 'inline' or 'thread', not {mode!r}")
@@ -78,6 +81,7 @@ class Batcher:
         self.max_queue_s = None if max_queue_ms is None else max_queue_ms / 1000.0
         self._expired = expired or (lambda: TimeoutError("the request waited too long in the queue"))
         self._on_compute = on_compute     # backend ms per batch, for admission control's queue estimate
+        self._peers = peers               # clients that could still send a request (None: unknown, always wait)
         self._queue: deque[_Item] = deque()
         self._queued_rows = 0
         self._busy = False
@@ -161,6 +165,7 @@ class Batcher:
             and self._queued_rows < self.max_batch
             and n > self._seen
             and self._clock() - self._queue[0].t_enqueue < self.max_delay_s
+            and (self._peers is None or n < self._peers())
         ):
             # Requests are still arriving: give the loop one more pass to read them.
             self._seen = n

@@ -192,3 +192,27 @@ def test_access_line_is_what_the_formatter_writes_for_the_record(formatter):
     record = logging.getLogger(LOGGER).makeRecord(LOGGER, logging.INFO, __file__, 1, "request", None, None,
                                                   extra=fields)
     assert fmt.line(record.created, "request", fields) == fmt.format(record)
+
+
+@pytest.mark.parametrize("peers, passes", [(1, 1), (2, 2), (None, 2)])
+def test_batcher_waits_a_loop_pass_only_while_another_client_could_join(peers, passes):
+    """One queued request, one open connection: it runs at the first pass; with another client (or no
+    count given) the batcher gives the loop one more pass to read that client's request."""
+    import asyncio
+
+    from edgeml.runtime.server.batching import Batcher
+    from edgeml.runtime.server.metrics import ModelStats
+
+    loop = asyncio.new_event_loop()
+    answered: list[int] = []
+    b = Batcher(lambda feeds: {"y": feeds["x"]}, loop, ModelStats(), max_batch=8, max_delay_ms=50.0,
+                peers=None if peers is None else (lambda: peers))
+    try:
+        b.submit({"x": np.ones((1, 2), np.float32)}, 1, lambda r, q: answered.append(1))
+        for n in range(1, 4):
+            loop._run_once()          # type: ignore[attr-defined]  # one pass of asyncio's own loop
+            if answered:
+                break
+    finally:
+        loop.close()
+    assert answered == [1] and n == passes

@@ -81,19 +81,20 @@ class DataPlane:
         lm = call.lm
         if lm is not None:
             lm.stats.record(status, ms)
-        if error is None and not self.s.config.access_log:
+        if error is None:
+            if not self.s.config.access_log:
+                return
+            if self._access is None:
+                self._access = AccessLog(self.s.loop)
+            self._access.request(call.rid, call.method, call.path, status, round(ms, 3),
+                                 lm.name if lm is not None else None, lm.version if lm is not None else None)
             return
         fields: dict[str, Any] = {"request_id": call.rid, "method": call.method, "path": call.path,
                                   "status": status, "latency_ms": round(ms, 3)}
         if lm is not None:
             fields["model"], fields["version"] = lm.name, lm.version
-        if error is not None:
-            fields["error"] = error
-            log.log(logging.ERROR if status >= 500 else logging.WARNING, "request failed", extra=fields)
-        else:
-            if self._access is None:
-                self._access = AccessLog(self.s.loop)
-            self._access.request(fields)
+        fields["error"] = error
+        log.log(logging.ERROR if status >= 500 else logging.WARNING, "request failed", extra=fields)
 
     @staticmethod
     def error_of(exc: BaseException, call: Call) -> tuple[int, str]:

@@ -209,10 +209,24 @@ def test_batcher_waits_a_loop_pass_only_while_another_client_could_join(peers, p
                 peers=None if peers is None else (lambda: peers))
     try:
         b.submit({"x": np.ones((1, 2), np.float32)}, 1, lambda r, q: answered.append(1))
-        for n in range(1, 4):
+        ran = 0
+        while not answered and ran < 3:
             loop._run_once()          # type: ignore[attr-defined]  # one pass of asyncio's own loop
-            if answered:
-                break
+            ran += 1
     finally:
         loop.close()
-    assert answered == [1] and n == passes
+    assert answered == [1] and ran == passes
+
+
+@pytest.mark.parametrize("formatter", ["json", "text"])
+@pytest.mark.parametrize("model", ["mlp", None])
+def test_access_template_is_the_generic_line(formatter, model):
+    from edgeml.runtime.server.logs import JsonFormatter, TextFormatter
+
+    fmt = JsonFormatter() if formatter == "json" else TextFormatter()
+    fields = {"request_id": "7-a-1f", "method": "GET", "path": "/v2/models/m", "status": 404, "latency_ms": 12.3456}
+    if model is not None:
+        fields.update(model=model, version="2")
+    created = 1_765_000_000.25
+    assert fmt.request_line(created, "7-a-1f", "GET", "/v2/models/m", 404, 12.3456, model,
+                            "2" if model else None) == fmt.line(created, "request", fields)

@@ -196,6 +196,12 @@ class DataPlane:
             key = cache.key(req.feeds)
             hit = cache.get(key)
             if hit is not None:
+                # With other clients connected, answer after this loop pass has read them all, as a batch's
+                # answers go out: hits written one by one between reads cost 20-25 % more CPU per request
+                # at 32 connections (the kernel wakes the client for each); a lone client is answered at once.
+                if len(self.s.connections) > 1:
+                    self.s.loop.call_soon(self._answer, call, req, hit, reply)
+                    return None
                 return self._answer(call, req, hit, reply)
         try:
             target = self._route(lm)

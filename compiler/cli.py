@@ -144,7 +144,7 @@ def compile_cmd(model: str, target: str, output: Path, precision: str, backend: 
                 model, target=target, output=output, precision=precision, eval=eval_path, name=name, version=version,
                 max_perplexity_increase=max_perplexity_increase, kv_budget_mb=kv_budget_mb, sign_key=sign_key,
                 benchmark=not no_benchmark, progress=_Progress(quiet), backend=None if backend in ("auto", "openvino") else backend,
-                calib=calib, prune=prune, tune_budget=tune_budget, keep_fallback=keep_fallback)
+                calib=calib, prune=prune or None, tune_budget=tune_budget, keep_fallback=keep_fallback)
         return emit(tg.to_dict(), as_json, textgen.render)
     extra = _parse_backend_option(backend_option)
     if tune_budget:

@@ -33,6 +33,7 @@ DEFAULT_EVAL_TOKENS = 8192
 DEFAULT_KV_SEQUENCES = 4                   # the default KV budget holds this many full-context sequences
 SPEED_TIE = 0.05                           # candidates within 5 % of the fastest are a tie: smallest wins
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "int8", "int4")
+CALIB_WINDOWS, CALIB_LENGTH = 32, 128      # data-aware INT4: 32 windows of 128 tokens of calibration text
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Candidate:
     precision: str                  # manifest precision: fp32 | bf16 | int8 | int4
     mode: str | None                # NNCF CompressWeightsMode value, None = not compressed
     group_size: int | None = None
+    data_aware: bool = False        # AWQ + scale estimation on calibration text
     xml: Path | None = None
     status: str = "pending"         # passed | rejected | failed
     reason: str | None = None
@@ -58,7 +60,7 @@ class Candidate:
 
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.label, "precision": self.precision, "weight_compression": self.mode,
-                "group_size": self.group_size, "status": self.status, "reason": self.reason,
+                "group_size": self.group_size, "data_aware": self.data_aware, "status": self.status, "reason": self.reason,
                 "perplexity": _round(self.perplexity), "perplexity_increase_pct": _round(self.increase_pct),
                 "weights_bytes": self.weights_bytes, "decode_tokens_per_s": _round(self.best("decode_tokens_per_s")),
                 "ttft_ms": _round(self.best("ttft_ms")), "peak_rss_mb": _round(self.best("peak_rss_mb")),
@@ -107,12 +109,13 @@ def candidates_for(precision: str, target: Any, group: int) -> list[Candidate]:
     if precision in ("auto", "int4"):
         out.append(Candidate(f"openvino/int4-sym-g{group}", "int4", "int4_sym", group))
         out.append(Candidate(f"openvino/int4-asym-g{group}", "int4", "int4_asym", group))
+        out.append(Candidate(f"openvino/int4-asym-awq-g{group}", "int4", "int4_asym", group, data_aware=True))
     if precision == "bf16" and not bf16_ok:
         raise UsageError(f"--precision bf16: target {target.name} or this host has no BF16 hardware")
     return out
 
 
-def eval_text(eval_path: Path | None, max_chars: int) -> tuple[str, str]:
+def eval_text(eval_path: Path | None, max_chars: int, option: str = "--eval") -> tuple[str, str]:
     """(text, description) of the held-out evaluation text."""
     if eval_path is None:
         from edgeml.compiler.textgen_train import heldout_text
@@ -127,12 +130,33 @@ def eval_text(eval_path: Path | None, max_chars: int) -> tuple[str, str]:
     try:
         return path.read_text(encoding="utf-8")[:max_chars], str(path)
     except FileNotFoundError:
-        raise UsageError(f"--eval {path}: no such file; give a UTF-8 text file or a folder of text files") from None
+        raise UsageError(f"{option} {path}: no such file; give a UTF-8 text file or a folder of text files") from None
     except UnicodeDecodeError as exc:
-        raise UsageError(f"--eval {path} is not UTF-8 text (byte {exc.start}); give a UTF-8 text file") from None
+        raise UsageError(f"{option} {path} is not UTF-8 text (byte {exc.start}); give a UTF-8 text file") from None
 
 
-def compress(fp32_xml: Path, cand: Candidate, out_xml: Path) -> None:
+def calibration_items(tokens: list[int], shape: Any, windows: int = CALIB_WINDOWS, length: int = CALIB_LENGTH,
+                      ) -> list[dict[str, Any]]:
+    """Model inputs for NNCF's data-aware compression: consecutive windows from an empty KV cache."""
+    import numpy as np
+
+    empty = np.zeros((shape.layers, 1, shape.kv_heads, 0, shape.head_dim), np.float32)
+    length = min(length, shape.context)
+    return [{"input_ids": np.asarray(tokens[i * length:(i + 1) * length], np.int64)[None],
+             "position_ids": np.arange(length, dtype=np.int64)[None], "past_keys": empty, "past_values": empty}
+            for i in range(min(windows, len(tokens) // length))]
+
+
+def calib_text(calib: Path | None, max_chars: int) -> tuple[str, str]:
+    """(text, description) for data-aware INT4: ``calib`` or the standard library's *training* files."""
+    if calib is None:
+        from edgeml.compiler.textgen_train import read_text, stdlib_files
+
+        return read_text(stdlib_files()[0], max_chars)[:max_chars], "python-stdlib-train"
+    return eval_text(calib, max_chars, "--calib")
+
+
+def compress(fp32_xml: Path, cand: Candidate, out_xml: Path, calib: list[dict[str, Any]] | None = None) -> None:
     import nncf
     import openvino as ov
 
@@ -140,6 +164,10 @@ def compress(fp32_xml: Path, cand: Candidate, out_xml: Path) -> None:
     kwargs: dict[str, Any] = {"mode": nncf.CompressWeightsMode(cand.mode)}
     if cand.group_size:
         kwargs.update(group_size=cand.group_size, ratio=1.0)
+    if cand.data_aware:
+        if not calib:
+            raise CompileError(f"{cand.label} needs calibration text (--calib) and none was long enough")
+        kwargs.update(dataset=nncf.Dataset(calib), awq=True, scale_estimation=True, subset_size=len(calib))
     compressed = nncf.compress_weights(model, **kwargs)
     out_xml.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(compressed, str(out_xml), compress_to_fp16=False)
@@ -203,6 +231,7 @@ def _golden(xml: Path, precision: str, shape: Any, prompt: list[int], n: int) ->
 
 def compile_text_generation(
     model_dir: Any, *, target: str, output: Any, precision: str = "auto", eval: Any = None,  # noqa: A002
+    calib: Any = None,
     max_perplexity_increase: float = DEFAULT_MAX_PERPLEXITY_INCREASE, eval_tokens: int = DEFAULT_EVAL_TOKENS,
     kv_budget_mb: float | None = None, name: str | None = None, version: str = "0.1.0", sign_key: Any = None,
     benchmark: bool = True, measure_rounds: int = 2, new_tokens: int = 64, threads: int | None = None,
@@ -246,6 +275,8 @@ def compile_text_generation(
     window = min(shape.context, 256)
     group = group_size_for(shape)
     cands = candidates_for(precision, tgt, group)
+    calib_items: list[dict[str, Any]] | None = None
+    calib_name = None
     work = Path(tempfile.mkdtemp(prefix="edgeml-textgen-"))
     try:
         say(f"export {model_dir} to OpenVINO IR ({shape.layers} layers, context {shape.context})")
@@ -258,7 +289,10 @@ def compile_text_generation(
                 else:
                     say(f"{c.label}: NNCF compress_weights({c.mode}{f', group {c.group_size}' if c.group_size else ''})")
                     c.xml = work / c.label.replace("/", "_") / "model.xml"
-                    compress(fp32_xml, c, c.xml)
+                    if c.data_aware and calib_items is None:
+                        ctext, calib_name = calib_text(Path(calib) if calib else None, CALIB_WINDOWS * CALIB_LENGTH * 16)
+                        calib_items = calibration_items(tokenizer.encode(ctext).ids, shape)
+                    compress(fp32_xml, c, c.xml, calib_items)
                 c.weights_bytes = c.xml.with_suffix(".bin").stat().st_size
                 engine = DecoderEngine(c.xml, shape.layers, shape.kv_heads, shape.head_dim, c.precision, threads)
                 c.perplexity = perplexity(engine, tokens, window)
@@ -306,6 +340,7 @@ def compile_text_generation(
         golden = _golden(chosen.xml, chosen.precision, shape, golden_prompt, 8)
         manifest = _manifest(model_dir, tgt, shape, chosen, cands, how, name, version, budget, eval_name,
                              len(tokens) - 1, max_perplexity_increase, golden_prompt, golden)
+        manifest["quality"]["calibration"] = calib_name if chosen.data_aware else None
         manifest["provenance"] = {"created": created_timestamp(source_date_epoch()), "tools": tool_versions(),
                                   "host": host_info(), "source": model_dir.name}
         files: dict[str, Path | bytes] = {"model/model.xml": chosen.xml, "model/model.bin": chosen.xml.with_suffix(".bin"),
@@ -347,7 +382,8 @@ def _manifest(model_dir: Path, tgt: Any, shape: Any, chosen: Candidate, cands: l
             "eos_token_id": shape.eos_token_id, "shape": shape.to_dict(),
             "kv_cache": {"bytes_per_token": shape.kv_bytes_per_token, "budget_mb": round(budget_mb, 4),
                          "sequences_at_full_context": int(budget_mb * (1 << 20) // (shape.kv_bytes_per_token * shape.context))},
-            "weight_compression": {"mode": chosen.mode, "group_size": chosen.group_size},
+            "weight_compression": {"mode": chosen.mode, "group_size": chosen.group_size,
+                                   "data_aware": chosen.data_aware},
             "selftest": {"prompt_ids": golden_prompt, "greedy_ids": golden},
         },
         "quality": {"metric": "perplexity", "data": eval_name, "tokens": eval_tokens,

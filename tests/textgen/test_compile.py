@@ -39,6 +39,7 @@ def test_compile_builds_int8_and_int4_candidates_and_selects_within_the_perplexi
     assert "openvino/fp32" in labels and "openvino/int8-weights" in labels
     int4 = [c for c in report["candidates"] if c["precision"] == "int4"]
     assert {c["weight_compression"] for c in int4} == {"int4_sym", "int4_asym"}
+    assert [c["data_aware"] for c in int4].count(True) == 1          # AWQ + scale estimation on calibration text
     for c in report["candidates"]:
         assert c["status"] in ("passed", "rejected"), c
         assert c["perplexity"] is not None and c["perplexity"] > 1.0
@@ -105,7 +106,7 @@ def test_non_llama_configs_and_bad_options_are_refused_with_one_line(tiny_model_
         compile_text_generation(tiny_model_dir, target="x86_64", output=tmp_path / "x.edgepkg",
                                 max_perplexity_increase=-1)
     with pytest.raises(UsageError, match="do not apply"):
-        compile_text_generation(tiny_model_dir, target="x86_64", output=tmp_path / "x.edgepkg", calib="c.npz")
+        compile_text_generation(tiny_model_dir, target="x86_64", output=tmp_path / "x.edgepkg", prune="0.5")
     assert not (tmp_path / "x.edgepkg").exists()
 
 

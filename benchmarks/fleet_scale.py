@@ -2,17 +2,19 @@
 
     python -m benchmarks.fleet_scale --devices 10000            # the issue-11 run (several minutes)
     python -m benchmarks.fleet_scale --devices 1000 --ingest 5000 --json   # the small version the test runs
+    python -m edgeml.benchmarks.fleet_scale --devices 10000 --against ea8fd03   # before/after, interleaved
 
 Prints a Markdown table. What is measured:
 * ingest msgs/s per core: pre-encoded telemetry + heartbeat messages of ``--devices`` devices handed to
   ``Manager.on_messages`` in the batches the ingest writer forms (validation + database writes), divided by the
   CPU seconds the process spent (``time.process_time``): the rate one manager core sustains, on SQLite and on
   PostgreSQL (when one answers at $EDGEML_TEST_PG or 127.0.0.1:5432/test). MQTT decoding is not included.
-* rollout / rollback: ``fleet.simulator.run_simulation`` (real Mosquitto, real HTTP downloads, real signature
-  checks; model run stubbed) -- v1 to every device in waves 5%,25%,100% with bake 0, then v2 failing on 20% of
-  the devices: the gate breaches and every updated device is rolled back. Wall seconds and the CPU seconds of
-  the manager's own threads ("manager time"; the simulator shares the process).
-* RSS of that process (manager + simulator together), and database bytes per device after the run.
+* rollout / rollback: ``fleet.simulator.run_simulation``, the function ``edgeml fleet simulate`` runs (real
+  Mosquitto, real HTTP downloads, real signature checks; model run stubbed) -- v1 to every device in waves
+  5%,25%,100% (bake ``--bake``, 0 by default), then v2 failing on 20% of the devices: the gate breaches and every
+  updated device is rolled back. Wall seconds, and where the CPU went: the manager's own threads, the simulator's
+  child processes (``--processes``), the broker process, and the main thread polling the rollout's status.
+* RSS of the manager's process, and database bytes per device after the run.
 """
 
 from __future__ import annotations
@@ -130,12 +132,69 @@ def table(o: dict) -> str:
             ("  its CPU s: simulator / broker / status polling",
              f"{v2['simulator_cpu_s']} / {v2['broker_cpu_s']} / {v2['main_thread_cpu_s']}"),
             ("rolled back / updated devices", f"{rolled} / {updated} ({100 * rolled / max(updated, 1):.0f}%)"),
-            ("process RSS, manager + simulator (MB)", f"{o['rss_mb']}"),
+            ("process RSS, manager (+ simulator when --processes 0) (MB)", f"{o['rss_mb']}"),
             ("SQLite bytes per device after both rollouts", f"{o['db_bytes_per_device']:,}")]
     width = max(len(r[0]) for r in rows)
     lines = [f"| {'measure':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
     lines += [f"| {k:<{width}} | {v} |" for k, v in rows]
     return "\n".join(lines)
+
+
+AB_INGEST = r'''
+import json, sys, tempfile
+from pathlib import Path
+from edgeml.benchmarks import fleet_scale as fs
+devices, count, pg = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+out = {"sqlite": fs.ingest_rate(Path(tempfile.mkdtemp()) / "i.db", devices, count)["per_core_msgs_s"]}
+target = fs._pg_url() if pg else None
+if target:
+    try:
+        out["postgres"] = fs.ingest_rate(target[0], devices, count)["per_core_msgs_s"]
+    finally:
+        fs._drop_schema(target[1])
+print(json.dumps(out))
+'''
+
+
+def against(ref: str, devices: int, ingest: int, pg: bool, rounds: int) -> list[str]:
+    """This working tree and ``ref`` side by side, interleaved (the order alternates per round), each measurement a
+    fresh process (benchmarks/regress_sides.py puts each version first on PYTHONPATH): ingest per core and
+    ``edgeml fleet simulate --devices N --bake 0s --json``. Returns the summary lines (medians, ratios)."""
+    import statistics
+    import subprocess
+
+    from edgeml.benchmarks.regress_sides import base_side, head_side
+
+    sides = [head_side(Path(tempfile.mkdtemp(prefix="edgeml-fleet-ab-"))), base_side(ref)]
+    rows: dict[str, dict[str, list[float]]] = {s.label: {} for s in sides}
+    for r in range(rounds):
+        for side in sides if r % 2 == 0 else sides[::-1]:
+            ing = json.loads(side.python(AB_INGEST, str(devices), str(ingest), "1" if pg else "0").strip().splitlines()[-1])
+            p = subprocess.run([sys.executable, "-m", "edgeml.cli", "fleet", "simulate", "--devices", str(devices),
+                                "--bake", "0s", "--json"], env=side.env, cwd=side.root, capture_output=True,
+                               text=True, timeout=1800)
+            if p.returncode != 0:
+                raise RuntimeError(f"{side.label} ({side.commit[:10]}) fleet simulate: {p.stderr.strip()[-800:]}")
+            v1, v2 = json.loads(p.stdout)["rollouts"]
+            rec = {"v1 rollout wall s": v1["seconds"], "v1 manager CPU s": v1["manager_cpu_s"],
+                   "v2 roll-back wall s": v2["seconds"], "ingest SQLite msgs/s per core": ing["sqlite"]}
+            if "postgres" in ing:
+                rec["ingest PostgreSQL msgs/s per core"] = ing["postgres"]
+            if "simulator_cpu_s" in v1:
+                rec["v1 simulator CPU s"] = v1["simulator_cpu_s"]
+            print(f"round {r + 1} {side.label} ({side.commit[:10]}): "
+                  + ", ".join(f"{k} {v:,}" for k, v in rec.items()), flush=True)
+            for k, v in rec.items():
+                rows[side.label].setdefault(k, []).append(v)
+    lines = []
+    for k, head in rows["head"].items():
+        base = rows["base"].get(k)
+        text = f"{k}: head {statistics.median(head):,} (rounds {', '.join(f'{v:,}' for v in head)})"
+        if base:
+            text += (f", base {statistics.median(base):,} (rounds {', '.join(f'{v:,}' for v in base)}),"
+                     f" head/base {statistics.median(head) / statistics.median(base):.2f}")
+        lines.append(text)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,9 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--processes", type=int, default=None,
                     help="simulator child processes (default: every core but one, at most 4; 0: in-process)")
     ap.add_argument("--bake", type=float, default=0.0, help="bake seconds per wave (the CLI's default is 0.5)")
+    ap.add_argument("--against", metavar="REF", help="measure this tree and commit REF side by side, interleaved"
+                    " (ingest + `edgeml fleet simulate --devices N --bake 0s`), instead of the table")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of --against (each runs both versions)")
     a = ap.parse_args(argv)
     if not 10 <= a.devices <= 100_000 or not 1000 <= a.ingest <= 1_000_000:
         ap.error("--devices must be 10..100000 and --ingest 1000..1000000")
+    if a.against:
+        print("\n".join(against(a.against, a.devices, a.ingest, not a.no_postgres, max(1, a.rounds))))
+        return 0
     o = run(a.devices, a.ingest, not a.no_postgres, a.processes, a.bake)
     print(table(o))
     if a.json:

@@ -189,9 +189,9 @@ def against(ref: str, devices: int, ingest: int, pg: bool, rounds: int) -> list[
     lines = []
     for k, head in rows["head"].items():
         base = rows["base"].get(k)
-        text = f"{k}: head {statistics.median(head):,} (rounds {', '.join(f'{v:,}' for v in head)})"
+        text = f"{k}: head {round(statistics.median(head), 2):,} (rounds {', '.join(f'{v:,}' for v in head)})"
         if base:
-            text += (f", base {statistics.median(base):,} (rounds {', '.join(f'{v:,}' for v in base)}),"
+            text += (f", base {round(statistics.median(base), 2):,} (rounds {', '.join(f'{v:,}' for v in base)}),"
                      f" head/base {statistics.median(head) / statistics.median(base):.2f}")
         lines.append(text)
     return lines

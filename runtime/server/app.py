@@ -28,7 +28,7 @@ from edgeml.runtime.server.breaker import BreakerConfig, CircuitBreaker
 from edgeml.runtime.server.cache import cache_for
 from edgeml.runtime.server.dataplane import DataPlane
 from edgeml.runtime.server.fallback import PrimaryRetry, check_compatible, declared_fallback, stand_in_reason
-from edgeml.runtime.server.generate import close_all as close_text_generation, load_text_generation
+from edgeml.runtime.server.generate import close_all as close_text_generation, load_text_generation, text_generation_rows
 from edgeml.runtime.server.http import HttpConnection
 from edgeml.runtime.server.logs import LOGGER, configure_logging
 from edgeml.runtime.server.repository import LoadedModel, Repository
@@ -504,7 +504,7 @@ class ModelServer:
         log.info("default version set", extra={"model": name, "version": version})
 
     def models(self) -> list[dict[str, Any]]:
-        return self._in_loop(lambda: [lm.info(default) for lm, default in self.repo.all()])
+        return self._in_loop(lambda: [lm.info(default) for lm, default in self.repo.all()] + text_generation_rows(self))
 
     def stats(self, name: str, version: str | None = None) -> dict[str, Any]:
         def do() -> dict[str, Any]:

@@ -96,6 +96,13 @@ def load_text_generation(server: "ModelServer", path: Path, name: str | None, ve
     return entry
 
 
+def text_generation_rows(server: "ModelServer") -> list[dict[str, Any]]:
+    """The loaded text-generation models, as ``ModelServer.models()`` lists them."""
+    return [{"name": e.name, "version": e.version, "task": "text-generation", "precision": e.model.precision,
+             "backend": e.model.backend_name, "context": e.model.context, "source": str(e.source)}
+            for e in registry(server).values()]
+
+
 def close_all(server: "ModelServer") -> None:
     for entry in registry(server).values():
         entry.model.close()

@@ -374,7 +374,8 @@ def _run_simulation(*, devices: int, fail_fraction: float, waves: list[float] | 
                     "main_thread_cpu_s": time.thread_time() if threading.current_thread() is threading.main_thread() else 0.0}
 
         t = time.monotonic()
-        wait_until(lambda: m.db.one("SELECT COUNT(*) FROM devices WHERE online = 1")[0] == devices, 120,
+        check = sim.check if isinstance(sim, SimulatorProcesses) else (lambda: None)   # a dead child: stop waiting
+        wait_until(lambda: check() or m.db.one("SELECT COUNT(*) FROM devices WHERE online = 1")[0] == devices, 120,
                    f"{devices} simulated devices to register")
         echo(f"{devices} simulated devices registered in {time.monotonic() - t:.1f}s (model run stubbed;"
              f" simulator in {processes or 'the manager'}{' child process(es)' if processes else ' process'})")
@@ -382,7 +383,7 @@ def _run_simulation(*, devices: int, fail_fraction: float, waves: list[float] | 
             t, before = time.monotonic(), cpu()
             r = m.start_rollout(target, selector={"fleet": "sim"}, waves=waves, max_failure_rate=max_failure_rate,
                                 bake_s=bake_s, gates=[], actor="simulator")
-            s = wait_until(lambda rid=r["id"]: (s := m.rollout_status(rid))["state"] in ("completed", "rolled_back") and s,
+            s = wait_until(lambda rid=r["id"]: check() or (s := m.rollout_status(rid))["state"] in ("completed", "rolled_back") and s,
                            600, f"rollout of {target}", interval=0.5)   # each poll reads the whole rollout
             secs, after = time.monotonic() - t, cpu()
             spent = {k: round(after[k] - before[k], 2) for k in after}

@@ -161,7 +161,8 @@ class SimulatorProcesses:
                 line = _readline(p, deadline)
                 if line != "ready":
                     tail = (self.workdir / f"sim-{k}.log").read_text(errors="replace")[-1500:]
-                    raise FleetError(f"simulator process {k} did not start ({line or 'no answer'}); its log"
+                    why = f"exited with {p.returncode}" if p.poll() is not None else line or "no answer"
+                    raise FleetError(f"simulator process {k} (pid {p.pid}) did not start ({why}); its log"
                                      f" {self.workdir / f'sim-{k}.log'} ends:\n{tail}")
         except BaseException:
             self.stop()
@@ -171,6 +172,15 @@ class SimulatorProcesses:
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
 
+    def check(self) -> None:
+        """FleetError naming the log when a child has exited (its devices went silent: waiting is pointless)."""
+        for k, p in enumerate(self.procs):
+            if p.poll() is not None:
+                log = self.workdir / f"sim-{k}.log"
+                tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
+                raise FleetError(f"simulator process {k} (pid {p.pid}) exited with {p.returncode}; its log {log}"
+                                 f" ends:\n{tail}")
+
     def cpu_s(self) -> float:
         return sum(proc_cpu_s(p.pid) for p in self.procs)
 
@@ -179,8 +189,13 @@ class SimulatorProcesses:
         out: dict[str, int] = {}
         with self._lock:
             deadline = time.monotonic() + timeout
+            self.check()
             for p in self.procs:
-                _send(p, "versions")
+                try:
+                    _send(p, "versions")
+                except OSError:
+                    self.check()
+                    raise
                 line = _readline(p, deadline)
                 if not line.startswith("{"):
                     raise FleetError(f"simulator process {p.pid} did not answer ({line or 'no answer'})")

@@ -6,9 +6,11 @@ Real subprocesses, real broker; processes are found through /proc (Linux)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -99,3 +101,39 @@ def test_fleet_demo_stopped_mid_run_leaves_no_process(mosquitto_bin, tmp_path):
     assert code != 0, out[-2000:]         # the demo did not run to its end
     assert "done: agents, manager and broker stopped" not in out
     assert _left_behind(seen, work) == [], out[-2000:]
+
+
+def test_fleet_simulate_stops_when_a_simulator_child_dies(mosquitto_bin, tmp_path):
+    """kill -9 of a simulator child: the command stops waiting for its silent devices, says which child died and
+    where its log is, exits non-zero, and stops everything else it started."""
+    work = tmp_path / "sim"
+    proc = subprocess.Popen([sys.executable, "-m", "edgeml.cli", "fleet", "simulate", "--devices", "300",
+                             "--processes", "2", "--bake", "0s", "--workdir", str(work)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines: list[str] = []
+    registered = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            lines.append(raw.decode(errors="replace"))
+            if "simulated devices registered" in lines[-1]:
+                registered.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert registered.wait(120), "".join(lines)[-2000:]       # mid-run: every child started, devices online
+        kids = _descendants(proc.pid)
+        victim = next(p for p, c in kids.items() if "simulator_procs" in c)
+        os.kill(victim, signal.SIGKILL)
+        proc.wait(120)
+        reader.join(10)
+        out = "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode not in (0, None), out[-2000:]
+    assert f"(pid {victim}) exited with -9" in out and "sim-" in out, out[-2000:]
+    assert _left_behind(kids, work) == [], out[-2000:]

@@ -194,10 +194,19 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print machin
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-log_level_option = click.option(
+_log_level = click.option(
     "--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="info", show_default=True,
     envvar="EDGEML_LOG_LEVEL", show_envvar=True,
     help="Least severe log records shown on stderr (edgeml -v / -q set it for every command).")
+_log_format = click.option(
+    "--log-format", type=click.Choice(("text", "json"), case_sensitive=False), default="text", show_default=True,
+    envvar="EDGEML_LOG_FORMAT", show_envvar=True,
+    help="text: 'HH:MM:SS level message key=value' (as edgeml serve); json: one object per line.")
+
+
+def log_level_option(func: Callable) -> Callable:
+    """--log-level and --log-format, the same on every long-running command."""
+    return _log_level(_log_format(func))
 
 
 def port_in_use(exc: BaseException, option: str, port: int) -> "UsageError | None":
@@ -323,7 +332,7 @@ ENV_VARS = (
     ("EDGEML_TRUSTED_KEYS", "public keys (path-separated list) artifacts must be signed with"),
     ("EDGEML_ADMIN_TOKEN", "bearer token of the model server's repository API (--admin-token)"),
     ("EDGEML_LOG_LEVEL", "debug|info|warning|error for every command (--log-level; -v/-q set it)"),
-    ("EDGEML_LOG_FORMAT", "json: agent and manager logs as JSON lines (default: text, as edgeml serve)"),
+    ("EDGEML_LOG_FORMAT", "text|json logs of agent and manager (--log-format)"),
     ("NO_COLOR", "set: no colour in any output"),
 )
 

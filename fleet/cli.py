@@ -33,16 +33,15 @@ DB_HELP = ("The manager's database: an SQLite file, or postgresql://USER@HOST:PO
 MIN_INTERVAL_S = 0.5     # heartbeat / telemetry: faster would flood the broker (0s sent 17,000 messages in 5 s)
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, fmt: str = "text") -> None:
     """One log format for every edgeml process: the model server's (``HH:MM:SS level message key=value``);
-    JSON lines with EDGEML_LOG_FORMAT=json."""
+    JSON lines with --log-format json (EDGEML_LOG_FORMAT)."""
     import sys
 
     from edgeml.runtime.server.logs import JsonFormatter, TextFormatter
 
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if os.environ.get("EDGEML_LOG_FORMAT", "").lower() == "json"
-                         else TextFormatter())
+    handler.setFormatter(JsonFormatter() if fmt.lower() == "json" else TextFormatter())
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
@@ -155,7 +154,7 @@ def _wait_for_signal() -> None:
 @handle_errors
 def agent_cmd(device_id, labels, state_dir, trusted_keys, allow_unsigned, http_host, http_port, connect_timeout, heartbeat,
               telemetry_every, health_window, health_max_error_rate, health_max_p95_ms, admin_token, log_level,
-              as_json, **kw):
+              log_format, as_json, **kw):
     """Run the device agent: reconcile the desired model, serve it, report."""
     timing = apply_profile(kw.pop("profile"), "agent", {"heartbeat": heartbeat, "telemetry_every": telemetry_every,
                                                         "health_window": health_window})
@@ -169,7 +168,7 @@ def agent_cmd(device_id, labels, state_dir, trusted_keys, allow_unsigned, http_h
     from edgeml.targets import best_host_target
     from edgeml.runtime.signing import load_public_key
 
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     broker = _broker(kw)
     check_device_id(device_id)
     labels = parse_labels(labels)
@@ -255,7 +254,7 @@ def fleet_group() -> None:
 @json_option
 @handle_errors
 def manager_cmd(db, store_dir, http_host, http_port, connect_timeout, public_url, sign_key, heartbeat_timeout, offline_timeout,
-                health_window, log_level, as_json, **kw):
+                health_window, log_level, log_format, as_json, **kw):
     """Run the fleet manager (long-running)."""
     timing = apply_profile(kw.pop("profile"), "manager", {"heartbeat_timeout": heartbeat_timeout,
                                                           "offline_timeout": offline_timeout,
@@ -266,7 +265,7 @@ def manager_cmd(db, store_dir, http_host, http_port, connect_timeout, public_url
     from edgeml.fleet.service import ManagerService
     from edgeml.fleet.waves import bounded_duration, parse_duration
 
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     config = ManagerConfig(db=_db_path(db), store_dir=store_dir, http_host=http_host, http_port=http_port,
                            public_url=public_url, sign_key=sign_key,
                            heartbeat_timeout_s=parse_duration(heartbeat_timeout),

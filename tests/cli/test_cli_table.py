@@ -107,6 +107,8 @@ ROWS = [
     # row 10: --log-level is a fixed choice; click's own errors in edgeml's format
     ("log-level-choice", ["agent", "--device-id", "d1", "--state-dir", "TMP/a", "--log-level", "verbose"], 2,
      ["error: --log-level: 'verbose' is not one of", "hint: see 'edgeml agent --help'"]),
+    ("log-format-choice", ["fleet", "manager", "--db", "TMP/f.db", "--log-format", "xml"], 2,
+     ["error: --log-format: 'xml' is not one of 'text', 'json'"]),
     ("unknown-option-did-you-mean", ["serve", "ART", "--prot", "1"], 2, ["No such option '--prot'", "--port"]),
     # row 6: --watch needs a rollout id
     ("watch-needs-id", ["fleet", "rollout", "status", "--watch", "--db", "DB"], 2, ["--watch follows one rollout"]),

@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -210,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="mlp", help="compile: the reference model (benchmarks/models.py)")
     p.add_argument("--floor", default=None, help="override floors, e.g. serve=1.0,ingest=0.8")
     p.add_argument("--remove-base", action="store_true",
-                   help="delete BASE_REF's checkout afterwards (default: kept in the temp folder for the next run)")
+                   help="use a checkout of BASE_REF of this run's own and delete it afterwards (default: one shared"
+                        " checkout per commit in the temp folder, kept for the next run)")
     p.add_argument("--json", dest="as_json", action="store_true", help="print the whole result as JSON at the end")
     a = p.parse_args(argv)
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
@@ -238,7 +240,7 @@ def _run(a: argparse.Namespace, say) -> int:
         levels = tuple(int(c) for c in (a.levels or ("32" if a.quick else "1,32")).split(","))
     except ValueError:
         raise UsageError(f"--levels {a.levels!r}: expected comma-separated integers like 1,32") from None
-    base = base_side(a.base_ref)
+    base = base_side(a.base_ref, private=a.remove_base)
     try:
         return _compare(a, say, base, only, floors, rounds, duration, levels)
     finally:
@@ -294,7 +296,7 @@ def _guarded(fn) -> dict[str, Any]:
     working tree failing is a failure of the guard. Either way the reason is kept, one line."""
     try:
         return fn()
-    except RuntimeError as exc:
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
         text = str(exc)
         reason = text.splitlines()[-1][:300] if text else type(exc).__name__
         if text.startswith("base "):

@@ -89,16 +89,24 @@ def head_side(work: Path) -> Side:
 def remove_base(side: Side) -> None:
     """Unregister and delete BASE_REF's checkout (``--remove-base``); later runs check it out again."""
     subprocess.run(["git", "worktree", "remove", "--force", str(side.tree)], cwd=REPO, capture_output=True)
+    if side.tree.parent.name.startswith(f"edgeml-regress-{side.commit[:12]}-"):   # a private checkout's folder
+        import shutil
+
+        shutil.rmtree(side.tree.parent, ignore_errors=True)
 
 
-def base_side(ref: str) -> Side:
-    """BASE_REF checked out beside the working tree (a detached git worktree in the temp folder, reused)."""
+def base_side(ref: str, private: bool = False) -> Side:
+    """BASE_REF checked out beside the working tree (a detached git worktree in the temp folder, reused by later
+    runs; ``private``: a checkout of this run's own, which no concurrent run can remove under it)."""
     try:
         commit = _git("rev-parse", "--verify", f"{ref}^{{commit}}")
     except UsageError:
         raise UsageError(f"BASE_REF {ref!r} is not a commit of {REPO}",
                          hint="give a commit, tag or branch, e.g. HEAD~1 or `git log --until=2026-11-28 -1 --format=%h`") from None
-    tree = Path(tempfile.gettempdir()) / f"edgeml-regress-{commit[:12]}"
+    if private:
+        tree = Path(tempfile.mkdtemp(prefix=f"edgeml-regress-{commit[:12]}-")) / "tree"
+    else:
+        tree = Path(tempfile.gettempdir()) / f"edgeml-regress-{commit[:12]}"
     if not (tree / "pyproject.toml").exists():
         _git("worktree", "add", "--detach", "--force", str(tree), commit)
     root = link_farm(tree, tree / ".regress-root")

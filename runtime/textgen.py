@@ -167,6 +167,13 @@ class Job:
     def cancel(self) -> None:
         self.cancelled = True
 
+    def send(self, event: Event) -> None:
+        """Hand an event to the caller; a caller that cannot take it any more cancels the sequence."""
+        try:
+            self.emit(event)
+        except Exception:  # noqa: BLE001 - e.g. the server's loop closed under a shutting-down request
+            self.cancelled = True
+
     def dead(self) -> bool:
         """Cancelled, or its client went away (checked before every step)."""
         if not self.cancelled and self.gone is not None and self.gone():
@@ -259,7 +266,7 @@ class Generator:
                 try:
                     finish = FINISH_CANCELLED if job.dead() else self._step(job)
                 except Exception as exc:  # noqa: BLE001 - one failing sequence must not stop the others
-                    job.emit(Event("", FINISH_ERROR, len(job.prompt), len(job.ids), f"{type(exc).__name__}: {exc}"))
+                    job.send(Event("", FINISH_ERROR, len(job.prompt), len(job.ids), f"{type(exc).__name__}: {exc}"))
                     finish = FINISH_ERROR
                 if finish is not None:
                     with self.cond:
@@ -272,7 +279,7 @@ class Generator:
         key = "cancelled" if reason == FINISH_CANCELLED else "completed"
         self.stats[key] += 1
         job.keys = job.values = None
-        job.emit(Event(self._flush(job, reason), reason, len(job.prompt), len(job.ids)))
+        job.send(Event(self._flush(job, reason), reason, len(job.prompt), len(job.ids)))
 
     def _step(self, job: Job) -> str | None:
         if job.keys is None:
@@ -291,7 +298,7 @@ class Generator:
         job.ids.append(token)
         text, stopped = self._visible(job)
         if text:
-            job.emit(Event(text, None, len(job.prompt), len(job.ids)))
+            job.send(Event(text, None, len(job.prompt), len(job.ids)))
         if stopped:
             return FINISH_STOP
         if len(job.ids) >= job.params.max_tokens:

@@ -303,10 +303,12 @@ def _f(x: float | None) -> str:
 
 
 def _median(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    import statistics
+
     out: dict[str, Any] = {}
     for key in rows[0]:
-        values = sorted(r[key] for r in rows if r[key] is not None)
-        out[key] = values[len(values) // 2] if values else None
+        values = [r[key] for r in rows if r[key] is not None]
+        out[key] = statistics.median(values) if values else None
     return out
 
 

@@ -48,6 +48,13 @@ class LazyGroup(click.Group):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         argv = list(sys.argv[1:] if args is None else args)
         try:
+            if "default_map" not in extra:       # option defaults from the config file (edgeml/config.py)
+                from edgeml.config import load_defaults
+
+                extra["default_map"] = load_defaults(self)
+        except EdgemlError as exc:
+            _fail(exc, "--json" in argv)
+        try:
             rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.UsageError as exc:
             names: list[str] = []
@@ -333,6 +340,7 @@ ENV_VARS = (
     ("EDGEML_ADMIN_TOKEN", "bearer token of the model server's repository API (--admin-token)"),
     ("EDGEML_LOG_LEVEL", "debug|info|warning|error for every command (--log-level; -v/-q set it)"),
     ("EDGEML_LOG_FORMAT", "text|json logs of agent and manager (--log-format)"),
+    ("EDGEML_CONFIG", "option defaults file (default ~/.config/edgeml/config.toml: [agent] broker = ...)"),
     ("NO_COLOR", "set: no colour in any output"),
 )
 

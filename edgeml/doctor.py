@@ -85,6 +85,11 @@ def checks(broker: str, db: str) -> list[dict[str, Any]]:
     for cmd, pkg, skips in TOOLS:
         path = shutil.which(cmd)
         add("tools", cmd, path is not None, path or f"not installed (apt-get install {pkg}); these skip: {skips}")
+    from edgeml.config import config_path
+
+    cfg = config_path()
+    add("config", "file", None, f"{cfg} (option defaults)" if cfg else "none (~/.config/edgeml/config.toml or"
+                                                                         " $EDGEML_CONFIG would set option defaults)")
     add("fleet", "broker", *_broker_check(broker))
     add("fleet", "database", *_db_check(db))
     pg = _tcp("127.0.0.1", 5432)

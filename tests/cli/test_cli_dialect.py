@@ -122,3 +122,30 @@ def test_bench_report_lists_every_file_it_writes(tmp_path):
     written = {line.split("wrote ", 1)[1].strip() for line in res.output.splitlines() if "  wrote " in line}
     on_disk = {str(p) for p in (tmp_path / "rep").iterdir()}
     assert on_disk == written and any(p.endswith(".png") for p in written)
+
+
+def test_config_file_sets_defaults_and_refuses_typos(tmp_path):
+    """$EDGEML_CONFIG: one table per command; the command line and environment variables still win."""
+    def run(config: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        cfg = tmp_path / "config.toml"
+        cfg.write_text(config)
+        full = {k: v for k, v in os.environ.items() if not k.startswith("EDGEML_")}
+        full.update({"EDGEML_CONFIG": str(cfg), **(env or {})})
+        return subprocess.run([sys.executable, "-m", "edgeml.cli", *args], capture_output=True, text=True,
+                              timeout=60, env=full)
+
+    from_file = tmp_path / "from-file.db"
+    res = run(f'[fleet.devices]\ndb = "{from_file}"\n', "fleet", "devices")
+    assert res.returncode == 10 and f"fleet database {from_file} does not exist" in res.stderr
+    res = run(f'[fleet.devices]\ndb = "{from_file}"\n', "fleet", "devices", "--db", str(tmp_path / "cli.db"))
+    assert "cli.db does not exist" in res.stderr                         # the command line wins
+    res = run('[agent]\nbroker = "mqtt://127.0.0.1:1"\n', "agent", "--device-id", "c1", "--state-dir",
+              str(tmp_path / "c1"), "--allow-unsigned", "--port", "-1", "--connect-timeout", "500ms",
+              env={"EDGEML_BROKER": "mqtt://127.0.0.1:2"})
+    assert res.returncode == 10 and "127.0.0.1:2" in res.stderr          # the variable wins over the file
+    res = run('[serve]\nprot = 8000\n', "targets")
+    assert res.returncode == 2 and "[serve] prot is not an edgeml option" in res.stderr and "port" in res.stderr
+    res = run('[servee]\nport = 8000\n', "targets")
+    assert res.returncode == 2 and "edgeml servee is not an edgeml command" in res.stderr
+    res = run("[serve\n", "targets")
+    assert res.returncode == 2 and "is not valid TOML" in res.stderr

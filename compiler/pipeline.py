@@ -523,37 +523,42 @@ TINY_MS = 0.2   # below this p50, thread start-up and spinning cost more than pa
 
 
 def _try_one_thread(s: CompileSession, passing: list[Candidate]) -> None:
-    """Tiny models: the fastest ONNX Runtime candidate again with one thread and no spinning, as a candidate
-    of its own (same files), timed beside the others; it wins only if measured faster."""
+    """Tiny models: the fastest ONNX Runtime candidate timed again beside itself with one intra-op thread and no
+    spinning (same files, a second worker); the faster setting becomes the candidate's (``threads`` and
+    ``thread_choice`` in its entry, ``runtime.threads`` in the manifest when it is selected)."""
     timed = [c for c in passing if c.latency and c.spec.backend == "onnxruntime" and c.built is not None]
-    if not timed or s.threads == 1 or s.epoch is not None:   # a reproducible build keeps its pinned candidate
+    if not timed or s.threads == 1 or s.epoch is not None:   # a reproducible build keeps its pinned setting
         return
     best = min(timed, key=lambda c: c.latency["p50"] if c.latency else float("inf"))
-    if best.latency is None or best.latency["p50"] > TINY_MS:
+    if best.latency is None or best.latency["p50"] > TINY_MS or best.built is None:
         return
-    assert best.built is not None
-    spec = dataclasses.replace(best.spec, label=f"{best.spec.label}+1-thread")
-    built = dataclasses.replace(best.built, spec=spec, notes=[*best.built.notes, "one intra-op thread, no spinning "
-                                f"(the model runs in under {TINY_MS} ms: measured, not assumed)"],
-                                backend_options={**best.built.backend_options, "allow_spinning": False})
-    variant = Candidate(len(s.candidates), spec, status="passed", built=built, backend_version=best.backend_version,
-                        score=best.score, drop=best.drop, context=best.context, pruning=best.pruning,
-                        verification=best.verification, threads=1, eval_samples=best.eval_samples)
-    backend = {"name": spec.backend, "version": variant.backend_version, "entrypoint": built.entrypoint,
-               "options": built.backend_options}
+    options = {**best.built.backend_options, "allow_spinning": False}
+    backend = {"name": best.spec.backend, "version": best.backend_version, "entrypoint": best.built.entrypoint,
+               "options": options}
+    folder = s.workdir / "candidates" / str(best.index)
     try:
-        variant.runtime = s.pool.open(spec.backend, _lay_out(s, variant), _provisional_manifest(s, backend,
-                                      spec.precision), 1)
-        variant.runtime.set_bench_feeds(s.reference.eval_set.inputs, s.reference.batch or 1)
-        pair = run_benchmark({"n": best.runtime, "1": variant.runtime}, seconds=s.opts.benchmark_seconds)
+        one = s.pool.open(best.spec.backend, folder, _provisional_manifest(s, backend, best.spec.precision), 1)
     except EdgemlError as exc:
-        s.say(f"  one-thread variant of {best.spec.label} not measured: {exc.message}")
-        variant.close_runtime()
+        s.say(f"  one-thread setting of {best.spec.label} not measured: {exc.message}")
         return
-    s.candidates.append(variant)
-    passing.append(variant)
-    best.latency, variant.latency = pair["n"], pair["1"]
-    _note_memory(variant)
+    try:
+        one.set_bench_feeds(s.reference.eval_set.inputs, s.reference.batch or 1)
+        pair = run_benchmark({"all": best.runtime, "one": one}, seconds=s.opts.benchmark_seconds)
+    except EdgemlError as exc:
+        s.say(f"  one-thread setting of {best.spec.label} not measured: {exc.message}")
+        one.close()
+        return
+    best.thread_choice = {"default_p50": pair["all"]["p50"], "one_thread_p50": pair["one"]["p50"]}
+    if pair["one"]["p50"] < pair["all"]["p50"]:
+        best.close_runtime()
+        best.runtime, best.threads, best.latency = one, 1, pair["one"]
+        best.built.backend_options = options
+        best.built.notes.append(f"one intra-op thread without spinning: {pair['one']['p50']:.4f} ms vs "
+                                f"{pair['all']['p50']:.4f} ms with the default threads (measured, side by side)")
+        s.say(f"  {best.spec.label}: one thread without spinning is faster here")
+    else:
+        best.latency = pair["all"]
+        one.close()
 
 
 def _remeasure_finalists(s: CompileSession, passing: list[Candidate]) -> None:

@@ -66,6 +66,7 @@ class Candidate:
     peak_rss_mb: float | None = None      # its worker's peak RSS (load + eval + benchmark)
     threads: int | None = None            # runtime threads it was measured with (None: the target's default)
     size_mb: float | None = None          # its artifact members' total size
+    thread_choice: dict[str, float] | None = None   # tiny models: p50 with the default threads vs one thread
     memory: dict[str, float] | None = None   # fresh-worker RSS: baseline, after load, after batch-1 runs
 
     def close_runtime(self) -> None:
@@ -105,6 +106,7 @@ class Candidate:
             "notes": list(self.built.notes) if self.built else [],
             "verification": self.verification,
             "threads": self.threads,
+            "thread_choice": None if reproducible else self.thread_choice,
             "size_mb": self.size_mb,
             "memory": None if reproducible else self.memory,
             "peak_rss_mb": None if reproducible else self.peak_rss_mb,

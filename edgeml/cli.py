@@ -56,6 +56,9 @@ class LazyGroup(click.Group):
             _fail(exc, "--json" in argv)
         try:
             rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:     # `edgeml`, `edgeml fleet`: the help, not an error
+            click.echo(exc.ctx.get_help() if exc.ctx is not None else exc.format_message())
+            sys.exit(0)
         except click.exceptions.UsageError as exc:
             names: list[str] = []
             ctx = exc.ctx

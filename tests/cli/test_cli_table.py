@@ -210,6 +210,12 @@ def test_no_color_and_no_escape_codes_anywhere():
             assert "\x1b[" not in res.stdout + res.stderr
 
 
+def test_a_group_without_a_command_prints_its_help():
+    for args in ([], ["fleet"], ["fleet", "rollout"]):
+        res = edgeml(*args)
+        assert res.returncode == 0 and res.stdout.startswith("Usage: ") and "error" not in res.stderr
+
+
 def test_version_lists_backends():
     text = edgeml("--version").stdout
     for name in ("edgeml", "onnxruntime", "openvino", "apache-tvm", "python"):

@@ -10,8 +10,9 @@ Measured here, in one run:
 * the selected artifact's p50 at batch 1 (``edgeml compile`` for the best host target, loaded with ``edgeml.load``).
 
 The bound of a precision is ``max(MACs / GEMM peak, weight bytes / bandwidth)``: no kernel does better than its
-GEMM peak, and every weight is read at least once per inference. ``distance`` is p50 / bound at the selected
-precision (1.0 = at the bound); ``fp32 bound / p50`` says how much faster than the FP32 bound the artifact is
+GEMM peak, and every weight is read at least once per inference. ``distance`` is the best run / bound at the
+selected precision (1.0 = at the bound; best against best, since the peaks are best runs); the p50 is printed
+beside it. ``fp32 bound / best`` says how much faster than the FP32 bound the artifact is
 (above 1 only by INT8 or fewer MACs). Models of a few thousand MACs (the MLP) are bound by the per-call cost, not
 by compute or memory: their distance says so and nothing more.
 
@@ -162,16 +163,17 @@ def bench(name: str, work: Path, peaks: dict[str, float]) -> dict[str, Any]:
     model = edgeml.load(folder / "m.edgepkg")
     evald = np.load(data["eval"])
     feeds = {i["name"]: np.ascontiguousarray(evald[i["name"]][:1]) for i in m["inputs"]}
-    p50_ms = 1000.0 * _p50_seconds(lambda: model.predict(feeds), seconds=2.0)
+    times = _times(lambda: model.predict(feeds), seconds=2.0)
+    p50_ms, best_ms = 1000.0 * float(np.median(times)), 1000.0 * min(times)
     model.close()
     cost = model_cost(onnx_path)
     precision = m["precision"]
     bound = bound_ms(cost, peaks, precision)
     fp32_bound = bound_ms(cost, peaks, "fp32")
     return {"model": name, "gmacs": round(cost["macs"] / 1e9, 4), "weights_mb": round(cost["weight_bytes_fp32"] / 1e6, 2),
-            "selected": f"{m['backend']['name']}/{precision}", "p50_ms": round(p50_ms, 4),
-            "bound_ms": round(bound, 4), "distance": round(p50_ms / bound, 2) if bound > 0 else None,
-            "fp32_bound_ms": round(fp32_bound, 4), "fp32_bound_over_p50": round(fp32_bound / p50_ms, 2)}
+            "selected": f"{m['backend']['name']}/{precision}", "p50_ms": round(p50_ms, 4), "best_ms": round(best_ms, 4),
+            "bound_ms": round(bound, 4), "distance": round(best_ms / bound, 2) if bound > 0 else None,
+            "fp32_bound_ms": round(fp32_bound, 4), "fp32_bound_over_best": round(fp32_bound / best_ms, 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,11 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"host: {cpu_summary()}")
     print(f"peaks: FP32 GEMM {peaks['fp32_gmacs']} GMAC/s, INT8 u8s8 GEMM {peaks['int8_gmacs']} GMAC/s, "
           f"memory {peaks['bandwidth_gbs']} GB/s")
-    print(f"{'model':<12} {'GMAC':>8} {'weights MB':>10} {'selected':<22} {'p50 ms':>9} {'bound ms':>9} "
-          f"{'distance':>8} {'fp32 bound/p50':>14}")
+    print(f"{'model':<12} {'GMAC':>8} {'weights MB':>10} {'selected':<22} {'p50 ms':>9} {'best ms':>9} "
+          f"{'bound ms':>9} {'distance':>8} {'fp32 bound/best':>15}")
     for r in rows:
         print(f"{r['model']:<12} {r['gmacs']:>8.4f} {r['weights_mb']:>10.2f} {r['selected']:<22} {r['p50_ms']:>9.4f} "
-              f"{r['bound_ms']:>9.4f} {r['distance']:>8} {r['fp32_bound_over_p50']:>14}")
+              f"{r['best_ms']:>9.4f} {r['bound_ms']:>9.4f} {r['distance']:>8} {r['fp32_bound_over_best']:>15}")
+    print("distance = best run / bound at the selected precision (peaks are best runs too: like with like)")
     return 0
 
 

@@ -110,17 +110,25 @@ def close_all(server: "ModelServer") -> None:
 
 
 def metrics_text(server: "ModelServer") -> bytes:
-    """Prometheus lines for /metrics: tokens, time to first token and inter-token latency per model."""
-    lines = []
-    for e in registry(server).values():
-        label = f'model="{e.name}",version="{e.version}"'
-        lines.append(f"edgeml_generated_tokens_total{{{label}}} {e.tokens}")
-        for metric, h in (("edgeml_time_to_first_token_ms", e.ttft_ms), ("edgeml_inter_token_ms", e.itl_ms)):
+    """Prometheus lines for /metrics: tokens, time to first token and inter-token latency per model (each
+    family one group, with its TYPE line)."""
+    entries = list(registry(server).values())
+    if not entries:
+        return b""
+    lines = ["# HELP edgeml_generated_tokens_total Tokens generated (text generation).",
+             "# TYPE edgeml_generated_tokens_total counter"]
+    lines += [f'edgeml_generated_tokens_total{{model="{e.name}",version="{e.version}"}} {e.tokens}' for e in entries]
+    for metric, what in (("edgeml_time_to_first_token_ms", "Time from request to first token"),
+                         ("edgeml_inter_token_ms", "Time between consecutive tokens of a sequence")):
+        lines += [f"# HELP {metric} {what} (ms).", f"# TYPE {metric} histogram"]
+        for e in entries:
+            h = e.ttft_ms if metric == "edgeml_time_to_first_token_ms" else e.itl_ms
+            label = f'model="{e.name}",version="{e.version}"'
             for bound, count in h.cumulative().items():
                 lines.append(f'{metric}_bucket{{{label},le="{bound}"}} {count}')
             lines.append(f"{metric}_sum{{{label}}} {h.sum:.3f}")
             lines.append(f"{metric}_count{{{label}}} {h.count}")
-    return ("\n".join(lines) + "\n").encode() if lines else b""
+    return ("\n".join(lines) + "\n").encode()
 
 
 # -- requests (the event-loop thread) -----------------------------------------------------------------------

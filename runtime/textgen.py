@@ -26,6 +26,7 @@ from edgeml.errors import ArtifactError, DataError, ServeError, UsageError
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
 MAX_WAITING = 64
+PREFILL_CHUNK = 64        # a long prompt is prefilled this many tokens per turn, so it never stalls the others long
 FINISH_LENGTH, FINISH_STOP, FINISH_CANCELLED, FINISH_ERROR = "length", "stop", "cancelled", "error"
 
 
@@ -161,6 +162,7 @@ class Job:
         self.rng = np.random.default_rng(params.seed)
         self.created = time.monotonic()
         self.first_token_s: float | None = None
+        self.prefilled = 0                      # prompt tokens already in the KV cache
         self.token_times: list[float] = []     # monotonic time of each generated token (TTFT, inter-token)
         self.stop_hit = False
 
@@ -189,6 +191,7 @@ class Generator:
         self.engine, self.tokenizer, self.context, self.eos = engine, tokenizer, context, eos
         self.kv_bytes_per_token, self.kv_budget_bytes = kv_bytes_per_token, kv_budget_bytes
         self.max_waiting = max_waiting
+        self.prefill_chunk = PREFILL_CHUNK
         self.active: list[Job] = []
         self.waiting: collections.deque[Job] = collections.deque()
         self.reserved = 0
@@ -282,8 +285,13 @@ class Generator:
         job.send(Event(self._flush(job, reason), reason, len(job.prompt), len(job.ids)))
 
     def _step(self, job: Job) -> str | None:
-        if job.keys is None:
-            logits, job.keys, job.values = self.engine.step(np.asarray(job.prompt, np.int64), 0, None, None)
+        if job.prefilled < len(job.prompt):          # the prompt, PREFILL_CHUNK tokens per turn
+            start = job.prefilled
+            chunk = job.prompt[start:start + self.prefill_chunk]
+            logits, job.keys, job.values = self.engine.step(np.asarray(chunk, np.int64), start, job.keys, job.values)
+            job.prefilled += len(chunk)
+            if job.prefilled < len(job.prompt):
+                return None
         else:
             logits, job.keys, job.values = self.engine.step(
                 np.asarray(job.ids[-1:], np.int64), len(job.prompt) + len(job.ids) - 1, job.keys, job.values)

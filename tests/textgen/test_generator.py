@@ -78,3 +78,20 @@ def test_a_gone_client_is_cancelled_even_while_waiting(model):
     gone.set()
     assert done.wait(60)
     assert events[-1].finish == "cancelled" and events[-1].completion_tokens < 200
+
+
+def test_chunked_prefill_gives_the_same_greedy_text(model):
+    from edgeml.runtime.textgen import SamplingParams
+
+    prompt = "def parse(text):\n    for line in text.splitlines():\n        if line.startswith('#'):\n"
+    assert len(model.encode(prompt)) > 7
+    texts = []
+    for chunk in (1000, 3):                      # whole prompt in one step; three tokens per turn
+        model.generator.prefill_chunk = chunk
+        try:
+            _, events, done = _collect(model, prompt, SamplingParams(max_tokens=12), [], "a")
+            assert done.wait(60)
+        finally:
+            model.generator.prefill_chunk = 64
+        texts.append("".join(e.text for e in events))
+    assert texts[0] == texts[1] and texts[0]

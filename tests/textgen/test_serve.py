@@ -207,3 +207,35 @@ def test_metrics_report_time_to_first_token_and_inter_token_latency(server):
 def test_inference_endpoints_still_answer_for_ordinary_models_beside(server):
     got, doc = _post(server, "/v2/models/tiny/infer", {"inputs": []})
     assert got == 404 and "error" in doc
+
+
+def test_a_client_too_far_behind_is_dropped_and_its_sequence_cancelled(server, monkeypatch):
+    from edgeml.runtime.server import generate
+
+    # a bound of -1 bytes: every streaming client counts as too far behind at its first event
+    monkeypatch.setattr(generate, "MAX_UNSENT_BYTES", -1)
+    before = _stats(server)["cancelled"]
+    host, port = server.address
+    sock = socket.create_connection((host, port), timeout=30)
+    body = json.dumps({"text_input": PROMPT, "parameters": {"max_tokens": 200, "temperature": 1.0, "seed": 2}})
+    sock.sendall(f"POST /v2/models/tiny/generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+    got = b""
+    while True:                                      # the server closes the connection (abort)
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        got += chunk
+    sock.close()
+    assert got.startswith(b"HTTP/1.1 200") and b"data: " not in got
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        st = _stats(server)
+        if st["cancelled"] > before and st["kv_reserved_bytes"] == 0:
+            break
+        time.sleep(0.05)
+    assert st["cancelled"] == before + 1 and st["kv_reserved_bytes"] == 0, st
+    assert st["responses"].get("499", 0) >= 1

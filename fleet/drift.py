@@ -31,7 +31,7 @@ import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
 
@@ -222,8 +222,15 @@ def compare(profile: D.Profile, live: list[np.ndarray], n: int, settings: Settin
         c.p_adjusted = adj
     score = max((c.psi for c in cols), default=0.0)
     p_min = min((c.p_adjusted for c in cols), default=1.0)
-    drifted = n >= settings.min_samples and p_min < settings.alpha and score >= settings.min_psi
-    return cols, drifted
+    return cols, verdict(n, score, p_min, settings)
+
+
+def verdict(samples: int, score: float, p_value: float, settings: Settings, *, inclusive: bool = False) -> bool:
+    """The ``drifted`` decision, shared by ``edgeml fleet drift`` and the ``drift_psi`` rollout gate: at least
+    ``min_samples`` live samples AND Holm-adjusted p < ``alpha`` AND largest column PSI >= ``min_psi``
+    (``> min_psi`` with ``inclusive``: the gate written ``drift_psi<=X`` allows a PSI of exactly X)."""
+    large = score > settings.min_psi if inclusive else score >= settings.min_psi
+    return samples >= settings.min_samples and p_value < settings.alpha and large
 
 
 def report(profile: D.Profile | None, model: str, version: str, group: str, wins: list[Window],
@@ -310,15 +317,25 @@ def _device_labels(db: Any) -> dict[str, dict[str, str]]:
     return out
 
 
+class GateMeasure(tuple[Optional[float], str]):
+    """What the manager hands the ``drift_psi`` gate: ``(max PSI or None, detail)`` as every gate measure, and
+    the whole ``report`` the gate decides on (score, Holm p and samples: the ``drifted`` verdict)."""
+
+    report: DriftReport | None = None
+
+
 def gate_value(db: Any, store_root: Path | None, name: str, version: str, devices: list[str], *, since: float,
-               now: float, settings: Settings | None = None) -> tuple[float | None, str]:
-    """The ``drift_psi`` gate's measure: the new version's drift score on the devices it was rolled out to,
-    from the windows received since the rollout started (None, with why, until there are enough samples)."""
+               now: float, settings: Settings | None = None) -> GateMeasure:
+    """The ``drift_psi`` gate's measure: the new version's drift report on the devices it was rolled out to,
+    from the windows received since the rollout started (value None, with why, below the sample floor)."""
     settings = settings or Settings()
     wins = windows(db, model=name, version=version, since=since, devices=devices)
     rep = report(profile_of(db, store_root, name, version), name, version, "rollout", wins, settings)
     if rep.score is None:
-        return None, rep.reason or "no drift data"
-    worst = rep.top[0].name if rep.top else "-"
-    return rep.score, (f"max PSI {rep.score:.3f} ({worst}) over {rep.samples} samples from {rep.devices} device(s),"
-                       f" Holm p={rep.p_value:.3g}")
+        out = GateMeasure((None, rep.reason or "no drift data"))
+    else:
+        worst = rep.top[0].name if rep.top else "-"
+        out = GateMeasure((rep.score, f"max PSI {rep.score:.3f} ({worst}) over {rep.samples} samples from"
+                                      f" {rep.devices} device(s), Holm p={rep.p_value:.3g}"))
+    out.report = rep
+    return out

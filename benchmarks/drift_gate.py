@@ -32,6 +32,7 @@ import numpy as np
 SIZES = (30, 50, 100, 200, 500, 1000)
 N_REF = 360
 THRESHOLD = 0.2
+ALPHAS = (0.01, 0.001)          # the verdict at fleet drift's one-look alpha, and a tenth of it, beside the gate
 
 
 def _digits() -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
@@ -69,9 +70,8 @@ def rollout(profile: Any, x: np.ndarray, logits: np.ndarray, looks: int) -> dict
     from edgeml.fleet.gates.drift_psi import DriftPsiGate
 
     gate = DriftPsiGate(THRESHOLD)
-    loose = F.Settings(alpha=F.DEFAULT_ALPHA, min_psi=THRESHOLD)
     wins = _windows(profile, x, logits, looks)
-    hit = {"raw_psi": False, "drifted_a01": False, "gate": False, "decided": False}
+    hit = {"raw_psi": False, **{f"drifted_{a:g}": False for a in ALPHAS}, "gate": False, "decided": False}
     for k in range(1, len(wins) + 1):
         rep = F.report(profile, "digits", "2", "rollout", wins[:k], F.Settings())
 
@@ -87,7 +87,9 @@ def rollout(profile: Any, x: np.ndarray, logits: np.ndarray, looks: int) -> dict
         hit["decided"] |= res.value is not None
         if rep.score is not None:      # the old gate (value < 0.2 passes) had no value below 50 samples either
             hit["raw_psi"] |= rep.score >= THRESHOLD
-            hit["drifted_a01"] |= F.verdict(rep.samples, rep.score, rep.p_value or 1.0, loose)
+            for a in ALPHAS:
+                hit[f"drifted_{a:g}"] |= F.verdict(rep.samples, rep.score, rep.p_value or 1.0,
+                                                   F.Settings(alpha=a, min_psi=THRESHOLD))
         if hit["gate"]:
             break
     return hit
@@ -100,6 +102,8 @@ def shifts() -> dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray
         "inverted": lambda a, r: (1.0 - a).astype(np.float32),
         "translated 1 px": lambda a, r: np.concatenate([np.zeros_like(a[..., :1]), a[..., :-1]], axis=-1),
         "dimmed x0.7": lambda a, r: (a * 0.7).astype(np.float32),
+        "dimmed x0.9 (subtle)": lambda a, r: (a * 0.9).astype(np.float32),
+        "noise sd 0.05 (subtle)": lambda a, r: np.clip(a + r.normal(0, 0.05, a.shape), 0, 1).astype(np.float32),
     }
 
 
@@ -114,7 +118,7 @@ def run(*, rollouts: int, shifted: int, looks: int, sizes: tuple[int, ...] = SIZ
     for label, shift in shifts().items():
         trials = rollouts if label.startswith("none") else shifted
         for n in sizes:
-            counts = {"raw_psi": 0, "drifted_a01": 0, "gate": 0, "decided": 0}
+            counts = dict.fromkeys(["raw_psi", *(f"drifted_{a:g}" for a in ALPHAS), "gate", "decided"], 0)
             for _ in range(trials):
                 perm = rng.permutation(len(x))
                 ref, live = perm[:N_REF], perm[N_REF: N_REF + n]
@@ -129,14 +133,17 @@ def run(*, rollouts: int, shifted: int, looks: int, sizes: tuple[int, ...] = SIZ
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| traffic | n | rollouts | old gate: raw PSI >= 0.2 | drifted, alpha 0.01 | shipped gate (alpha 0.001)"
-             " | gate decided |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    from edgeml.fleet.gates.drift_psi import GATE_ALPHA
+
+    lines = ["| traffic | n | rollouts | old gate: raw PSI >= 0.2 | " + " | ".join(f"drifted, alpha {a:g}" for a in ALPHAS)
+             + f" | shipped gate (alpha {GATE_ALPHA:g}) | gate decided |", "| --- " * (6 + len(ALPHAS)) + "|"]
     for r in rows:
         word = "false breach" if r["traffic"].startswith("none") else "miss"
         def rate(k: str, r: dict = r, word: str = word) -> str:
             v = r[f"{k}_rate"] if word == "false breach" else 1.0 - r[f"{k}_rate"]
             return f"{word} {v:.3f}"
-        lines.append(f"| {r['traffic']} | {r['n']} | {r['rollouts']} | {rate('raw_psi')} | {rate('drifted_a01')} |"
+        alphas = " | ".join(rate(f"drifted_{a:g}") for a in ALPHAS)
+        lines.append(f"| {r['traffic']} | {r['n']} | {r['rollouts']} | {rate('raw_psi')} | {alphas} |"
                      f" {rate('gate')} | {r['decided_rate']:.2f} |")
     return "\n".join(lines)
 

@@ -18,7 +18,7 @@ from edgeml.fleet.gates import Gate, GateContext, GateResult
 
 # The gate looks again on every manager tick while the data accumulates (repeated looks at a growing
 # sample), so it tests at a stricter level than one look of `fleet drift` (alpha 0.01); see docs/monitoring.md.
-GATE_ALPHA = 0.001
+GATE_ALPHA = 1e-4
 
 
 class DriftPsiGate(Gate):

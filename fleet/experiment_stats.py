@@ -10,10 +10,12 @@ Every function takes plain counts (what agents report and the manager sums) and 
   index: ties inside a bucket are handled by the tie-corrected normal approximation); effect size is the
   common-language effect P(challenger slower than champion) + 0.5 P(tie).
 * agreement (shadow): Wilson interval of a proportion.
-* sample size: fixed-horizon per-arm n for a two-sided level ``alpha`` and ``power``, computed when the
-  experiment starts from the baseline rate and the minimum detectable effect; the decision is taken only
-  once that n is reached (no peeking: a single look, so no alpha spending is needed; interim numbers are
-  shown but never decide). The latency guardrail is a second test: Bonferroni splits alpha between them.
+* sample size: fixed-horizon per-arm n for ``power`` at the level the decision reads
+  (``decision_level``), computed when the experiment starts from the baseline rate and the minimum
+  detectable effect; the decision is taken only once that n is reached (no peeking: a single look, so no
+  alpha spending is needed; interim numbers are shown but never decide). The latency guardrail is a second
+  test: Bonferroni splits alpha between them, so the primary test is read at alpha/2 and the horizon is
+  sized at alpha/2 too (sized at alpha, the designed effect was promoted 71 % of the time, not 80 %).
 """
 
 from __future__ import annotations
@@ -186,6 +188,15 @@ def sample_size_means(sigma: float, mde: float, *, alpha: float = 0.05, power: f
     return int(math.ceil(2 * ((za + zb) * sigma / mde) ** 2))
 
 
+TESTS_READ = 2        # an A/B decision reads the primary metric and the latency guardrail
+
+
+def decision_level(alpha: float, tests: int = TESTS_READ) -> float:
+    """The two-sided level each test of a decision is read at (Bonferroni over the ``tests`` read): what
+    ``decide`` compares p-values with, and so what the horizon must be sized for."""
+    return alpha / tests
+
+
 def decide(primary: TestResult, latency: TestResult | None, horizon: int, *, alpha: float = 0.05) -> Decision:
     """Fixed horizon, one look: before every arm has ``horizon`` outcomes the answer is ``continue``.
 
@@ -195,7 +206,7 @@ def decide(primary: TestResult, latency: TestResult | None, horizon: int, *, alp
     if have < horizon:
         return Decision("continue", f"{have} of {horizon} outcomes per arm collected (fixed horizon; interim"
                         " p-values do not decide)", horizon - have, horizon)
-    level = alpha / 2 if latency is not None else alpha
+    level = decision_level(alpha) if latency is not None else alpha
     if latency is not None and latency.p_value < level and latency.effect > 0.5:
         return Decision("reject", f"challenger is slower (Mann-Whitney p={latency.p_value:.3g},"
                         f" P(slower)={latency.effect:.2f})", 0, horizon)

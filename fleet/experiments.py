@@ -117,10 +117,13 @@ def build_spec(args: Mapping[str, Any]) -> Spec:
         raise UsageError("--sample must be in (0%, 100%] and --split in (0%, 100%)")
     if spec.split_by not in ("request", "device") or spec.reward not in ("binary", "continuous"):
         raise UsageError("--split-by is request or device; --reward is binary or continuous")
+    # sized at the level the decision reads (alpha/2: Bonferroni over the primary metric and the latency
+    # guardrail), so the designed effect is promoted with the stated power under the rule actually used
+    level = S.decision_level(spec.alpha)
     try:
-        spec.horizon = (S.sample_size_proportions(spec.baseline, spec.mde, alpha=spec.alpha, power=spec.power)
+        spec.horizon = (S.sample_size_proportions(spec.baseline, spec.mde, alpha=level, power=spec.power)
                         if spec.reward == "binary" else
-                        S.sample_size_means(spec.sigma, spec.mde, alpha=spec.alpha, power=spec.power))
+                        S.sample_size_means(spec.sigma, spec.mde, alpha=level, power=spec.power))
     except ValueError as exc:
         raise UsageError(f"cannot size the experiment: {exc}", hint="--baseline in (0,1), --mde and --sigma > 0") from None
     return spec

@@ -169,8 +169,9 @@ def compress(fp32_xml: Path, cand: Candidate, out_xml: Path, calib: list[dict[st
             raise CompileError(f"{cand.label} needs calibration text (--calib) and none was long enough")
         kwargs.update(dataset=nncf.Dataset(calib), awq=True, scale_estimation=True, subset_size=len(calib))
     compressed = nncf.compress_weights(model, **kwargs)
-    out_xml.parent.mkdir(parents=True, exist_ok=True)
-    ov.save_model(compressed, str(out_xml), compress_to_fp16=False)
+    from edgeml.compiler.textgen_export import save_ir
+
+    save_ir(compressed, out_xml)
 
 
 def measure_in_subprocess(cand: Candidate, shape: Any, prompt: list[int], new_tokens: int,
@@ -341,7 +342,11 @@ def compile_text_generation(
         manifest = _manifest(model_dir, tgt, shape, chosen, cands, how, name, version, budget, eval_name,
                              len(tokens) - 1, max_perplexity_increase, golden_prompt, golden)
         manifest["quality"]["calibration"] = calib_name if chosen.data_aware else None
-        manifest["provenance"] = {"created": created_timestamp(source_date_epoch()), "tools": tool_versions(),
+        epoch = source_date_epoch()
+        if epoch is not None:      # reproducible: timings are measurements, written as null (compiler/manifest.py)
+            for row in manifest["candidates"]:
+                row.update(decode_tokens_per_s=None, ttft_ms=None, peak_rss_mb=None)
+        manifest["provenance"] = {"created": created_timestamp(epoch), "tools": tool_versions(),
                                   "host": host_info(), "source": model_dir.name}
         files: dict[str, Path | bytes] = {"model/model.xml": chosen.xml, "model/model.bin": chosen.xml.with_suffix(".bin"),
                                           "tokenizer/tokenizer.json": tok_file}

@@ -205,6 +205,21 @@ def export_openvino(model_dir: Path, out_xml: Path) -> DecoderShape:
         port.get_tensor().set_names({name})
     for port, name in zip(ov_model.outputs, OUTPUTS):
         port.get_tensor().set_names({name})
-    out_xml.parent.mkdir(parents=True, exist_ok=True)
-    ov.save_model(ov_model, str(out_xml), compress_to_fp16=False)
+    save_ir(ov_model, out_xml)
     return shape
+
+
+def save_ir(model: Any, out_xml: Path) -> None:
+    """Save FP32 IR that depends only on the model: OpenVINO's process-wide name counters renumbered
+    (the OpenVINO backend's ``_normalize``), the model named ``decoder``."""
+    import openvino as ov
+
+    from edgeml.backends.openvino.build import _normalize
+
+    _normalize(model)
+    for i, (result, port) in enumerate(zip(model.get_results(), model.outputs)):   # Results keep counter names
+        names = sorted(port.get_names())
+        result.set_friendly_name(f"result_{names[0] if names else i}")
+    model.set_friendly_name("decoder")
+    out_xml.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(model, str(out_xml), compress_to_fp16=False)

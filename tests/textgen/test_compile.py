@@ -140,3 +140,17 @@ def test_bench_generate_refuses_an_ordinary_artifact(tmp_path: Path):
     (tmp_path / "x.edgepkg").write_bytes(b"not a zip")
     with pytest.raises(UsageError, match="not a text-generation artifact"):
         bench_artifact(tmp_path / "x.edgepkg")
+
+
+def test_with_source_date_epoch_two_compiles_are_byte_identical(tiny_model_dir: Path, tmp_path: Path, monkeypatch):
+    from edgeml.compiler.textgen import compile_text_generation
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"r{i}.edgepkg"
+        result = compile_text_generation(tiny_model_dir, target="x86_64", output=out, precision="int8",
+                                         benchmark=False, eval_tokens=512)
+        assert result.manifest["provenance"]["created"] == "2023-11-14T22:13:20Z"
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from edgeml.compiler import compile_with_report
 from edgeml.errors import CompileError
 
-
-def compile_null(model, data, tmp_path, candidates, **kw):
-    return compile_with_report(model, target="x86_64", output=tmp_path / "out.edgepkg", backend="null", eval=data,
-                               cache_dir=False, precision="fp32", null_candidates=candidates, benchmark=False, **kw)
+from null_compile import compile_null
 
 
 def test_a_candidate_over_the_memory_budget_is_rejected_with_its_figure(identity_model, eval_data, tmp_path):

@@ -18,16 +18,7 @@ from edgeml.compiler import compile_with_report
 from edgeml.compiler.pipeline import execution_plan
 from edgeml.targets import get_target
 
-
-def compile_null(model, data, tmp_path, candidates, **kw):
-    kw.setdefault("target", "x86_64")
-    kw.setdefault("benchmark", False)
-    return compile_with_report(model, output=tmp_path / "out.edgepkg", backend="null", eval=data, cache_dir=False,
-                               precision="fp32", null_candidates=candidates, **kw)
-
-
-def by_label(result) -> dict[str, dict]:
-    return {c["label"]: c for c in result.candidates}
+from null_compile import by_label, compile_null
 
 
 def worker_children() -> list[int]:

@@ -8,6 +8,9 @@ from edgeml.errors import CompileError
 
 from null_compile import compile_null
 
+# The null candidates are compiled for the x86_64 target: on another arch nothing may run (never executed here).
+pytestmark = pytest.mark.needs_cpu("arch:x86_64")
+
 
 def test_a_candidate_over_the_memory_budget_is_rejected_with_its_figure(identity_model, eval_data, tmp_path):
     # "big" keeps 64 MiB more on every run (the null TEST DOUBLE's allocate_mb): the profile's 4 runs at batch 1

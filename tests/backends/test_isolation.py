@@ -20,6 +20,9 @@ from edgeml.targets import get_target
 
 from null_compile import by_label, compile_null
 
+# The null candidates are compiled for the x86_64 target: on another arch nothing may run (never executed here).
+pytestmark = pytest.mark.needs_cpu("arch:x86_64")
+
 
 def worker_children() -> list[int]:
     """Worker processes still alive under this pytest process."""
